@@ -1,0 +1,130 @@
+"""Attention over the paged KV cache: the step's context, the plain-PyTorch reference, and the backend choice.
+
+Cache layout (one tensor per layer, see kv_cache.py): `[2, num_blocks, block_size, num_kv_heads, head_dim]`,
+K at index 0 and V at index 1. A token at position p of a sequence lives in slot
+`block_table[p // block_size] * block_size + p % block_size`.
+
+The reference functions here are the CPU path and the ground truth the Triton kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionContext:
+    """Everything attention needs to know about one step; built by the model runner, read-only for the model."""
+
+    is_prefill: bool
+    # Per layer `[2, num_blocks, block_size, kv_heads, head_dim]`, or None to run without a cache (prefill only).
+    kv_cache: list[torch.Tensor] | None
+    slot_mapping: torch.Tensor | None  # [tokens]: the cache slot each new token's K/V goes to
+    block_tables: torch.Tensor | None  # [seqs, max_blocks] int32, padded with 0 (masked by context_lens)
+    context_lens: torch.Tensor  # [seqs]: tokens each sequence attends to after this step (cached + new)
+    # Prefill: where each sequence's new tokens start in the packed batch, [seqs + 1]; host copies for loops.
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_q_host: list[int] | None = None
+    context_lens_host: list[int] | None = None
+    backend: "AttentionBackend | None" = None
+
+
+class AttentionBackend:
+    """The plain-PyTorch reference. A fast backend subclasses it and overrides what it accelerates."""
+
+    name = "torch"
+
+    def write_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        write_kv_reference(cache, k, v, slot_mapping)
+
+    def prefill(self, q, k, v, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
+        return prefill_attention_reference(q, k, v, cache, ctx, scale)
+
+    def decode(self, q, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
+        return decode_attention_reference(q, cache, ctx.block_tables, ctx.context_lens, scale)
+
+
+class PagedAttention(nn.Module):
+    """The model's view of attention: store this step's K/V, then attend. Which kernels run is the context's."""
+
+    def __init__(self, layer_index: int, scale: float):
+        super().__init__()
+        self.layer_index = layer_index
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        backend = ctx.backend or _REFERENCE
+        cache = ctx.kv_cache[self.layer_index] if ctx.kv_cache is not None else None
+        if cache is not None:
+            backend.write_kv(cache, k, v, ctx.slot_mapping)
+        if ctx.is_prefill:
+            return backend.prefill(q, k, v, cache, ctx, self.scale)
+        return backend.decode(q, cache, ctx, self.scale)
+
+
+def write_kv_reference(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = k.shape[1:]
+    cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(cache.dtype))
+    cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` keys and values of one sequence, `[length, kv_heads, head_dim]` each."""
+    block_size = cache.shape[2]
+    blocks = block_table[: (length + block_size - 1) // block_size].long()
+    k = cache[0, blocks].flatten(0, 1)[:length]
+    v = cache[1, blocks].flatten(0, 1)[:length]
+    return k, v
+
+
+def prefill_attention_reference(q, k, v, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
+    """Causal attention for packed, ragged prompts whose queries may start after tokens already in the cache.
+
+    q `[tokens, heads, head_dim]`, k/v `[tokens, kv_heads, head_dim]` (this step's, already written to the cache).
+    """
+    out = torch.empty_like(q)
+    starts = ctx.cu_seqlens_q_host
+    for i in range(len(starts) - 1):
+        begin, end = starts[i], starts[i + 1]
+        num_new, length = end - begin, ctx.context_lens_host[i]
+        if num_new == length:  # nothing cached before these tokens: this step's K/V is the whole context
+            ks, vs, mask = k[begin:end], v[begin:end], None
+        else:
+            ks, vs = gather_kv(cache, ctx.block_tables[i], length)
+            # query j sits at position length - num_new + j and sees keys 0 ..= that position
+            query_pos = torch.arange(length - num_new, length, device=q.device)
+            mask = torch.arange(length, device=q.device)[None, :] <= query_pos[:, None]
+        out[begin:end] = _sdpa(q[begin:end], ks, vs, mask, scale, causal=mask is None)
+    return out
+
+
+def decode_attention_reference(q, cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    """One query token per sequence against its whole cached context. q `[seqs, heads, head_dim]`."""
+    num_seqs, block_size = q.shape[0], cache.shape[2]
+    max_len = block_tables.shape[1] * block_size
+    blocks = block_tables.long()
+    k = cache[0, blocks].flatten(1, 2)  # [seqs, max_len, kv_heads, head_dim]
+    v = cache[1, blocks].flatten(1, 2)
+    mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]  # [seqs, max_len]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [seqs, heads, 1, head_dim]
+        k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2).reshape(num_seqs, *q.shape[1:])
+
+
+def _sdpa(q, k, v, mask, scale: float, causal: bool) -> torch.Tensor:
+    """SDPA for one sequence in the `[tokens, heads, head_dim]` layout."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+    )
+    return out.transpose(0, 1)
+
+
+_REFERENCE = AttentionBackend()

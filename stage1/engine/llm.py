@@ -1,0 +1,252 @@
+"""`LLM`: the offline API, shaped like vLLM's. Loads a checkpoint, then `generate` runs prompts to completion
+with continuous batching over the paged KV cache."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence as SequenceT
+
+import torch
+
+from .attention import AttentionBackend
+from .config import ModelConfig, parse_dtype, read_eos_token_ids
+from .kv_cache import BlockManager, allocate_kv_cache, bytes_per_block, num_blocks_for_budget
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .params import SamplingParams
+from .sampler import SamplingBatch
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .weights import load_model
+
+logger = logging.getLogger("stage1")
+
+PromptType = str | dict
+
+_CPU_KV_CACHE_BYTES = 4 << 30
+
+
+class LLM:
+    def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "auto",
+                 block_size: int = 16, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 8192, seed: int = 0,
+                 skip_tokenizer_init: bool = False):
+        self.model_dir = Path(model)
+        self.config = ModelConfig.from_dir(self.model_dir)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.dtype = self.config.torch_dtype if dtype == "auto" else parse_dtype(dtype)
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
+                                 self.config.max_position_embeddings)
+        self.tokenizer = None if skip_tokenizer_init else Tokenizer(self.model_dir)
+        self.eos_token_ids = read_eos_token_ids(self.model_dir, self.config)
+
+        model_obj = load_model(self.model_dir, self.config, self.dtype, self.device)
+        budget = kv_cache_memory if kv_cache_memory is not None else self._default_kv_budget(
+            block_size, max_num_seqs)
+        num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, budget)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        kv_cache = allocate_kv_cache(self.config, num_blocks, block_size, self.dtype, self.device)
+        backend = AttentionBackend()
+        self.runner = ModelRunner(model_obj, kv_cache, block_size, backend, self.device)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max(max_num_batched_tokens, 1)
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        logger.info("stage1: %s on %s in %s, attention %s, KV cache %d blocks x %d tokens (%.2f GiB)",
+                    self.model_dir, self.device, str(self.dtype).removeprefix("torch."), backend.name, num_blocks,
+                    block_size, num_blocks * bytes_per_block(self.config, block_size, self.dtype) / 2**30)
+
+    def _default_kv_budget(self, block_size: int, max_num_seqs: int) -> int:
+        """On a GPU most of what the weights leave free; on the CPU a fixed share, never more than the most
+        tokens `max_num_seqs` full-length sequences could hold."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.85)
+        per_block = bytes_per_block(self.config, block_size, self.dtype)
+        most_needed = max_num_seqs * ((self.max_model_len + block_size - 1) // block_size) * per_block
+        return min(_CPU_KV_CACHE_BYTES, most_needed)
+
+    # ---- the offline API ----
+
+    def generate(self, prompts: PromptType | SequenceT[PromptType],
+                 sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            raise ValueError("generate() needs sampling_params, e.g. SamplingParams(max_tokens=256): "
+                             "there is no silent default length")
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams: pass one for all "
+                                 "or one per prompt")
+        # Check every request before running any, so a bad one fails the call before work is spent.
+        requests = [(self._prompt_ids(i, p), p if isinstance(p, str) else p.get("prompt")) for i, p in
+                    enumerate(prompts)]
+        for i, ((ids, _), sp) in enumerate(zip(requests, params)):
+            self._check_request(i, ids, sp)
+        return self._run(requests, params, use_tqdm)
+
+    def _prompt_ids(self, index: int, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {index} is text but the LLM was built with skip_tokenizer_init=True: "
+                                 "pass {'prompt_token_ids': [...]} instead")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in ids):
+                raise ValueError(f"prompt {index}: prompt_token_ids must be ints in [0, {self.config.vocab_size})")
+            return list(ids)
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            return self._prompt_ids(index, prompt["prompt"])
+        raise TypeError(f"prompt {index} must be a string, {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, "
+                        f"got {type(prompt).__name__}")
+
+    def _check_request(self, index: int, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError(f"prompt {index} is empty: a prompt needs at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens, but the context holds {self.max_model_len} "
+                             "(max_model_len) and must leave room for one new token: shorten the prompt")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError(f"prompt {index}: stop strings need a tokenizer (skip_tokenizer_init=True was set)")
+        longest = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
+            raise ValueError(f"prompt {index}: {longest} tokens need {self.block_manager.blocks_needed(longest)} KV "
+                             f"cache blocks but the pool has {self.block_manager.num_blocks}: raise "
+                             "kv_cache_memory or lower max_tokens")
+
+    def _run(self, requests: list[tuple[list[int], str | None]], params: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
+        seqs_of: list[list[Sequence]] = []
+        next_id = 0
+        for index, ((ids, _), sp) in enumerate(zip(requests, params)):
+            group = []
+            for sample_index in range(sp.n):
+                seq = Sequence(next_id, index, sample_index, list(ids), len(ids), sp,
+                               generator=self._seeded_generator(sp.seed, sample_index),
+                               detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None,
+                               logprobs=[] if sp.logprobs is not None else None)
+                next_id += 1
+                group.append(seq)
+                scheduler.add(seq)
+            seqs_of.append(group)
+
+        progress = _Progress(len(requests), use_tqdm)
+        unfinished = [len(g) for g in seqs_of]
+        while scheduler.has_unfinished():
+            batch = scheduler.schedule()
+            if not batch.seqs:
+                raise RuntimeError("scheduler found nothing to run although requests are pending (KV cache too "
+                                   "small for the running set?): raise kv_cache_memory")
+            sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+            sampling = SamplingBatch.build([s.params for s in sampling_seqs],
+                                           [s.generator or self._generator for s in sampling_seqs], self.device)
+            result = self.runner.run(batch, sampling)
+            scheduler.update(batch)
+            for row, (seq, token) in enumerate(zip(sampling_seqs, result.tokens)):
+                self._append_token(seq, token, result.logprobs, row)
+                if seq.finish_reason is not None:
+                    scheduler.finish(seq)
+                    unfinished[seq.request_index] -= 1
+                    if unfinished[seq.request_index] == 0:
+                        progress.request_done()
+            progress.tokens(len(result.tokens))
+        progress.close()
+        return [self._request_output(index, requests[index], group) for index, group in enumerate(seqs_of)]
+
+    def _seeded_generator(self, seed: int | None, sample_index: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        # distinct, reproducible streams for the n samples of one seeded request
+        mixed = seed if sample_index == 0 else (seed * 0x9E3779B1 + sample_index) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(mixed)
+
+    def _append_token(self, seq: Sequence, token: int, logprobs, row: int) -> None:
+        seq.token_ids.append(token)
+        sp = seq.params
+        if seq.logprobs is not None:
+            chosen, rank, top_ids, top_values = (x[row] for x in logprobs)
+            entry = {token: Logprob(chosen, rank, self._decode_one(token))}
+            for position, (tid, value) in enumerate(list(zip(top_ids, top_values))[:sp.logprobs]):
+                entry.setdefault(tid, Logprob(value, position + 1, self._decode_one(tid)))
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += chosen
+        may_stop = seq.num_output_tokens >= sp.min_tokens
+        if may_stop and not sp.ignore_eos and token in self.eos_token_ids:
+            return self._finish(seq, "stop", None)
+        if may_stop and token in sp.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        if seq.detokenizer is not None:
+            before = len(seq.text)
+            seq.text += seq.detokenizer.add(token)
+            if may_stop and sp.stop_strings and self._cut_at_stop_string(seq, before):
+                return
+        if sp.max_tokens is not None and seq.num_output_tokens >= sp.max_tokens:
+            return self._finish(seq, "length", None)
+        if seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length", None)
+
+    def _cut_at_stop_string(self, seq: Sequence, before: int) -> bool:
+        """Finds the earliest stop string that ends in the new text (it may have started in earlier tokens)."""
+        longest = max(len(s) for s in seq.params.stop_strings)
+        search_from = max(0, before - longest + 1)
+        hits = [(seq.text.find(s, search_from), s) for s in seq.params.stop_strings]
+        hits = [(at, s) for at, s in hits if at != -1]
+        if not hits:
+            return False
+        at, stop = min(hits)
+        seq.text = seq.text[:at + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:at]
+        self._finish(seq, "stop", stop, flush=False)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason, flush: bool = True) -> None:
+        if flush and seq.detokenizer is not None and reason == "length":
+            seq.text += seq.detokenizer.flush()
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+    def _decode_one(self, token: int) -> str | None:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
+
+    def _request_output(self, index: int, request: tuple[list[int], str | None],
+                        group: list[Sequence]) -> RequestOutput:
+        ids, text = request
+        outputs = [CompletionOutput(index=s.sample_index, text=s.text, token_ids=s.output_token_ids,
+                                    finish_reason=s.finish_reason, stop_reason=s.stop_reason, logprobs=s.logprobs,
+                                    cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None)
+                   for s in group]
+        return RequestOutput(request_id=str(index), prompt=text, prompt_token_ids=list(ids), outputs=outputs)
+
+
+class _Progress:
+    """A tqdm bar over requests with output tokens/s, or nothing."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self.start, self.generated = time.perf_counter(), 0
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc="generate", unit="req", dynamic_ncols=True)
+
+    def tokens(self, n: int) -> None:
+        self.generated += n
+
+    def request_done(self) -> None:
+        if self.bar is not None:
+            rate = self.generated / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{rate:.1f} tok/s out", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,59 @@
+"""One sequence being generated: its tokens, its blocks, and how far its KV cache has been computed."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .outputs import Logprob
+from .params import SamplingParams
+from .tokenizer import IncrementalDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_index: int  # which prompt of the generate() call
+    sample_index: int  # which of the request's n samples
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None = None  # per-sequence sampling state when seeded
+    detokenizer: IncrementalDetokenizer | None = None
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache; 0 again after a preemption
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than one token still to compute: the prompt (or a preempted sequence's recompute) is not done."""
+        return self.num_uncomputed_tokens > 1 or self.num_computed_tokens == 0

@@ -1,0 +1,72 @@
+"""Tiny random Qwen2 checkpoints written as real Hugging Face directories (safetensors + config + tokenizer.json).
+
+transformers builds and saves them (it is a test-only dependency), so each file is exactly what a user's
+checkpoint would hold; the engine then loads them like any other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Here are examples of prompts and their completions:",
+    "What is 2+2? The answer is 4.",
+    "Write a short sentence about winter: Snow blankets the quiet landscape in pristine white.",
+    "def add(a, b):\n    return a + b\n",
+    "Photosynthesis is the process by which plants convert sunlight into energy.",
+    "Gravity is the force that pulls objects toward each other. 0123456789",
+    "Über café naïve résumé 日本語 中文 😀 ✓",
+]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_tokenizer(out_dir: Path, vocab_size: int = 400) -> int:
+    """A byte-level BPE tokenizer in the Qwen2 style, trained on a small corpus. Returns its vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.save(str(out_dir / "tokenizer.json"))
+    return tok.get_vocab_size()
+
+
+def make_tiny_checkpoint(out_dir: Path, *, heads: int = 4, kv_heads: int = 2, head_dim: int = 32, layers: int = 2,
+                         intermediate: int = 128, vocab: int = 512, tied: bool = False, shard: bool = False,
+                         seed: int = 0, max_position_embeddings: int = 1024, init_std: float = 0.1) -> Path:
+    """Writes a random Qwen2 checkpoint to `out_dir` and returns it.
+
+    Weights use a larger spread than a real init (`init_std`) so that logits have clear winners: greedy
+    comparisons against transformers then test the arithmetic, not ties broken by rounding.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    special = {t: i for i, t in enumerate(SPECIAL_TOKENS)}  # the trainer puts them first
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        tie_word_embeddings=tied, initializer_range=init_std, use_sliding_window=False,
+        bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|endoftext|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    with torch.no_grad():  # biases are zero-initialized; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, init_std)
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(out_dir, max_shard_size="200KB" if shard else "10GB")
+    write_tokenizer(out_dir)
+    (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": special["<|endoftext|>"]}))
+    return out_dir

@@ -3,8 +3,10 @@ with continuous batching over the paged KV cache."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence as SequenceT
 
@@ -56,6 +58,10 @@ class LLM:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max(max_num_batched_tokens, 1)
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
+        self._requests: dict[str, _Request] = {}
+        self._request_counter, self._seq_counter = itertools.count(), itertools.count()
+        self._last_step_tokens = 0
         logger.info("stage1: %s on %s in %s, attention %s, KV cache %d blocks x %d tokens (%.2f GiB)",
                     self.model_dir, self.device, str(self.dtype).removeprefix("torch."), backend.name, num_blocks,
                     block_size, num_blocks * bytes_per_block(self.config, block_size, self.dtype) / 2**30)
@@ -93,7 +99,77 @@ class LLM:
                     enumerate(prompts)]
         for i, ((ids, _), sp) in enumerate(zip(requests, params)):
             self._check_request(i, ids, sp)
-        return self._run(requests, params, use_tqdm)
+        ids = [self._add(token_ids, text, sp) for (token_ids, text), sp in zip(requests, params)]
+        finished: dict[str, RequestOutput] = {}
+        progress = _Progress(len(ids), use_tqdm)
+        try:
+            while len(finished) < len(ids):
+                for out in self.step():
+                    finished[out.request_id] = out
+                    progress.request_done()
+                progress.tokens(self._last_step_tokens)
+        except BaseException:
+            self.abort(ids)  # leave the engine usable after an interrupt or an error
+            raise
+        finally:
+            progress.close()
+        return [finished[i] for i in ids]
+
+    # ---- the step-level API: requests can be added while others run ----
+
+    def add_request(self, prompt: PromptType, sampling_params: SamplingParams) -> str:
+        """Queues one request; it joins the running batch at the next step that has room. Returns its id."""
+        ids = self._prompt_ids(0, prompt)
+        self._check_request(0, ids, sampling_params)
+        return self._add(ids, prompt if isinstance(prompt, str) else prompt.get("prompt"), sampling_params)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step (a prefill or a decode); returns the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        self._last_step_tokens = 0
+        if not batch.seqs:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler found nothing to run although requests are pending: "
+                                   "raise kv_cache_memory")
+            return []
+        sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        sampling = SamplingBatch.build([s.params for s in sampling_seqs],
+                                       [s.generator or self._generator for s in sampling_seqs], self.device)
+        result = self.runner.run(batch, sampling)
+        self.scheduler.update(batch)
+        self._last_step_tokens = len(result.tokens)
+        done = []
+        for row, (seq, token) in enumerate(zip(sampling_seqs, result.tokens)):
+            self._append_token(seq, token, result.logprobs, row)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                request = self._requests[seq.request_id]
+                if all(s.finish_reason is not None for s in request.seqs):
+                    done.append(self._request_output(self._requests.pop(seq.request_id)))
+        return done
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            request = self._requests.pop(request_id, None)
+            for seq in request.seqs if request else []:
+                if seq.finish_reason is None:
+                    self.scheduler.abort(seq)
+
+    def _add(self, ids: list[int], text: str | None, sp: SamplingParams) -> str:
+        request_id = str(next(self._request_counter))
+        seqs = []
+        for sample_index in range(sp.n):
+            seq = Sequence(next(self._seq_counter), request_id, sample_index, list(ids), len(ids), sp,
+                           generator=self._seeded_generator(sp.seed, sample_index),
+                           detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None,
+                           logprobs=[] if sp.logprobs is not None else None)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self._requests[request_id] = _Request(request_id, list(ids), text, seqs)
+        return request_id
 
     def _prompt_ids(self, index: int, prompt: PromptType) -> list[int]:
         if isinstance(prompt, str):
@@ -124,46 +200,6 @@ class LLM:
             raise ValueError(f"prompt {index}: {longest} tokens need {self.block_manager.blocks_needed(longest)} KV "
                              f"cache blocks but the pool has {self.block_manager.num_blocks}: raise "
                              "kv_cache_memory or lower max_tokens")
-
-    def _run(self, requests: list[tuple[list[int], str | None]], params: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
-        scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
-        seqs_of: list[list[Sequence]] = []
-        next_id = 0
-        for index, ((ids, _), sp) in enumerate(zip(requests, params)):
-            group = []
-            for sample_index in range(sp.n):
-                seq = Sequence(next_id, index, sample_index, list(ids), len(ids), sp,
-                               generator=self._seeded_generator(sp.seed, sample_index),
-                               detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None,
-                               logprobs=[] if sp.logprobs is not None else None)
-                next_id += 1
-                group.append(seq)
-                scheduler.add(seq)
-            seqs_of.append(group)
-
-        progress = _Progress(len(requests), use_tqdm)
-        unfinished = [len(g) for g in seqs_of]
-        while scheduler.has_unfinished():
-            batch = scheduler.schedule()
-            if not batch.seqs:
-                raise RuntimeError("scheduler found nothing to run although requests are pending (KV cache too "
-                                   "small for the running set?): raise kv_cache_memory")
-            sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
-            sampling = SamplingBatch.build([s.params for s in sampling_seqs],
-                                           [s.generator or self._generator for s in sampling_seqs], self.device)
-            result = self.runner.run(batch, sampling)
-            scheduler.update(batch)
-            for row, (seq, token) in enumerate(zip(sampling_seqs, result.tokens)):
-                self._append_token(seq, token, result.logprobs, row)
-                if seq.finish_reason is not None:
-                    scheduler.finish(seq)
-                    unfinished[seq.request_index] -= 1
-                    if unfinished[seq.request_index] == 0:
-                        progress.request_done()
-            progress.tokens(len(result.tokens))
-        progress.close()
-        return [self._request_output(index, requests[index], group) for index, group in enumerate(seqs_of)]
 
     def _seeded_generator(self, seed: int | None, sample_index: int) -> torch.Generator | None:
         if seed is None:
@@ -218,14 +254,22 @@ class LLM:
     def _decode_one(self, token: int) -> str | None:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else None
 
-    def _request_output(self, index: int, request: tuple[list[int], str | None],
-                        group: list[Sequence]) -> RequestOutput:
-        ids, text = request
+    @staticmethod
+    def _request_output(request: "_Request") -> RequestOutput:
         outputs = [CompletionOutput(index=s.sample_index, text=s.text, token_ids=s.output_token_ids,
                                     finish_reason=s.finish_reason, stop_reason=s.stop_reason, logprobs=s.logprobs,
                                     cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None)
-                   for s in group]
-        return RequestOutput(request_id=str(index), prompt=text, prompt_token_ids=list(ids), outputs=outputs)
+                   for s in request.seqs]
+        return RequestOutput(request_id=request.request_id, prompt=request.prompt,
+                             prompt_token_ids=request.prompt_token_ids, outputs=outputs)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt: str | None
+    seqs: list[Sequence]
 
 
 class _Progress:

@@ -110,3 +110,11 @@ class Scheduler:
         seq.status = Status.FINISHED
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.status = Status.FINISHED

@@ -21,7 +21,7 @@ class Status(enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
-    request_index: int  # which prompt of the generate() call
+    request_id: str
     sample_index: int  # which of the request's n samples
     token_ids: list[int]  # prompt, then generated tokens
     num_prompt_tokens: int

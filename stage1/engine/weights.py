@@ -110,4 +110,6 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     if config.tie_word_embeddings:
         params["lm_head.weight"] = params["embed_tokens.weight"]
     model.load_state_dict(params, assign=True, strict=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # one Parameter, not two wrappers of the same storage
     return model.eval()

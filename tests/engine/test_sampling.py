@@ -1,0 +1,95 @@
+"""The reference sampler: greedy, filtering, the distribution it draws from, and per-request seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stage1 import LLM, SamplingParams
+from stage1.engine.sampler import SamplingBatch, filtered_probs, sample
+
+
+def batch_of(params, generators=None):
+    return SamplingBatch.build(params, generators or [None] * len(params), torch.device("cpu"))
+
+
+def test_greedy_rows_are_argmax():
+    logits = torch.randn(5, 1000)
+    params = [SamplingParams(max_tokens=1, temperature=0)] * 3 + [SamplingParams(max_tokens=1, temperature=1)] * 2
+    tokens = sample(logits, batch_of(params))
+    assert torch.equal(tokens[:3], logits[:3].argmax(-1))
+
+
+def test_filters_keep_exactly_the_allowed_tokens():
+    probs = torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]])
+    logits = probs.log()
+    def kept(**kw):
+        return (filtered_probs(logits, batch_of([SamplingParams(max_tokens=1, **kw)])) > 0).nonzero()[:, 1].tolist()
+    assert kept(top_k=2) == [0, 1]
+    assert kept(top_p=0.5) == [0, 1]  # 0.4 < 0.5, so the token that crosses 0.5 stays
+    assert kept(top_p=0.4) == [0]
+    assert kept(min_p=0.3) == [0, 1, 2]  # >= 0.3 * 0.4
+    assert kept(top_k=4, top_p=0.9, min_p=0.2) == [0, 1, 2, 3]
+    assert kept(top_k=4, top_p=0.9, min_p=0.3) == [0, 1, 2]  # 0.1 < 0.3 * 0.4
+    assert kept(top_k=3, top_p=0.5) == [0, 1]
+    assert kept() == [0, 1, 2, 3, 4]
+
+
+def test_draws_follow_the_filtered_distribution():
+    """Chi-square goodness of fit of 20k draws against the filtered, temperature-scaled distribution."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 50, generator=g) * 2
+    sp = SamplingParams(max_tokens=1, temperature=0.8, top_k=20, top_p=0.95, min_p=0.02)
+    expected = filtered_probs(logits, batch_of([sp]))[0]
+    draws = 20_000
+    rows = logits.expand(draws, -1)
+    tokens = sample(rows, batch_of([sp] * draws, [g] * draws))
+    counts = torch.bincount(tokens, minlength=50).float()
+    assert counts[expected == 0].sum() == 0, "a filtered-out token was drawn"
+    keep = expected > 0
+    e = expected[keep] * draws
+    chi2 = ((counts[keep] - e) ** 2 / e).sum().item()
+    dof = int(keep.sum()) - 1
+    # 99.9% quantile of chi-square is below dof + 4.5 sqrt(2 dof) + 10 for these sizes
+    assert chi2 < dof + 4.5 * (2 * dof) ** 0.5 + 10, (chi2, dof)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(top_p=0), "top_p"), (dict(temperature=-1), "temperature"), (dict(n=0), "n must"),
+    (dict(top_k=-5), "top_k"), (dict(min_p=2), "min_p"), (dict(logprobs=-1), "logprobs"),
+    (dict(max_tokens=0), "max_tokens"),
+])
+def test_invalid_params_rejected_at_construction(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{"max_tokens": 8, **bad})
+
+
+def test_max_tokens_has_no_silent_default():
+    with pytest.raises(ValueError, match="max_tokens is required"):
+        SamplingParams()
+
+
+def test_seeded_request_same_alone_and_in_mixed_batch(tiny_model_dir):
+    llm = LLM(tiny_model_dir, dtype="float32")
+    seeded = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+    prompt = "Write a short sentence about winter:"
+    alone = llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    again = llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(max_tokens=30, temperature=1.2, seed=None, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.7, top_k=5, seed=7, ignore_eos=True)]
+    mixed = llm.generate(["The quick brown fox", "What is 2+2?", prompt, "def add(a, b):"],
+                         [others[0], others[1], seeded, others[2]], use_tqdm=False)
+    assert alone == again == mixed[2].outputs[0].token_ids
+    different_seed = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=99, ignore_eos=True)
+    assert llm.generate([prompt], different_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_n_samples_differ_and_are_reproducible(tiny_model_dir):
+    llm = LLM(tiny_model_dir, dtype="float32")
+    sp = SamplingParams(max_tokens=16, temperature=1.0, seed=5, n=3, ignore_eos=True)
+    a = llm.generate(["What is gravity?"], sp, use_tqdm=False)[0]
+    b = llm.generate(["What is gravity?"], sp, use_tqdm=False)[0]
+    assert [o.index for o in a.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) == 3

@@ -1,0 +1,155 @@
+"""How fast is batched generation, ours against transformers `generate`, on the same model, prompts and dtype?
+
+    python benchmarks/bench_generate.py --config qwen2.5-0.5b --batch 32 --new-tokens 64 --dtype bfloat16
+    python benchmarks/bench_generate.py --model ~/.cache/stage1/models/qwen2.5-coder-0.5b-instruct
+
+Both run greedy for exactly --new-tokens tokens per prompt (EOS ignored) on prompts of mixed lengths; transformers
+gets them left-padded into one batch, as its users run it. Prints both figures and their ratio, then how close
+our decode step comes to the time of the same step's matrix multiplies alone. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PRESETS, mixed_prompts, random_checkpoint  # noqa: E402
+
+from stage1 import LLM, SamplingParams  # noqa: E402
+from stage1.engine.config import parse_dtype  # noqa: E402
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_ours(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, device: str) -> tuple[float, LLM]:
+    llm = LLM(model_dir, dtype=dtype, device=device, skip_tokenizer_init=True,
+              max_num_seqs=max(len(prompts), 1))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=2, temperature=0,
+                                                                               ignore_eos=True), use_tqdm=False)
+    llm.stats.__init__()  # count the timed run only
+    sync(llm.device)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    sync(llm.device)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    return elapsed, llm
+
+
+def run_transformers(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, device: torch.device) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding, as decoder-only generation needs
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:2, -8:], attention_mask=mask[:2, -8:], max_new_tokens=2, min_new_tokens=2, **kwargs)
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        sync(device)
+    assert out.shape[1] == width + new_tokens
+    return time.perf_counter() - start
+
+
+def matmul_only_decode_step(llm: LLM, batch: int, repeats: int = 5) -> float:
+    """Seconds for one decode step's matrix multiplies alone (every layer's projections and the LM head)."""
+    model = llm.runner.model
+    x = torch.randn(batch, llm.config.hidden_size, dtype=llm.dtype, device=llm.device)
+    weights = [w for layer in model.layers for w in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
+                                                     layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=llm.dtype, device=llm.device) for w in weights}
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            sync(llm.device)
+            start = time.perf_counter()
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+            F.linear(x, model.lm_head.weight)
+            sync(llm.device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, help="a checkpoint directory (e.g. the fetched default model)")
+    source.add_argument("--config", choices=sorted(PRESETS), default="qwen2.5-0.5b",
+                        help="a Qwen-2.5 shape with random weights (default: qwen2.5-0.5b)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--min-prompt", type=int, default=16)
+    parser.add_argument("--max-prompt", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-reference", action="store_true", help="time ours only")
+    args = parser.parse_args()
+
+    dtype = parse_dtype(args.dtype)
+    model_dir = args.model or random_checkpoint(args.config)
+    from stage1.engine.config import ModelConfig
+    vocab = ModelConfig.from_dir(model_dir).vocab_size
+    prompts = mixed_prompts(args.batch, vocab, args.min_prompt, args.max_prompt)
+    print(f"model {model_dir}\nbatch {args.batch}, prompts {min(map(len, prompts))}-{max(map(len, prompts))} "
+          f"tokens ({sum(map(len, prompts))} in all), {args.new_tokens} new tokens each, {args.dtype}, greedy",
+          flush=True)
+
+    ours_s, llm = run_ours(model_dir, prompts, args.new_tokens, dtype, args.device)
+    generated = args.batch * args.new_tokens
+    ours = generated / ours_s
+    s = llm.stats
+    step = s.decode_seconds / max(s.decode_steps, 1)
+    matmul = matmul_only_decode_step(llm, args.batch)
+    print(f"ours:         {ours:8.1f} output tok/s  ({ours_s:.1f} s: prefill {s.prefill_seconds:.1f} s for "
+          f"{s.prefill_tokens} tokens, decode {s.decode_seconds:.1f} s in {s.decode_steps} steps)", flush=True)
+    print(f"decode step:  {step * 1e3:.1f} ms; its matmuls alone {matmul * 1e3:.1f} ms "
+          f"({matmul / step:.0%} of the step; at most {args.batch / matmul:.0f} tok/s from matmuls)", flush=True)
+    result = {"ours_tok_s": round(ours, 2), "device": device_name(llm.device), "batch": args.batch,
+              "new_tokens": args.new_tokens, "dtype": str(dtype).removeprefix("torch."),
+              "model": args.config if args.model is None else str(args.model),
+              "decode_step_ms": round(step * 1e3, 2), "matmul_only_step_ms": round(matmul * 1e3, 2),
+              "prefill_s": round(s.prefill_seconds, 2), "torch": torch.__version__}
+    if not args.skip_reference:
+        device = llm.device
+        del llm
+        ref_s = run_transformers(model_dir, prompts, args.new_tokens, dtype, device)
+        ref = generated / ref_s
+        print(f"transformers: {ref:8.1f} output tok/s  ({ref_s:.1f} s)")
+        print(f"ratio:        {ours / ref:8.2f}x")
+        result.update(ref_tok_s=round(ref, 2), ratio=round(ours / ref, 3))
+    else:
+        result.update(ref_tok_s=None, ratio=None)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""What the benchmarks share: Qwen-2.5 shapes, random-weight checkpoints of those shapes, prompt sets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from stage1.engine.config import ModelConfig
+from stage1.engine.weights import checkpoint_layout
+
+# Shapes of the published config.json files (see shared/reference/qwen25.md).
+PRESETS = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                        num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-5),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STAGE1_CACHE", Path.home() / ".cache" / "stage1"))
+
+
+def random_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A checkpoint directory of `preset`'s shape with random weights, written once into the cache."""
+    out = cache_root() / "bench" / f"{preset}-random-{str(dtype).removeprefix('torch.')}"
+    if (out / "model.safetensors").is_file():
+        return out
+    raw = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+           "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, "use_sliding_window": False,
+           "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": 151643, "eos_token_id": 151643,
+           **PRESETS[preset]}
+    config = ModelConfig.from_dict(raw)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, target in checkpoint_layout(config).items():
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(target.shape, dtype=dtype)
+        else:
+            tensors[name] = (torch.randn(target.shape, generator=g) * 0.02).to(dtype)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, tmp / "model.safetensors")
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+    tmp.rename(out)
+    return out
+
+
+def mixed_prompts(batch: int, vocab: int, min_len: int = 16, max_len: int = 256, seed: int = 0) -> list[list[int]]:
+    """`batch` prompts of random token ids with lengths spread evenly over [min_len, max_len]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (batch,), generator=g).tolist()
+    return [torch.randint(100, vocab - 1000, (n,), generator=g).tolist() for n in lengths]

@@ -39,7 +39,7 @@ class LLM:
         self.model_dir = Path(model)
         self.config = ModelConfig.from_dir(self.model_dir)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.dtype = self.config.torch_dtype if dtype == "auto" else parse_dtype(dtype)
+        self.dtype = auto_dtype(self.config.torch_dtype, self.device) if dtype == "auto" else parse_dtype(dtype)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
@@ -62,6 +62,7 @@ class LLM:
         self._requests: dict[str, _Request] = {}
         self._request_counter, self._seq_counter = itertools.count(), itertools.count()
         self._last_step_tokens = 0
+        self.stats = StepStats()
         logger.info("stage1: %s on %s in %s, attention %s, KV cache %d blocks x %d tokens (%.2f GiB)",
                     self.model_dir, self.device, str(self.dtype).removeprefix("torch."), backend.name, num_blocks,
                     block_size, num_blocks * bytes_per_block(self.config, block_size, self.dtype) / 2**30)
@@ -138,7 +139,10 @@ class LLM:
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         sampling = SamplingBatch.build([s.params for s in sampling_seqs],
                                        [s.generator or self._generator for s in sampling_seqs], self.device)
+        started = time.perf_counter()
         result = self.runner.run(batch, sampling)
+        self.stats.record(batch.is_prefill, sum(batch.num_new_tokens), len(result.tokens),
+                          time.perf_counter() - started)
         self.scheduler.update(batch)
         self._last_step_tokens = len(result.tokens)
         done = []
@@ -270,6 +274,49 @@ class _Request:
     prompt_token_ids: list[int]
     prompt: str | None
     seqs: list[Sequence]
+
+
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: without them torch's bf16 matmuls on the CPU run an emulated path many times slower
+    than fp32 (0.2 vs 1.8 GB/s of weights measured on an AVX2-only EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The checkpoint's dtype, except half precision on a CPU that cannot compute in it fast: fp32 there."""
+    if device.type == "cpu" and checkpoint_dtype != torch.float32 and not cpu_has_native_bf16():
+        logger.info("stage1: this CPU has no native bf16 (avx512_bf16/AMX): running in float32; "
+                    "pass dtype='bfloat16' to force it")
+        return torch.float32
+    return checkpoint_dtype
+
+
+@dataclass
+class StepStats:
+    """Where the time went, for benchmarks and run manifests (a clock read per step, nothing more)."""
+
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    generated_tokens: int = 0
+
+    def record(self, is_prefill: bool, computed: int, sampled: int, seconds: float) -> None:
+        if is_prefill:
+            self.prefill_steps += 1
+            self.prefill_tokens += computed
+            self.prefill_seconds += seconds
+        else:
+            self.decode_steps += 1
+            self.decode_tokens += computed
+            self.decode_seconds += seconds
+        self.generated_tokens += sampled
 
 
 class _Progress:

@@ -45,7 +45,7 @@ setup(
     packages=find_packages(include=["stage1", "stage1.*"]) + ["stage1.kernels"],
     package_dir={"stage1.kernels": "kernels"},
     package_data={"stage1.data": ["*.json", "*.jsonl"]},
-    install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.19", "tqdm", "numpy", "gguf>=0.10",
+    install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.19", "tqdm", "numpy", "gguf>=0.19",
                       "datasketch>=1.6"],
     extras_require={"test": ["pytest", "transformers>=4.45", "accelerate"], "triton": ["triton"]},
     ext_modules=native_extensions(),

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_models import make_tiny_checkpoint
-
-# name -> shape; covers query/KV head ratios 1, 2 and 7, head_dim 64 and 128, tied and untied, one file or sharded
-SHAPES = {
-    "gqa1-d64-tied": dict(heads=4, kv_heads=4, head_dim=64, tied=True),
-    "gqa2-d128-untied": dict(heads=4, kv_heads=2, head_dim=128, tied=False),
-    "gqa7-d64-sharded": dict(heads=7, kv_heads=1, head_dim=64, tied=False, shard=True),
-}
+from tiny_models import SHAPES, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

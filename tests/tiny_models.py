@@ -23,6 +23,13 @@ CORPUS = [
 ]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# name -> shape; covers query/KV head ratios 1, 2 and 7, head_dim 64 and 128, tied and untied, one file or sharded
+SHAPES = {
+    "gqa1-d64-tied": dict(heads=4, kv_heads=4, head_dim=64, tied=True),
+    "gqa2-d128-untied": dict(heads=4, kv_heads=2, head_dim=128, tied=False),
+    "gqa7-d64-sharded": dict(heads=7, kv_heads=1, head_dim=64, tied=False, shard=True),
+}
+
 
 def write_tokenizer(out_dir: Path, vocab_size: int = 400) -> int:
     """A byte-level BPE tokenizer in the Qwen2 style, trained on a small corpus. Returns its vocab size."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import SHAPES
+from tiny_models import SHAPES
 from stage1 import LLM, SamplingParams
 from stage1.engine.attention import AttentionContext
 from stage1.engine.config import ModelConfig

@@ -1,0 +1,12 @@
+"""The SFT data pipeline around the engine: prompt styles and their example pool (data files), instruction readers,
+post-processing filters, the crash-safe dataset writer and the run manifest. `stage1/generate.py` wires them together.
+"""
+
+from stage1.data.errors import DataError, PromptMismatchError
+from stage1.data.prompts import CompletionStylePrompts, Example, Prompt, PromptStyle, load_examples, load_styles
+from stage1.data.readers import Instruction, read_instructions
+
+__all__ = [
+    "CompletionStylePrompts", "DataError", "Example", "Instruction", "Prompt", "PromptMismatchError", "PromptStyle",
+    "load_examples", "load_styles", "read_instructions",
+]

@@ -1,0 +1,143 @@
+"""The run manifest (manifest.json beside the data): what made this dataset, and whether an output directory already
+holds another run.
+
+`identity` is the part of the arguments that decides the rows (model files, input, prompt data, sampling, filters);
+`--resume` needs it to match, batch size and --limit may differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from stage1.data.errors import DataError
+from stage1.data.hashing import sha256_file
+from stage1.data.writer import DATA_FILE, REJECTS_FILE
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "stage1-sft-manifest/1"
+
+
+def model_fingerprint(model_dir: str | Path) -> dict[str, Any]:
+    model_dir = Path(model_dir)
+    return {
+        "path": str(model_dir.resolve()),
+        "config_sha256": sha256_file(model_dir / "config.json"),
+        "tokenizer_sha256": sha256_file(model_dir / "tokenizer.json"),
+    }
+
+
+def code_version() -> dict[str, Any]:
+    """The stage1 version and git commit (with a dirty flag) when there is one; None where unknown."""
+    version = None
+    try:
+        import stage1
+        version = getattr(stage1, "__version__", None)
+    except ImportError:
+        pass
+    repo = Path(__file__).resolve().parents[2]
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        if commit:
+            status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout
+            dirty = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import torch
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    return {"stage1_version": version, "git_commit": commit, "git_dirty": dirty,
+            "python": platform.python_version(), "torch": torch_version}
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path}: not a valid manifest; pass --overwrite to start a new run there, or choose "
+                        "another --out") from None
+
+
+def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Atomic: a kill leaves either the old manifest or the new one."""
+    path = Path(out_dir) / MANIFEST_FILE
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=False, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(out_dir: str | Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> dict | None:
+    """Checks that `out_dir` is free, or holds this very run when resuming; --overwrite clears our files.
+    Returns the existing manifest when resuming one."""
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise DataError("--resume and --overwrite contradict each other; pass one of them")
+    ours = [out_dir / name for name in (MANIFEST_FILE, DATA_FILE, REJECTS_FILE)]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a directory; choose another --out")
+    if not any(p.exists() for p in ours):
+        return None
+    if overwrite:
+        for p in ours:
+            p.unlink(missing_ok=True)
+        return None
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise DataError(f"{out_dir} holds {DATA_FILE}/{REJECTS_FILE} but no {MANIFEST_FILE}, so it can't be resumed; "
+                        "pass --overwrite to replace it, or choose another --out")
+    diff = identity_diff(manifest.get("identity", {}), identity)
+    if diff:
+        raise DataError(f"{out_dir} holds a different run ({diff}); pass --overwrite to replace it, or choose "
+                        "another --out")
+    if not resume:
+        raise DataError(f"{out_dir} already holds this run ({manifest.get('status', 'unknown')}); pass --resume to "
+                        "continue it, --overwrite to start again, or choose another --out")
+    return manifest
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
+
+
+def dataset_summary(kept: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts over the whole dataset on disk (all sessions of a resumed run)."""
+    generated = [r for r in kept + rejected if r.get("index") is not None]
+
+    def stop_label(row: dict[str, Any]) -> str:
+        if row.get("stop_reason") is not None:
+            return str(row["stop_reason"])
+        return "length" if row.get("finish_reason") == "length" else "eos"
+
+    def histogram(values) -> dict[str, int]:
+        return dict(sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0])))
+
+    return {
+        "counts": {"instructions": len({r["id"] for r in kept + rejected}), "completions": len(generated),
+                   "kept": len(kept), "rejected": len(rejected)},
+        "finish_reasons": histogram(str(r.get("finish_reason")) for r in generated),
+        "stop_reasons": histogram(stop_label(r) for r in generated),
+        "rejected_by_reason": histogram(r["reason"] for r in rejected),
+    }

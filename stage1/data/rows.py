@@ -1,0 +1,48 @@
+"""The dataset row: one per completion, in data.jsonl (kept) or rejects.jsonl (with `reason`).
+
+Its `prompt` is `RequestOutput.prompt`, the exact string the engine tokenized, never a re-rendered one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Fields the pipeline writes; an input row may carry any other field through.
+ROW_FIELDS = (
+    "id", "index", "instruction", "type", "source", "prompt", "response", "raw_response", "finish_reason",
+    "stop_reason", "prompt_tokens", "response_tokens", "example_ids", "style", "seed", "sampling", "reason", "detail",
+)
+REASON_PROMPT_TOO_LONG = "prompt_too_long"
+
+
+def make_row(instruction, *, prompt: str, prompt_tokens: int, example_ids, style: str, seed: int,
+             sampling: dict[str, Any], completion=None, response: str | None = None) -> dict[str, Any]:
+    """`completion` is the engine's CompletionOutput, or None for a prompt that was never generated from."""
+    return {
+        "id": instruction.id,
+        "index": None if completion is None else completion.index,
+        "instruction": instruction.instruction,
+        "type": instruction.type,
+        "source": instruction.source,
+        **instruction.extra,
+        "prompt": prompt,
+        "response": response,
+        "raw_response": None if completion is None else completion.text,
+        "finish_reason": None if completion is None else completion.finish_reason,
+        "stop_reason": None if completion is None else completion.stop_reason,
+        "prompt_tokens": prompt_tokens,
+        "response_tokens": None if completion is None else len(completion.token_ids),
+        "example_ids": list(example_ids),
+        "style": style,
+        "seed": seed,
+        "sampling": sampling,
+    }
+
+
+def with_reason(row: dict[str, Any], reason: str, detail: str | None = None) -> dict[str, Any]:
+    return {**row, "reason": reason, "detail": detail}
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, int | None]:
+    """(id, completion index); index None is a whole instruction rejected before generation."""
+    return row["id"], row["index"]

@@ -1,0 +1,304 @@
+"""python -m stage1.generate: turn instructions into an SFT dataset by prompting a BASE model with few-shot,
+completion-style prompts, storing exactly the prompt the model saw.
+
+Writes <out>/data.jsonl (kept rows), <out>/rejects.jsonl (filtered rows, each with its reason) and <out>/manifest.json
+(model, code version, arguments, counts). See --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stage1.data.errors import DataError, PromptMismatchError
+from stage1.data.filters import COPY_THRESHOLD, NEAR_DUP_THRESHOLD
+from stage1.data.manifest import (
+    FORMAT,
+    code_version,
+    dataset_summary,
+    model_fingerprint,
+    now,
+    prepare_out_dir,
+    write_manifest,
+)
+from stage1.data.pipeline import GenerationConfig, Pipeline, vocab_size
+from stage1.data.prompts import load_styles, pool_fingerprint
+from stage1.data.readers import instructions_fingerprint, read_instructions
+from stage1.data.writer import DatasetWriter, read_jsonl
+
+DEFAULT_OUT = "out/stage1-sft"
+
+DESCRIPTION = """\
+Generate a supervised fine-tuning (SFT) dataset from a list of instructions with a BASE model.
+
+Each instruction becomes a few-shot, completion-style prompt (a header line and 3-4 example prompt/completion pairs
+drawn from a built-in pool, then the instruction), with no chat template and no special tokens. The model's
+continuation up to the next blank line is the response. Every row stores the exact prompt the engine tokenized.
+
+Output (in --out): data.jsonl (one row per kept completion), rejects.jsonl (every filtered completion with its
+reason: empty, run_on, control_token, scaffolding, repetition, example_copy, instruction_echo, exact_duplicate,
+near_duplicate, prompt_too_long), manifest.json (model, code version, arguments, counts, tokens/s).
+
+A run is reproducible: each row's seed is derived from --seed and the row's id, so the same arguments give the same
+data file whatever the batch size, and --resume after a crash or Ctrl-C finishes it exactly as an uninterrupted run."""
+
+EPILOG = """\
+examples:
+  python -m stage1.generate                                   # built-in instructions, default model
+  python -m stage1.generate --model ~/models/Qwen2.5-0.5B --limit 20 --out /tmp/try
+  python -m stage1.generate --instructions mine.jsonl --n 4 --style qa --out out/mine
+  python -m stage1.generate --instructions mine.jsonl --n 4 --style qa --out out/mine --resume
+
+instruction files:
+  .jsonl / .ndjson: one JSON object per line with "instruction" (required), "id", "type", "source" (optional);
+                    other fields are copied into every output row.
+  anything else:    plain text, one instruction per line (blank lines ignored); ids are hashes of the text.
+
+exit codes: 0 done, 1 the run stopped (engine/prompt mismatch, disk error), 2 bad input or usage, 130 interrupted."""
+
+
+def _builtin_summary() -> str:
+    builtin = read_instructions()
+    return f"{len(builtin)} instructions of {len({i.type for i in builtin})} types"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stage1.generate", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--model", metavar="DIR",
+                    help="model directory (config.json, tokenizer.json, *.safetensors); default: the stage1 default "
+                         "model (see python -m stage1.models)")
+    io.add_argument("--instructions", metavar="FILE",
+                    help=f"instructions, JSONL or plain text (default: the built-in set, {_builtin_summary()})")
+    io.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
+                    help="how to read --instructions (default: auto, by file suffix)")
+    io.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    io.add_argument("--limit", type=int, metavar="N", help="use only the first N instructions")
+    io.add_argument("--resume", action="store_true",
+                    help="continue the run in --out: skip completions already written, generate the rest")
+    io.add_argument("--overwrite", action="store_true", help="delete the run in --out and start again")
+
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--style", choices=sorted(load_styles()), default="completion",
+                     help="prompt style: completion (header + prompt/completion examples, the default) or qa "
+                          "(Q: ... / A: ... pairs)")
+    gen.add_argument("--n", type=int, default=1, metavar="N", help="completions per instruction (default: %(default)s)")
+    gen.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                     help="most new tokens per completion; longer ones are rejected as run_on (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 is greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="0 is off (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S",
+                     help="run seed; row seeds derive from it (default: %(default)s)")
+    gen.add_argument("--batch-size", type=int, default=256, metavar="N",
+                     help="prompts handed to the engine per call; rows are saved after each (default: %(default)s)")
+
+    flt = p.add_argument_group("filters")
+    flt.add_argument("--allow-run-on", action="store_true",
+                     help="keep completions that hit --max-tokens instead of rejecting them")
+    flt.add_argument("--no-near-dedup", action="store_true", help="turn off the MinHash near-duplicate filter")
+    flt.add_argument("--near-dup-threshold", type=float, default=NEAR_DUP_THRESHOLD, metavar="J",
+                     help="estimated Jaccard similarity above which a response is a near-duplicate (default: "
+                          "%(default)s)")
+    flt.add_argument("--copy-threshold", type=float, default=COPY_THRESHOLD, metavar="F",
+                     help="ROUGE-L F above which a response copies one of its few-shot examples (default: "
+                          "%(default)s)")
+
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--dtype", default="auto", metavar="DTYPE", help="model dtype: auto, bfloat16, float16, float32")
+    eng.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    eng.add_argument("--max-model-len", type=int, metavar="N", help="context limit in tokens (default: the model's)")
+    eng.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None, llm_factory: Callable[[Path, argparse.Namespace], Any] | None = None) -> int:
+    """`llm_factory(model_dir, args)` makes the engine (tests pass a fake one); default: stage1.LLM."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args, argv, llm_factory or _load_llm)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PromptMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: the run stops where it was, its rows intact
+        print(f"error: {e}; rows written so far are intact, fix this and rerun with --resume", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: the rows written so far are intact; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    checks = [
+        (args.n >= 1, "--n must be at least 1"),
+        (args.max_tokens >= 1, "--max-tokens must be at least 1"),
+        (args.temperature >= 0, "--temperature must be >= 0 (0 is greedy)"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.top_k >= 0, "--top-k must be >= 0 (0 is off)"),
+        (args.batch_size >= 1, "--batch-size must be at least 1"),
+        (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
+        (0 < args.near_dup_threshold <= 1, "--near-dup-threshold must be in (0, 1]"),
+        (0 < args.copy_threshold <= 1, "--copy-threshold must be in (0, 1]"),
+        (args.max_model_len is None or args.max_model_len >= 1, "--max-model-len must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    if model:
+        path = Path(model).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            raise DataError(f"--model {model}: a GGUF file; convert it once with python -m stage1.models import-gguf "
+                            f"{model} OUT_DIR and pass --model OUT_DIR")
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise DataError(f"--model {model}: not a model directory (it needs config.json, tokenizer.json and "
+                            "*.safetensors); pass the directory of a Hugging Face checkpoint")
+        return path
+    try:
+        from stage1.models import resolve_model
+    except ImportError:
+        raise DataError("no --model given and this install has no default model (stage1.models); pass --model DIR, "
+                        "the directory of a Qwen2.5 base checkpoint (config.json, tokenizer.json, *.safetensors)"
+                        ) from None
+    try:
+        return Path(resolve_model(None))
+    except Exception as e:  # noqa: BLE001 - any failure to get the default model becomes one clear line
+        raise DataError(f"no --model given and the default model is not available ({e}); fetch it with "
+                        "python -m stage1.models fetch, or pass --model DIR") from None
+
+
+def _load_llm(model_dir: Path, args: argparse.Namespace):
+    try:
+        from stage1 import LLM
+    except ImportError as e:
+        raise DataError(f"the stage1 engine can't be imported ({e}); reinstall stage1 (pip install -e .)") from None
+    try:
+        return LLM(str(model_dir), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    except (OSError, ValueError) as e:
+        raise DataError(f"could not load the model in {model_dir}: {e}") from None
+
+
+def _identity(args: argparse.Namespace, model: dict[str, Any], input_sha: str) -> dict[str, Any]:
+    """What decides the rows: two runs with equal identities write the same files."""
+    return {
+        "model_path": model["path"], "model_config_sha256": model["config_sha256"],
+        "model_tokenizer_sha256": model["tokenizer_sha256"], "instructions_sha256": input_sha,
+        "prompt_data_sha256": pool_fingerprint(), "style": args.style, "n": args.n, "max_tokens": args.max_tokens,
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+        "allow_run_on": args.allow_run_on, "near_dedup": not args.no_near_dedup,
+        "near_dup_threshold": args.near_dup_threshold, "copy_threshold": args.copy_threshold,
+        "max_model_len": args.max_model_len,
+    }
+
+
+def _run(args: argparse.Namespace, argv: list[str], llm_factory) -> int:
+    started, t_wall = now(), time.perf_counter()
+    _check_args(args)
+    instructions = read_instructions(args.instructions, args.format)  # all of it, validated, before anything else
+    input_sha = instructions_fingerprint(instructions)
+    if args.limit:
+        instructions = instructions[:args.limit]
+    model_dir = resolve_model_dir(args.model)
+    model = model_fingerprint(model_dir)
+    out = Path(args.out)
+    identity = _identity(args, model, input_sha)
+    previous = prepare_out_dir(out, identity, resume=args.resume, overwrite=args.overwrite)
+
+    llm = llm_factory(model_dir, args)
+    config = GenerationConfig(
+        style=args.style, n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, allow_run_on=args.allow_run_on,
+        near_dedup=not args.no_near_dedup, near_dup_threshold=args.near_dup_threshold,
+        copy_threshold=args.copy_threshold)
+    out.mkdir(parents=True, exist_ok=True)
+    with DatasetWriter(out) as writer:
+        pipeline = Pipeline(llm, config, writer, engine_progress=not args.no_progress)
+        manifest = _initial_manifest(args, argv, identity, model, llm, pipeline, previous, started)
+        write_manifest(out, manifest)  # first, so a crashed run is still recognised (and resumable) later
+        if writer.repaired_bytes:
+            print(f"repaired {out}: dropped a partial last line ({writer.repaired_bytes} bytes) left by a crash",
+                  file=sys.stderr)
+            pipeline.stats.repaired_bytes = writer.repaired_bytes
+        if args.resume:
+            pipeline.load_existing()
+        todo, total = pipeline.todo(instructions)
+        _say(args, f"{len(instructions)} instructions, {len(instructions) - len(todo)} already done, "
+                   f"{total} completions to generate -> {out}")
+        bar = _progress_bar(args, total)
+
+        def on_chunk(stats, completions: int) -> None:
+            if bar is not None:
+                bar.update(completions)
+                bar.set_postfix(kept=stats.kept, rejected=stats.rejected, tok_s=f"{stats.tokens_per_s:.1f}")
+
+        pipeline.on_chunk = on_chunk
+        try:
+            stats = pipeline.run(instructions)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    summary = dataset_summary(read_jsonl(writer.data_path), read_jsonl(writer.rejects_path))
+    session = {"started_at": started, "finished_at": now(), "resumed": bool(args.resume and previous),
+               "wall_s": round(time.perf_counter() - t_wall, 2), **stats.as_dict()}
+    manifest.update(status="complete", updated_at=now(), **summary, sessions=manifest["sessions"] + [session])
+    write_manifest(out, manifest)
+    _print_summary(out, summary, session)
+    return 0
+
+
+def _initial_manifest(args, argv, identity, model, llm, pipeline, previous, started) -> dict[str, Any]:
+    return {
+        "format": FORMAT, "status": "running",
+        "created_at": previous["created_at"] if previous else started, "updated_at": started,
+        "command": shlex.join(["python", "-m", "stage1.generate", *argv]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "identity": identity,
+        "model": {**model, "max_model_len": llm.max_model_len, "eos_token_ids": list(llm.eos_token_ids),
+                  "vocab_size": vocab_size(llm)},
+        "code": code_version(),
+        "generation": {"style": args.style, "stop": list(pipeline.prompts.style.stop),
+                       "stop_token_ids": pipeline.stop_token_ids, **pipeline.config.sampling_fields(),
+                       "seed": args.seed, "row_seed": "int.from_bytes(sha256(f'{seed}:{id}')[:8], 'big') >> 1"},
+        "files": {"data": pipeline.writer.data_path.name, "rejects": pipeline.writer.rejects_path.name},
+        "sessions": list(previous.get("sessions", [])) if previous else [],
+    }
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.no_progress:
+        print(message, file=sys.stderr)
+
+
+def _progress_bar(args: argparse.Namespace, total: int):
+    if args.no_progress or total == 0:
+        return None
+    from tqdm import tqdm
+    # The engine draws its own bar per call beneath this one (requests of the current chunk, tokens/s).
+    return tqdm(total=total, unit="row", desc="rows", dynamic_ncols=True)
+
+
+def _print_summary(out: Path, summary: dict[str, Any], session: dict[str, Any]) -> None:
+    c = summary["counts"]
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none"
+    print(f"{c['instructions']} instructions, {c['completions']} completions: {c['kept']} kept, {c['rejected']} "
+          f"rejected ({reasons})")
+    print(f"  data:     {out / 'data.jsonl'}\n  rejects:  {out / 'rejects.jsonl'}\n  manifest: {out / 'manifest.json'}")
+    print(f"  this session: {session['generated_tokens']} tokens generated in {session['generate_seconds']:.1f} s "
+          f"({session['tokens_per_s']:.1f} tokens/s), wall {session['wall_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -75,10 +75,15 @@ def write_kv_reference(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sl
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `length` keys and values of one sequence, `[length, kv_heads, head_dim]` each."""
     block_size = cache.shape[2]
-    blocks = block_table[: (length + block_size - 1) // block_size].long()
-    k = cache[0, blocks].flatten(0, 1)[:length]
-    v = cache[1, blocks].flatten(0, 1)[:length]
-    return k, v
+    blocks = block_table[: (length + block_size - 1) // block_size]
+    return _gather_blocks(cache[0], blocks)[:length], _gather_blocks(cache[1], blocks)[:length]
+
+
+def _gather_blocks(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """`pool[blocks]` as one `[..., tokens, kv_heads, head_dim]` tensor. index_select on the contiguous block
+    dimension is a plain copy, several times faster on the CPU than advanced indexing."""
+    out = pool.index_select(0, blocks.flatten().long())
+    return out.view(*blocks.shape[:-1], -1, *pool.shape[2:])
 
 
 def prefill_attention_reference(q, k, v, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
@@ -106,9 +111,8 @@ def decode_attention_reference(q, cache, block_tables, context_lens, scale: floa
     """One query token per sequence against its whole cached context. q `[seqs, heads, head_dim]`."""
     num_seqs, block_size = q.shape[0], cache.shape[2]
     max_len = block_tables.shape[1] * block_size
-    blocks = block_tables.long()
-    k = cache[0, blocks].flatten(1, 2)  # [seqs, max_len, kv_heads, head_dim]
-    v = cache[1, blocks].flatten(1, 2)
+    k = _gather_blocks(cache[0], block_tables)  # [seqs, max_len, kv_heads, head_dim]
+    v = _gather_blocks(cache[1], block_tables)
     mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]  # [seqs, max_len]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [seqs, heads, 1, head_dim]

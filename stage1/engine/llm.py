@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Sequence as SequenceT
 
 import torch
 
-from .attention import AttentionBackend
+from .backends import select_kernels
 from .config import ModelConfig, parse_dtype, read_eos_token_ids
 from .kv_cache import BlockManager, allocate_kv_cache, bytes_per_block, num_blocks_for_budget
 from .model_runner import ModelRunner
@@ -35,11 +36,12 @@ class LLM:
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "auto",
                  block_size: int = 16, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
-                 skip_tokenizer_init: bool = False):
+                 skip_tokenizer_init: bool = False, kernels: str = "auto"):
         self.model_dir = Path(model)
         self.config = ModelConfig.from_dir(self.model_dir)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.dtype = auto_dtype(self.config.torch_dtype, self.device) if dtype == "auto" else parse_dtype(dtype)
+        self.kernels = select_kernels(kernels, self.device)  # before any loading, so a bad choice fails at once
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
@@ -53,20 +55,20 @@ class LLM:
         num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, budget)
         self.block_manager = BlockManager(num_blocks, block_size)
         kv_cache = allocate_kv_cache(self.config, num_blocks, block_size, self.dtype, self.device)
-        backend = AttentionBackend()
-        self.runner = ModelRunner(model_obj, kv_cache, block_size, backend, self.device)
+        self.runner = ModelRunner(model_obj, kv_cache, block_size, self.kernels, self.device)
         self.max_num_seqs = max_num_seqs
         # Tokens per prefill step. On the CPU, ~1k keeps a layer's activations in the last-level cache while the
         # weights are still read once per 1k tokens (measured best on the 0.5B shape); a GPU wants bigger steps.
         self.max_num_batched_tokens = max(max_num_batched_tokens or (8192 if self.device.type == "cuda" else 1024), 1)
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._seed_stream = random.Random(seed)  # seeds for requests that set none
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self._requests: dict[str, _Request] = {}
         self._request_counter, self._seq_counter = itertools.count(), itertools.count()
         self._last_step_tokens = 0
         self.stats = StepStats()
-        logger.info("stage1: %s on %s in %s, attention %s, KV cache %d blocks x %d tokens (%.2f GiB)",
-                    self.model_dir, self.device, str(self.dtype).removeprefix("torch."), backend.name, num_blocks,
+        logger.info("stage1: %s on %s in %s, kernels %s, KV cache %d blocks x %d tokens (%.2f GiB)",
+                    self.model_dir, self.device, str(self.dtype).removeprefix("torch."), self.kernels.name, num_blocks,
                     block_size, num_blocks * bytes_per_block(self.config, block_size, self.dtype) / 2**30)
 
     def _default_kv_budget(self, block_size: int, max_num_seqs: int) -> int:
@@ -140,7 +142,9 @@ class LLM:
             return []
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         sampling = SamplingBatch.build([s.params for s in sampling_seqs],
-                                       [s.generator or self._generator for s in sampling_seqs], self.device)
+                                       [s.generator or self._generator for s in sampling_seqs], self.device,
+                                       seeds=[s.seed for s in sampling_seqs],
+                                       steps=[s.num_output_tokens for s in sampling_seqs])
         started = time.perf_counter()
         result = self.runner.run(batch, sampling)
         self.stats.record(batch.is_prefill, sum(batch.num_new_tokens), len(result.tokens),
@@ -169,9 +173,11 @@ class LLM:
         seqs = []
         for sample_index in range(sp.n):
             seq = Sequence(next(self._seq_counter), request_id, sample_index, list(ids), len(ids), sp,
-                           generator=self._seeded_generator(sp.seed, sample_index),
+                           seed=self._sequence_seed(sp.seed, sample_index),
                            detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None,
                            logprobs=[] if sp.logprobs is not None else None)
+            if sp.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
             seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = _Request(request_id, list(ids), text, seqs)
@@ -207,12 +213,11 @@ class LLM:
                              f"cache blocks but the pool has {self.block_manager.num_blocks}: raise "
                              "kv_cache_memory or lower max_tokens")
 
-    def _seeded_generator(self, seed: int | None, sample_index: int) -> torch.Generator | None:
+    def _sequence_seed(self, seed: int | None, sample_index: int) -> int:
         if seed is None:
-            return None
+            return self._seed_stream.getrandbits(63)
         # distinct, reproducible streams for the n samples of one seeded request
-        mixed = seed if sample_index == 0 else (seed * 0x9E3779B1 + sample_index) % (2**63)
-        return torch.Generator(device=self.device).manual_seed(mixed)
+        return seed if sample_index == 0 else (seed * 0x9E3779B1 + sample_index) % (2**63)
 
     def _append_token(self, seq: Sequence, token: int, logprobs, row: int) -> None:
         seq.token_ids.append(token)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttentionBackend, AttentionContext
+from .attention import AttentionContext
+from .backends import Kernels
 from .kv_cache import slot_index
 from .model import Qwen2ForCausalLM
-from .sampler import SamplingBatch, sample, token_logprobs
+from .sampler import SamplingBatch, token_logprobs
 from .scheduler import ScheduledBatch
 
 
@@ -22,12 +23,12 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen2ForCausalLM, kv_cache: list[torch.Tensor], block_size: int,
-                 backend: AttentionBackend, device: torch.device):
+    def __init__(self, model: Qwen2ForCausalLM, kv_cache: list[torch.Tensor], block_size: int, kernels: Kernels,
+                 device: torch.device):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
-        self.backend = backend
+        self.kernels = kernels
         self.device = device
 
     def _block_tables(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -57,7 +58,7 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=self.device),
             cu_seqlens_q_host=cu_seqlens,
             context_lens_host=context_lens,
-            backend=self.backend,
+            backend=self.kernels.attention,
         )
         return as_tensor(input_ids), as_tensor(positions), ctx, sample_rows
 
@@ -69,7 +70,7 @@ class ModelRunner:
             return StepResult([])
         # Only the rows that get a new token go through the LM head (the vocab-wide matmul is the step's largest).
         logits = self.model.compute_logits(hidden[sample_rows]).float()
-        tokens = sample(logits, sampling)
+        tokens = self.kernels.sample(logits, sampling)
         logprobs = None
         if sampling.max_logprobs is not None:
             logprobs = [t.tolist() for t in token_logprobs(logits, tokens, sampling.max_logprobs)]

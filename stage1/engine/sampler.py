@@ -22,20 +22,27 @@ class SamplingBatch:
     top_k: torch.Tensor  # [rows] int64; 0 = off
     top_p: torch.Tensor  # [rows] float32
     min_p: torch.Tensor  # [rows] float32
-    generators: list[torch.Generator | None]  # per row; None = the engine's shared generator
+    generators: list[torch.Generator | None]  # per row, for this reference sampler
+    # Counter-based samplers (the Triton kernel) draw from (seed, step) instead: same stream after a preemption.
+    seeds: torch.Tensor  # [rows] int64
+    steps: torch.Tensor  # [rows] int64: tokens the row's sequence has generated so far
     all_greedy: bool
     max_logprobs: int | None  # the largest `logprobs` any row asked for
 
     @classmethod
-    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
-              device: torch.device) -> "SamplingBatch":
+    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None], device: torch.device,
+              seeds: list[int] | None = None, steps: list[int] | None = None) -> "SamplingBatch":
         asked = [p.logprobs for p in params if p.logprobs is not None]
+        seeds = seeds if seeds is not None else [0] * len(params)
+        steps = steps if steps is not None else [0] * len(params)
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
             generators=generators,
+            seeds=torch.tensor(seeds, dtype=torch.int64, device=device),
+            steps=torch.tensor(steps, dtype=torch.int64, device=device),
             all_greedy=all(p.greedy for p in params),
             max_logprobs=max(asked) if asked else None,
         )

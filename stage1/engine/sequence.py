@@ -26,7 +26,8 @@ class Sequence:
     token_ids: list[int]  # prompt, then generated tokens
     num_prompt_tokens: int
     params: SamplingParams
-    generator: torch.Generator | None = None  # per-sequence sampling state when seeded
+    seed: int = 0  # the request's seed (mixed with the sample index), or a random one when it set none
+    generator: torch.Generator | None = None  # the reference sampler's state when seeded
     detokenizer: IncrementalDetokenizer | None = None
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)

@@ -47,7 +47,8 @@ setup(
     package_data={"stage1.data": ["*.json", "*.jsonl"]},
     install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.19", "tqdm", "numpy", "gguf>=0.19",
                       "datasketch>=1.6"],
-    extras_require={"test": ["pytest", "transformers>=4.45", "accelerate"], "triton": ["triton"]},
+    # triton 3.7.1 is the release torch 2.13 pairs with; the tests run its kernels in the CPU interpreter
+    extras_require={"test": ["pytest", "transformers>=4.45", "accelerate", "triton==3.7.1"], "triton": ["triton"]},
     ext_modules=native_extensions(),
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from stage1.kernels import triton_available
+
 from .attention import AttentionBackend
 from .sampler import SamplingBatch, sample
 
@@ -23,14 +25,6 @@ class Kernels:
     name: str
     attention: AttentionBackend
     sample: Callable[[torch.Tensor, SamplingBatch], torch.Tensor]
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def select_kernels(choice: str, device: torch.device) -> Kernels:

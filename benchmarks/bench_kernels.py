@@ -1,0 +1,68 @@
+"""How fast is each kernel against the best alternative on the same machine, in one run?
+
+    python benchmarks/bench_kernels.py                      # GPU: real figures; CPU: interpreter figures
+    python benchmarks/bench_kernels.py --out results.json   # also write the rows, with device, date and commit
+
+Attention (kernels_attention.py): Triton paged decode/prefill against PyTorch SDPA (and FlexAttention where
+available) on equivalent contiguous tensors and against our paged reference; decode also in GB/s. Sampling
+(kernels_sampling.py): the fused Triton sampler against a sort-based torch top-k/top-p sampler. On the CPU the
+Triton kernels run in the interpreter (TRITON_INTERPRET=1), so those figures say nothing about GPU speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+sys.path.insert(0, str(Path(__file__).parent))
+import kernels_attention  # noqa: E402
+import kernels_sampling  # noqa: E402
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default=None, help="attention storage dtype (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--out", type=Path, help="write the rows and the run's facts to this JSON file")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    print(f"device: {name}; torch {torch.__version__}")
+    if device.type != "cuda":
+        print("NOTE: no GPU here: Triton kernels run in the interpreter; these are interpreter figures, "
+              "not kernel speed.")
+    rows = kernels_attention.run(device, dtype) + kernels_sampling.run(device)
+    print(f"{'kernel':<16} {'impl':<22} {'ms':>10} {'x triton':>9} {'GB/s':>8}  shape")
+    for r in rows:
+        ratio = r.get("ratio_vs_triton")
+        gbps = r.get("gbps")
+        print(f"{r['kernel']:<16} {r['impl']:<22} {r['ms']:>10.3f} {'' if ratio is None else f'{ratio:.2f}':>9} "
+              f"{'' if gbps is None else f'{gbps:.1f}':>8}  {r['shape']}")
+    facts = {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
+             "torch": torch.__version__, "interpreted": device.type != "cuda", "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(facts, indent=2))
+    print(json.dumps({k: v for k, v in facts.items() if k != "rows"}))
+
+
+if __name__ == "__main__":
+    main()

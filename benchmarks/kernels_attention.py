@@ -1,0 +1,265 @@
+"""Paged attention kernels (kernels/attention.py) against our PyTorch reference and PyTorch's own attention.
+
+    python benchmarks/kernels_attention.py                      # the GPU's target shape, or tiny shapes on a CPU
+    python benchmarks/kernels_attention.py --dtype float16 --batch 1 --context 32768
+
+Decode: one query per sequence over a paged cache of `context` tokens (block size 16, the engine's default) —
+Triton's split-K kernel, our reference (gathers the blocks, then SDPA), SDPA and FlexAttention on the same K/V
+laid out contiguously `[batch, kv_heads, context, head_dim]` (what a paged kernel would ideally match). Prefill:
+causal attention over `prefill_batch` fresh prompts of `prefill_len` tokens, packed for ours, batched for SDPA/Flex.
+
+Target shape (a GPU): batch 64, context 4096, 40 query / 8 KV heads, head_dim 128, bf16: Qwen2.5-32B on one GPU.
+Decode reports the achieved memory bandwidth (K/V bytes read plus q and out, over the time); prefill TFLOP/s.
+On a CPU the kernels run in the Triton interpreter: the figures there are interpreter figures, not kernel speed.
+
+`run(device, dtype)` returns the rows as dicts (kernel, impl, shape, ms, ratio_vs_triton = ms / triton's ms, so
+above 1 means Triton is faster, gbps or tflops, device, interpreted) for benchmarks/bench_kernels.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+GPU_SHAPE = dict(batch=64, context=4096, heads=40, kv_heads=8, head_dim=128, block_size=16, prefill_batch=8,
+                 prefill_len=1024)
+CPU_SHAPE = dict(batch=2, context=256, heads=4, kv_heads=2, head_dim=64, block_size=16, prefill_batch=2,
+                 prefill_len=64)
+
+
+def _parse(device, dtype) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+    return device, dtype
+
+
+def _kernels(device: torch.device):
+    """The kernel module; on a CPU it must run interpreted, which is decided when it is first imported."""
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from stage1.kernels import attention
+    from triton import knobs
+    interpreted = bool(knobs.runtime.interpret)
+    if device.type != "cuda" and not interpreted:
+        raise RuntimeError("the Triton kernels run on a CPU only interpreted: set TRITON_INTERPRET=1 before "
+                           "stage1.kernels.attention is imported")
+    return attention, interpreted
+
+
+def _time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _flex():
+    # On a CPU flex runs eagerly (unfused, the full score matrix): a fair CPU row, but torch warns every time.
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return flex_attention, create_block_mask
+
+
+def _paged_cache(batch, context, kv_heads, head_dim, block_size, dtype, device, g):
+    """K/V `[batch, kv_heads, context, head_dim]` and the same values in a paged cache of shuffled blocks."""
+    k = torch.randn(batch, kv_heads, context, head_dim, generator=g, device=device).to(dtype)
+    v = torch.randn(batch, kv_heads, context, head_dim, generator=g, device=device).to(dtype)
+    per_seq = -(-context // block_size)
+    num_blocks = batch * per_seq
+    perm = torch.randperm(num_blocks, generator=g, device=device)
+    tables = perm.view(batch, per_seq).to(torch.int32)
+    cache = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    pad = per_seq * block_size - context
+    for i, kv in enumerate((k, v)):
+        blocks = F.pad(kv.transpose(1, 2), (0, 0, 0, 0, 0, pad))  # [batch, padded, kv_heads, head_dim]
+        cache[i][tables.flatten().long()] = blocks.reshape(num_blocks, block_size, kv_heads, head_dim)
+    return k, v, cache, tables
+
+
+def _rows(kernel, shape, timings, device, interpreted, extra):
+    base = timings.get("triton")
+    rows = []
+    for impl, ms in timings.items():
+        row = dict(kernel=kernel, impl=impl, shape=shape, ms=ms,
+                   ratio_vs_triton=(ms / base) if (base and ms is not None) else None,
+                   device=str(device), interpreted=interpreted)
+        if ms is not None:
+            row.update({key: fn(ms) for key, fn in extra.items()})
+        rows.append(row)
+    return rows
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception as exc:  # one impl failing (an old torch, no compiler) leaves the others' rows
+        print(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return None
+
+
+def bench_decode(device, dtype, batch, context, heads, kv_heads, head_dim, block_size, warmup, reps, **_):
+    from stage1.engine.attention import decode_attention_reference
+
+    attention, interpreted = _kernels(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    k, v, cache, tables = _paged_cache(batch, context, kv_heads, head_dim, block_size, dtype, device, g)
+    q = torch.randn(batch, heads, head_dim, generator=g, device=device).to(dtype)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    scale = head_dim ** -0.5
+    q4 = q.unsqueeze(2)  # [batch, heads, 1, head_dim]
+
+    out = attention.paged_decode_attention(q, cache, tables, lens, scale, max_context_len=context)
+    expected = F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True).squeeze(2)
+    err = (out.float() - expected.float()).abs().max().item()
+
+    impls = {
+        "triton": lambda: attention.paged_decode_attention(q, cache, tables, lens, scale, max_context_len=context),
+        "torch_reference": lambda: decode_attention_reference(q, cache, tables, lens, scale),
+        "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True),
+    }
+    flex = _flex()
+    if flex is not None:
+        flex_fn = torch.compile(flex[0]) if device.type == "cuda" else flex[0]
+        impls["flex"] = lambda: flex_fn(q4, k, v, scale=scale, enable_gqa=True)
+    timings = {}
+    for name, fn in impls.items():
+        timings[name] = _try(lambda fn=fn: _time_ms(fn, device, warmup, reps))
+    elem = torch.empty((), dtype=dtype).element_size()
+    moved = (2 * batch * context * kv_heads * head_dim + 2 * batch * heads * head_dim) * elem
+    splits = attention.decode_num_splits(batch, kv_heads, context, device)
+    shape = (f"B={batch} L={context} H={heads}/{kv_heads} D={head_dim} bs={block_size} "
+             f"{str(dtype).removeprefix('torch.')} splits={splits}")
+    rows = _rows("decode_attention", shape, timings, device, interpreted, {"gbps": lambda ms: moved / ms / 1e6})
+    for row in rows:
+        row["max_abs_err_vs_sdpa"] = err if row["impl"] == "triton" else None
+    return rows
+
+
+def bench_prefill(device, dtype, prefill_batch, prefill_len, heads, kv_heads, head_dim, block_size, warmup, reps,
+                  **_):
+    from stage1.engine.attention import AttentionContext, prefill_attention_reference
+
+    attention, interpreted = _kernels(device)
+    g = torch.Generator(device=device).manual_seed(1)
+    batch, length = prefill_batch, prefill_len
+    k, v, cache, tables = _paged_cache(batch, length, kv_heads, head_dim, block_size, dtype, device, g)
+    q4 = torch.randn(batch, heads, length, head_dim, generator=g, device=device).to(dtype)
+    q = q4.transpose(1, 2).reshape(batch * length, heads, head_dim)  # packed [tokens, heads, head_dim]
+    kp = k.transpose(1, 2).reshape(batch * length, kv_heads, head_dim)
+    vp = v.transpose(1, 2).reshape(batch * length, kv_heads, head_dim)
+    cu_host = [i * length for i in range(batch + 1)]
+    cu = torch.tensor(cu_host, dtype=torch.int32, device=device)
+    lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    ctx = AttentionContext(is_prefill=True, kv_cache=[cache], slot_mapping=None, block_tables=tables,
+                           context_lens=lens, cu_seqlens_q=cu, cu_seqlens_q_host=cu_host,
+                           context_lens_host=[length] * batch)
+    scale = head_dim ** -0.5
+
+    out = attention.paged_prefill_attention(q, kp, vp, cache, cu, lens, tables, scale)
+    expected = F.scaled_dot_product_attention(q4, k, v, scale=scale, is_causal=True, enable_gqa=True)
+    err = (out.float() - expected.transpose(1, 2).reshape_as(out).float()).abs().max().item()
+
+    impls = {
+        "triton": lambda: attention.paged_prefill_attention(q, kp, vp, cache, cu, lens, tables, scale),
+        "torch_reference": lambda: prefill_attention_reference(q, kp, vp, cache, ctx, scale),
+        "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, is_causal=True, enable_gqa=True),
+    }
+    flex = _flex()
+    if flex is not None:
+        flex_attention, create_block_mask = flex
+        flex_fn = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
+        mask = _try(lambda: create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, length, length,
+                                              device=str(device)))
+        if mask is not None:
+            impls["flex"] = lambda: flex_fn(q4, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+    timings = {}
+    for name, fn in impls.items():
+        timings[name] = _try(lambda fn=fn: _time_ms(fn, device, warmup, reps))
+    flops = 4 * batch * heads * head_dim * length * (length + 1) / 2  # QK^T and PV over the causal half
+    shape = (f"B={batch}x{length} tokens H={heads}/{kv_heads} D={head_dim} bs={block_size} "
+             f"{str(dtype).removeprefix('torch.')} causal")
+    rows = _rows("prefill_attention", shape, timings, device, interpreted, {"tflops": lambda ms: flops / ms / 1e9})
+    for row in rows:
+        row["max_abs_err_vs_sdpa"] = err if row["impl"] == "triton" else None
+    return rows
+
+
+def run(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
+    """Decode and prefill rows for `device`/`dtype`; shapes default to the target shape on a GPU and tiny ones
+    elsewhere (interpreted). Keyword arguments override single dimensions (see GPU_SHAPE)."""
+    device, dtype = _parse(device, dtype)
+    cuda = device.type == "cuda"
+    dims = {**(GPU_SHAPE if cuda else CPU_SHAPE), **shape}
+    warmup, reps = (3, 20) if cuda else (1, 3)
+    rows = bench_decode(device, dtype, warmup=warmup, reps=reps, **dims)
+    rows += bench_prefill(device, dtype, warmup=warmup, reps=reps, **dims)
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    if rows and rows[0]["interpreted"]:
+        print("NOTE: Triton ran in the interpreter (TRITON_INTERPRET=1, no GPU): these are interpreter figures, not "
+              "kernel speed.")
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        group = [r for r in rows if r["kernel"] == kernel]
+        print(f"{kernel}: {group[0]['shape']} on {group[0]['device']}")
+        for r in group:
+            if r["ms"] is None:
+                print(f"  {r['impl']:16s} failed")
+                continue
+            extra = f"{r['gbps']:9.4g} GB/s" if "gbps" in r else f"{r['tflops']:9.4g} TFLOP/s"
+            ratio = f"{r['ratio_vs_triton']:6.2f}x triton's time" if r["ratio_vs_triton"] else ""
+            err = f"  max |err| vs SDPA {r['max_abs_err_vs_sdpa']:.2e}" if r.get("max_abs_err_vs_sdpa") is not None \
+                else ""
+            print(f"  {r['impl']:16s} {r['ms']:10.3f} ms {extra}  {ratio}{err}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default bf16 on a GPU, fp32 "
+                                                      "on a CPU, where the interpreter's bf16 tl.dot is wrong)")
+    for key in GPU_SHAPE:
+        parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list at the end")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    shape = {key: getattr(args, key) for key in GPU_SHAPE if getattr(args, key) is not None}
+    rows = run(device, dtype, **shape)
+    print_rows(rows)
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

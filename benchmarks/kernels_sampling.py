@@ -1,0 +1,256 @@
+"""The fused Triton sampler (kernels/sampling.py) against sort-based PyTorch sampling.
+
+    python benchmarks/kernels_sampling.py                  # batch 256 x vocab 152,064 on a GPU, tiny on a CPU
+    python benchmarks/kernels_sampling.py --dtype bfloat16 --batch 64
+    python benchmarks/kernels_sampling.py --sweep          # GPU: time alternative launch configs of the kernel
+
+Implementations, each one token per row from the same logits and per-row parameters:
+  triton          fused_sample: no sort; a multi-pivot threshold search for top-k / top-p, then a Gumbel race
+  torch_sort      compact sort-based sampler: sort each row, softmax, cumsum for top-p, masks, one exponential
+                  race over the whole batch (one RNG call), gather back (what vLLM-style PyTorch samplers do)
+  torch_reference stage1.engine.sampler.sample, the engine's reference: also sorts, plus scatter and a
+                  per-row noise loop (per-request generators)
+Parameter mixes: top-k 50 + top-p 0.9 (T 0.8); top-p 0.95; temperature only (T 1.0); a mixed batch (a quarter
+greedy, the rest spread over the three); all greedy (torch: argmax).
+
+Logits are LLM-like: N(0, 2^2) over the vocabulary plus a few dozen likely tokens per row lifted by 4..12, so
+top-p cuts fall among a few to a few hundred tokens, as with a real model.
+
+`run(device, dtype)` returns dict rows (kernel, impl, shape, ms, ratio_vs_triton = ms / triton's ms, so above 1
+means Triton is faster, device, interpreted) for benchmarks/bench_kernels.py. On a CPU the kernel runs in the
+Triton interpreter: those figures are interpreter figures, not kernel speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+GPU_SHAPE = dict(batch=256, vocab=152_064)
+CPU_SHAPE = dict(batch=4, vocab=4096)
+
+MIXES = {
+    "topk50_topp0.9": dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.0),
+    "topp0.95": dict(temperature=1.0, top_k=0, top_p=0.95, min_p=0.0),
+    "temperature": dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+    "mixed": None,
+    "greedy": dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0),
+}
+
+
+def _parse(device, dtype) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+    return device, dtype
+
+
+def _kernels(device: torch.device):
+    """The kernel module; on a CPU it must run interpreted, which is decided when it is first imported."""
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from stage1.kernels import sampling
+    from triton import knobs
+    interpreted = bool(knobs.runtime.interpret)
+    if device.type != "cuda" and not interpreted:
+        raise RuntimeError("the Triton kernels run on a CPU only interpreted: set TRITON_INTERPRET=1 before "
+                           "stage1.kernels.sampling is imported")
+    return sampling, interpreted
+
+
+def _time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def llm_like_logits(batch: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=g, device=device) * 2
+    peaks = torch.randint(0, vocab, (batch, 48), generator=g, device=device)
+    logits.scatter_add_(1, peaks, 4 + 8 * torch.rand(batch, 48, generator=g, device=device))
+    return logits.to(dtype)
+
+
+def mix_params(mix: str, batch: int, device: torch.device, seed: int = 0) -> dict:
+    if MIXES[mix] is not None:
+        p = MIXES[mix]
+        params = {name: [value] * batch for name, value in p.items()}
+    else:
+        g = torch.Generator().manual_seed(seed)
+        choice = torch.randint(0, 4, (batch,), generator=g).tolist()  # greedy, and the three sampling mixes
+        named = [MIXES["greedy"], MIXES["topk50_topp0.9"], MIXES["topp0.95"], MIXES["temperature"]]
+        params = {name: [named[c][name] for c in choice] for name in named[0]}
+    return dict(temperature=torch.tensor(params["temperature"], dtype=torch.float32, device=device),
+                top_k=torch.tensor(params["top_k"], dtype=torch.int64, device=device),
+                top_p=torch.tensor(params["top_p"], dtype=torch.float32, device=device),
+                min_p=torch.tensor(params["min_p"], dtype=torch.float32, device=device),
+                seeds=torch.arange(batch, dtype=torch.int64, device=device) * 7919 + 17,
+                steps=torch.full((batch,), 5, dtype=torch.int64, device=device))
+
+
+def torch_sort_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                      min_p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sort-based top-k / top-p / min-p sampling in plain PyTorch (the same filters as filtered_probs)."""
+    greedy = logits.argmax(dim=-1)
+    t = torch.where(temperature > 0, temperature, 1.0)
+    x = logits.float() / t[:, None]
+    vocab = x.shape[-1]
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    probs = sorted_x.softmax(dim=-1)
+    k = torch.where(top_k > 0, top_k, vocab)
+    drop = torch.arange(vocab, device=x.device)[None, :] >= k[:, None]
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    probs = probs.masked_fill(drop, 0.0)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    pick = (probs / noise).argmax(dim=-1, keepdim=True)
+    return torch.where(temperature == 0, greedy, order.gather(-1, pick).squeeze(-1))
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception as exc:  # one impl failing leaves the others' rows
+        print(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return None
+
+
+def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=True) -> list[dict]:
+    from stage1 import SamplingParams
+    from stage1.engine.sampler import SamplingBatch, sample
+
+    sampling, interpreted = _kernels(device)
+    logits = llm_like_logits(batch, vocab, dtype, device)
+    p = mix_params(mix, batch, device)
+    args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
+    tokens, _ = sampling.fused_sample(*args)
+    greedy = p["temperature"] == 0
+    assert torch.equal(tokens[greedy], logits.argmax(-1)[greedy]), "greedy rows differ from argmax"
+
+    impls = {"triton": lambda: sampling.fused_sample(*args)}
+    if mix == "greedy":
+        impls["torch_argmax"] = lambda: logits.argmax(dim=-1)
+    else:
+        impls["torch_sort"] = lambda: torch_sort_sample(logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"])
+        if with_reference:
+            params = [SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=tp, min_p=mp)
+                      for t, k, tp, mp in zip(p["temperature"].tolist(), p["top_k"].tolist(), p["top_p"].tolist(),
+                                              p["min_p"].tolist())]
+            batch_params = SamplingBatch.build(params, [None] * batch, device, seeds=p["seeds"].tolist(),
+                                               steps=p["steps"].tolist())
+            impls["torch_reference"] = lambda: sample(logits, batch_params)
+    timings = {name: _try(lambda fn=fn: _time_ms(fn, device, warmup, reps)) for name, fn in impls.items()}
+    base = timings.get("triton")
+    shape = f"{batch}x{vocab} {str(dtype).removeprefix('torch.')} {mix}"
+    return [dict(kernel="sampling", impl=impl, shape=shape, ms=ms,
+                 ratio_vs_triton=(ms / base) if (base and ms is not None) else None,
+                 device=str(device), interpreted=interpreted) for impl, ms in timings.items()]
+
+
+def run(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
+    """Rows for every parameter mix on `device`/`dtype`; the shape defaults to batch 256 x vocab 152,064 on a
+    GPU and a tiny one elsewhere (interpreted). Keyword arguments override batch / vocab."""
+    device, dtype = _parse(device, dtype)
+    cuda = device.type == "cuda"
+    dims = {**(GPU_SHAPE if cuda else CPU_SHAPE), **shape}
+    warmup, reps = (3, 20) if cuda else (1, 3)
+    rows = []
+    for mix in MIXES:
+        rows += bench_mix(mix, device, dtype, dims["batch"], dims["vocab"], warmup, reps)
+    return rows
+
+
+def sweep(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
+    """Times a few launch configurations of the kernel (GPU only) on the top-k + top-p and temperature mixes."""
+    device, dtype = _parse(device, dtype)
+    sampling, _ = _kernels(device)
+    dims = {**GPU_SHAPE, **shape}
+    logits = llm_like_logits(dims["batch"], dims["vocab"], dtype, device)
+    default = dict(sampling.GPU_CONFIG)
+    configs = [default] + [dict(default, **change) for change in (
+        dict(SBLOCK=512), dict(SKIP=False), dict(NT=8, SBLOCK=512), dict(num_warps=8, SBLOCK=256),
+        dict(num_warps=8, BLOCK=1024, SBLOCK=256), dict(num_warps=4, BLOCK=1024, SBLOCK=128),
+        dict(NT=32, SBLOCK=128))]
+    rows = []
+    try:
+        for cfg in configs:
+            sampling.GPU_CONFIG.clear()
+            sampling.GPU_CONFIG.update(cfg)
+            for mix in ("topk50_topp0.9", "topp0.95", "temperature"):
+                p = mix_params(mix, dims["batch"], device)
+                args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
+                ms = _try(lambda args=args: _time_ms(lambda: sampling.fused_sample(*args), device, 3, 20))
+                rows.append(dict(kernel="sampling_sweep", impl="triton", config=dict(cfg), mix=mix, ms=ms,
+                                 device=str(device)))
+                print(f"  {cfg} {mix:16s} {ms if ms is None else round(ms, 4)} ms")
+    finally:
+        sampling.GPU_CONFIG.clear()
+        sampling.GPU_CONFIG.update(default)
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    if rows and rows[0]["interpreted"]:
+        print("NOTE: Triton ran in the interpreter (TRITON_INTERPRET=1, no GPU): these are interpreter figures, not "
+              "kernel speed.")
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        group = [r for r in rows if r["shape"] == shape]
+        print(f"sampling: {shape} on {group[0]['device']}")
+        for r in group:
+            if r["ms"] is None:
+                print(f"  {r['impl']:16s} failed")
+                continue
+            ratio = f"{r['ratio_vs_triton']:7.2f}x triton's time" if r["ratio_vs_triton"] else ""
+            print(f"  {r['impl']:16s} {r['ms']:10.3f} ms  {ratio}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (the logits' dtype)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=None)
+    parser.add_argument("--sweep", action="store_true", help="GPU: time alternative launch configurations")
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list at the end")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    shape = {key: getattr(args, key) for key in GPU_SHAPE if getattr(args, key) is not None}
+    if args.sweep:
+        if device.type != "cuda":
+            raise SystemExit("--sweep times compiled kernels: it needs a GPU")
+        rows = sweep(device, args.dtype, **shape)
+    else:
+        rows = run(device, args.dtype, **shape)
+        print_rows(rows)
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Compiles the attention kernels for a Hopper GPU (sm_90) without one: Triton's code generator, its passes and
+the ptxas bundled with triton, exactly as a launch would, but stopping at the binary. Catches what the interpreter
+never sees (type errors in loops, layouts, shared memory) and prints ptxas's register and spill counts.
+
+    TRITON_INTERPRET=0 python tests/kernels/compile_sm90.py        # one line per kernel; exit 1 on any spill
+
+Run by test_attention_kernels.py in a subprocess (kernels are defined interpreted in the test process).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from stage1.kernels import attention as A  # noqa: E402
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+UNIT = {"stride_qd", "stride_od", "stride_cd", "stride_kd", "stride_vd", "stride_btb"}  # specialised to 1 by the JIT
+DIVISIBLE = {"stride_qs", "stride_qh", "stride_qt", "stride_ckv", "stride_cb", "stride_cs", "stride_ch",
+             "stride_os", "stride_oh", "stride_ot", "stride_kt", "stride_kh", "stride_vt", "stride_vh"}
+
+
+def compile_one(kernel, dtype: torch.dtype, meta: dict) -> str:
+    meta = dict(meta)
+    options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages", 2)}
+    t = TYPES[dtype]
+    pointer = {"mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "block_tables_ptr": "*i32", "context_lens_ptr": "*i32",
+               "cu_q_ptr": "*i32", "slot_ptr": "*i64"}
+    signature, constants = {}, dict(meta)
+    for name in kernel.arg_names:
+        if name in meta or name in UNIT:
+            signature[name] = "constexpr"
+            constants.setdefault(name, 1)
+        elif name.endswith("_ptr"):
+            signature[name] = pointer.get(name, f"*{t}")
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else ("i64" if name == "stride_ckv" else "i32")
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in kernel.arg_names
+             if signature[n] != "constexpr" and (n.endswith("_ptr") or n in DIVISIBLE)}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        info = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                              text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", info).group(1)
+    spills = re.search(r"(\d+) bytes spill stores", info).group(1)
+    return f"regs={regs} spill_bytes={spills}"
+
+
+def main() -> int:
+    bad = 0
+    for dtype in (torch.bfloat16,):  # fp16 compiles the same code with another element type
+        for head_dim, group in [(64, 7), (128, 5), (128, 1)]:
+            cases = {
+                "write_kv": (A._write_kv_kernel, A.write_kv_meta(8, head_dim, 16)),
+                "decode": (A._decode_split_kernel, A.decode_meta(group, head_dim, 16, False, dtype)),
+                "decode_single": (A._decode_split_kernel, A.decode_meta(group, head_dim, 16, True, dtype)),
+                "decode_reduce": (A._decode_reduce_kernel, A.decode_reduce_meta(head_dim, 16)),
+                "prefill": (A._prefill_kernel, A.prefill_meta(group, head_dim, 16, dtype)),
+            }
+            for name, (kernel, meta) in cases.items():
+                result = compile_one(kernel, dtype, meta)
+                print(f"{name:14s} {TYPES[dtype]} head_dim={head_dim} group={group}: {result}")
+                bad += not result.endswith("spill_bytes=0")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The fused Triton sampler (kernels/sampling.py) against the reference sampler (stage1.engine.sampler).
+
+On a CPU the kernel runs in the Triton interpreter (tests/kernels/conftest.py sets TRITON_INTERPRET=1), where every
+program costs tens of milliseconds, so the distribution tests draw thousands of tokens from one row through the
+kernel's `_draws` hook (the same row at consecutive steps: each is the token a call with that step draws, which
+`test_multi_draw_hook_equals_separate_calls` checks).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from stage1 import SamplingParams  # noqa: E402
+from stage1.engine.sampler import SamplingBatch, filtered_probs  # noqa: E402
+from stage1.kernels.sampling import float_key, fused_sample  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rows_of(temperature, top_k, top_p, min_p, seeds=None, steps=None):
+    n = len(temperature)
+    return dict(temperature=torch.tensor(temperature, dtype=torch.float32, device=DEVICE),
+                top_k=torch.tensor(top_k, dtype=torch.int64, device=DEVICE),
+                top_p=torch.tensor(top_p, dtype=torch.float32, device=DEVICE),
+                min_p=torch.tensor(min_p, dtype=torch.float32, device=DEVICE),
+                seeds=torch.tensor(seeds if seeds is not None else list(range(n)), dtype=torch.int64, device=DEVICE),
+                steps=torch.tensor(steps if steps is not None else [0] * n, dtype=torch.int64, device=DEVICE))
+
+
+def sample(logits, rows, want_logprobs=False, **hooks):
+    return fused_sample(logits, rows["temperature"], rows["top_k"], rows["top_p"], rows["min_p"], rows["seeds"],
+                        rows["steps"], want_logprobs, **hooks)
+
+
+def reference_probs(logits, rows):
+    """filtered_probs of the reference sampler, for the same per-row parameters."""
+    params = [SamplingParams(max_tokens=1, temperature=float(t), top_k=int(k), top_p=float(p), min_p=float(mp))
+              for t, k, p, mp in zip(rows["temperature"].tolist(), rows["top_k"].tolist(), rows["top_p"].tolist(),
+                                     rows["min_p"].tolist())]
+    return filtered_probs(logits.cpu(), SamplingBatch.build(params, [None] * len(params), torch.device("cpu")))
+
+
+def survivors(logits, rows):
+    """The kernel's survivor rule, in float64 PyTorch: a token of scaled logit v survives iff count(x > v) < k,
+    mass(x > v) < top_p (top_p = 1: off) and p_v >= min_p * p_max; ties at the cut all survive."""
+    logits, rows = logits.cpu(), {name: t.cpu() for name, t in rows.items()}
+    t = torch.where(rows["temperature"] > 0, rows["temperature"], 1.0)
+    x = logits.float() / t[:, None]
+    vocab = x.shape[-1]
+    xs, order = x.double().sort(dim=-1, descending=True)
+    p = xs.softmax(dim=-1)
+    ascending = xs.flip(-1).contiguous()
+    greater = vocab - torch.searchsorted(ascending, xs.contiguous(), right=True)  # count strictly above
+    mass_before = p.cumsum(dim=-1) - p
+    mass_greater = mass_before.gather(-1, greater.clamp(max=vocab - 1))
+    k = torch.where((rows["top_k"] > 0) & (rows["top_k"] < vocab), rows["top_k"], vocab)
+    keep = greater < k[:, None]
+    keep &= (rows["top_p"][:, None] >= 1) | (mass_greater < rows["top_p"][:, None].double())
+    kept = torch.zeros_like(keep).scatter_(-1, order, keep)
+    m = x.max(dim=-1, keepdim=True).values
+    return kept & (torch.exp(x - m) >= rows["min_p"][:, None])
+
+
+def kernel_survivors(logits, rows, cut):
+    t = torch.where(rows["temperature"] > 0, rows["temperature"], 1.0).cpu()
+    x = logits.cpu().float() / t[:, None]
+    m = x.max(dim=-1, keepdim=True).values
+    return (float_key(x) > cut.cpu()[:, None].int()) & (torch.exp(x - m) >= rows["min_p"].cpu()[:, None])
+
+
+def chi_square_ok(counts, expected_probs, draws):
+    """Chi-square goodness of fit, pooling bins expected below 5 draws; the bound is above the 99.9% quantile."""
+    e = expected_probs.double() * draws
+    c = counts.double()
+    small = e < 5
+    e = torch.cat([e[~small], e[small].sum()[None]]) if small.any() else e
+    c = torch.cat([c[~small], c[small].sum()[None]]) if small.any() else c
+    keep = e > 0
+    chi2 = ((c[keep] - e[keep]) ** 2 / e[keep]).sum().item()
+    dof = max(int(keep.sum()) - 1, 1)
+    return chi2 < dof + 4.5 * (2 * dof) ** 0.5 + 10, (chi2, dof)
+
+
+def test_greedy_rows_are_argmax_in_a_mixed_batch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=g)
+    logits[1, [17, 500, 900]] = 9.0  # a tie for the maximum: argmax takes the first index
+    logits[3, [3, 4]] = 7.5
+    logits = logits.to(DEVICE)
+    rows = rows_of([0, 0, 1.0, 0, 0.7, 0], [0, 0, 20, 0, 0, 5], [1, 1, 0.9, 1, 1, 0.5], [0, 0, 0, 0, 0.1, 0])
+    tokens, _ = sample(logits, rows)
+    greedy = rows["temperature"] == 0
+    assert torch.equal(tokens[greedy], logits.argmax(-1)[greedy])
+    assert tokens[1].item() == 17 and tokens[3].item() == 3
+    # ties in the same lane of different chunks (the kernel keeps a running argmax per lane), in a vocabulary wider
+    # than one chunk
+    wide = torch.randn(2, 20_000, generator=g)
+    wide[0, [100, 100 + 8192, 100 + 16384]] = 8.0
+    wide[1, [19_999, 2047, 4095]] = 8.0
+    wide = wide.to(DEVICE)
+    tokens, _ = sample(wide, rows_of([0, 0], [0, 0], [1, 1], [0, 0]))
+    assert tokens.tolist() == [100, 2047]
+    # bf16 logits (many exact ties) and an all-greedy batch
+    logits16 = (torch.randn(4, 3000, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    tokens, _ = sample(logits16, rows_of([0] * 4, [0] * 4, [1] * 4, [0] * 4))
+    assert torch.equal(tokens, logits16.argmax(-1))
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(1)
+    vocab = 700
+    logits = (torch.randn(5, vocab, generator=g) * 2).to(DEVICE)
+    # the paths: top-k + top-p search, top-p only, min-p only, plain temperature (drawn in the first pass), greedy
+    params = dict(temperature=[0.9, 1.0, 0.8, 1.2, 0], top_k=[30, 0, 0, 0, 0], top_p=[0.9, 0.8, 1, 1, 1],
+                  min_p=[0.0, 0.0, 0.05, 0.0, 0], seeds=[11, 22, 33, 44, 55], steps=[3, 0, 7, 12, 1])
+    rows = rows_of(**params)
+    together, _ = sample(logits, rows)
+    again, _ = sample(logits, rows)
+    assert torch.equal(together, again)
+    for i in range(5):
+        alone, _ = sample(logits[i:i + 1], {name: t[i:i + 1] for name, t in rows.items()})
+        assert alone.item() == together[i].item()
+    order = torch.tensor([3, 0, 4, 2, 1], device=DEVICE)
+    permuted, _ = sample(logits[order], {name: t[order] for name, t in rows.items()})
+    assert torch.equal(permuted, together[order])
+    # other neighbours (different logits and parameters around it) change nothing for row 0
+    others = (torch.randn(3, vocab, generator=g) * 5).to(DEVICE)
+    mixed_logits = torch.cat([others[:2], logits[:1], others[2:]])
+    mixed = rows_of(temperature=[0.5, 0, 0.9, 2.0], top_k=[3, 0, 30, 0], top_p=[1, 1, 0.9, 0.5],
+                    min_p=[0.2, 0, 0.0, 0], seeds=[1, 2, 11, 4], steps=[9, 9, 3, 9])
+    tokens, _ = sample(mixed_logits, mixed)
+    assert tokens[2].item() == together[0].item()
+    # rows of a wider tensor (row stride > vocab) and a tiny vocabulary
+    wide = torch.cat([logits, torch.randn(5, 50, generator=g).to(DEVICE)], dim=1)
+    strided, _ = sample(wide[:, :vocab], rows)
+    assert torch.equal(strided, together)
+    tiny, _ = sample(logits[:, :3], rows)
+    assert (tiny < 3).all() and tiny[4].item() == logits[4, :3].argmax().item()
+    # the stream moves with the step and the seed
+    draws = {sample(logits[1:2], rows_of([1.0], [0], [0.8], [0.0], seeds=[22], steps=[s]))[0].item()
+             for s in range(12)}
+    assert len(draws) > 1
+    seeds = {sample(logits[3:4], rows_of([1.2], [0], [1], [0.0], seeds=[s], steps=[12]))[0].item()
+             for s in range(12)}
+    assert len(seeds) > 1
+
+
+def test_multi_draw_hook_equals_separate_calls():
+    """The `_draws` hook (used below for thousands of draws) gives what separate calls with those steps give."""
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(1, 200, generator=g) * 2).to(DEVICE)
+    for cfg in (dict(temperature=[1.0], top_k=[0], top_p=[1], min_p=[0.0]),  # drawn in the first pass
+                dict(temperature=[0.8], top_k=[40], top_p=[0.95], min_p=[0.01])):  # searched, then drawn
+        steps = list(range(5, 13))
+        n = len(steps)
+        separate, _ = sample(logits.expand(n, -1), rows_of(**{k: v * n for k, v in cfg.items()},
+                                                            seeds=[7] * n, steps=steps))
+        together, _ = sample(logits, rows_of(**cfg, seeds=[7], steps=[5]), _draws=n)
+        assert torch.equal(together[0], separate)
+
+
+@pytest.mark.parametrize("vocab, temperature, top_k, top_p, min_p", [
+    (64, 0.8, 20, 0.95, 0.02),  # all three filters
+    (256, 1.0, 0, 0.9, 0.0),  # top-p alone
+    (128, 1.0, 5, 1.0, 0.0),  # top-k alone
+    (300, 0.7, 0, 1.0, 0.05),  # min-p alone (no search)
+    (512, 1.3, 0, 1.0, 0.0),  # temperature alone (drawn during the first pass)
+])
+def test_draws_follow_the_filtered_distribution(vocab, temperature, top_k, top_p, min_p):
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(1, vocab, generator=g) * 2).to(DEVICE)
+    rows = rows_of([temperature], [top_k], [top_p], [min_p], seeds=[1234], steps=[0])
+    expected = reference_probs(logits, rows)[0]
+    draws = 4096
+    tokens, _ = sample(logits, rows, _draws=draws)
+    counts = torch.bincount(tokens[0].cpu(), minlength=vocab)
+    assert counts[expected == 0].sum() == 0, "a filtered-out token was drawn"
+    ok, stats = chi_square_ok(counts, expected, draws)
+    assert ok, stats
+
+
+def test_draws_across_seeds_follow_the_filtered_distribution():
+    """Rows with different seeds (a few steps each) are independent draws too."""
+    g = torch.Generator().manual_seed(8)
+    vocab, n, per_row = 96, 128, 32
+    logits = (torch.randn(1, vocab, generator=g) * 1.5).to(DEVICE)
+    rows = rows_of([0.9] * n, [30] * n, [0.9] * n, [0.01] * n,
+                   seeds=torch.randint(0, 2**62, (n,), generator=g).tolist(), steps=[100] * n)
+    expected = reference_probs(logits[:1], {name: t[:1] for name, t in rows.items()})[0]
+    tokens, _ = sample(logits.expand(n, -1), rows, _draws=per_row)
+    counts = torch.bincount(tokens.flatten().cpu(), minlength=vocab)
+    assert counts[expected == 0].sum() == 0, "a filtered-out token was drawn"
+    ok, stats = chi_square_ok(counts, expected, n * per_row)
+    assert ok, stats
+
+
+def test_survivors_match_the_reference_filters():
+    """The threshold search keeps exactly the reference's tokens (continuous logits: no ties at the cut)."""
+    g = torch.Generator().manual_seed(3)
+    n, vocab = 48, 400
+    logits = (torch.randn(n, vocab, generator=g) * (0.5 + 3 * torch.rand(n, 1, generator=g))).to(DEVICE)
+    temperature = (0.3 + 1.5 * torch.rand(n, generator=g)).tolist()
+    top_k = [int(v) for v in torch.randint(1, vocab, (n,), generator=g) * (torch.rand(n, generator=g) < 0.5)]
+    top_k[:4] = [1, 2, vocab - 1, vocab + 5]
+    top_p = [p if p < 0.98 else 1.0 for p in (0.02 + torch.rand(n, generator=g)).clamp(max=1.0).tolist()]
+    min_p = [p if p < 0.15 else 0.0 for p in (0.3 * torch.rand(n, generator=g)).tolist()]
+    top_p[4:8] = [1.0] * 4  # top-k or min-p alone
+    rows = rows_of(temperature, top_k, top_p, min_p)
+    debug = torch.zeros(n, 2, dtype=torch.int64, device=DEVICE)
+    tokens, _ = sample(logits, rows, _debug=debug)
+    kept = kernel_survivors(logits, rows, debug[:, 0])
+    assert torch.equal(kept, survivors(logits, rows))
+    reference = reference_probs(logits, rows) > 0
+    # the reference's cumsum can round to 1 before the end and drop a tail of ~1e-7 mass even at top_p = 1
+    exact = rows["top_p"].cpu() < 1
+    assert torch.equal(kept[exact], reference[exact])
+    assert kept.gather(1, tokens.cpu()[:, None]).all()
+
+
+def test_ties_at_the_cut_all_survive():
+    """bf16 logits tie often; every token tied with the last survivor survives (the reference keeps whichever of
+    them its sort puts first)."""
+    g = torch.Generator().manual_seed(4)
+    n, vocab = 12, 2000
+    logits = (torch.randn(n, vocab, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    rows = rows_of([1.0] * n, [5, 17, 40, 100, 0, 0, 0, 0, 8, 300, 2, 0],
+                   [1, 1, 1, 1, 0.3, 0.5, 0.7, 0.9, 0.6, 0.95, 1, 0.05], [0.0] * n)
+    debug = torch.zeros(n, 2, dtype=torch.int64, device=DEVICE)
+    sample(logits, rows, _debug=debug)
+    kept = kernel_survivors(logits, rows, debug[:, 0])
+    assert torch.equal(kept, survivors(logits, rows))
+    reference = reference_probs(logits, rows) > 0
+    assert (kept | ~reference).all(), "a token the reference keeps was dropped"
+    x = logits.cpu().float()
+    cut_value = torch.where(reference, x, float("inf")).min(dim=-1, keepdim=True).values
+    extra = kept & ~reference
+    assert (x[extra.nonzero(as_tuple=True)] == cut_value.expand_as(x)[extra.nonzero(as_tuple=True)]).all()
+    assert extra.any(), "no tie straddled a cut: the test lost its point"
+    # the bracket snaps to token values, so ties end the search early instead of bisecting down to one key
+    assert debug[:, 1].max() <= 4, debug[:, 1].tolist()
+
+
+def test_full_vocabulary_draws_only_survivors():
+    """Qwen's vocabulary (152,064): the search isolates the survivors and nothing else is ever drawn."""
+    g = torch.Generator().manual_seed(5)
+    vocab = 152_064
+    logits = torch.randn(3, vocab, generator=g) * 2
+    peaks = torch.randint(0, vocab, (3, 40), generator=g)
+    logits.scatter_add_(1, peaks, 4 + 8 * torch.rand(3, 40, generator=g))  # a few likely tokens, like an LLM's
+    logits[2, 1000:2000] = float("-inf")  # masked tokens
+    logits = logits.to(DEVICE)
+    rows = rows_of([0.8, 1.0, 1.5], [50, 0, 2000], [0.9, 0.95, 0.99], [0.0, 0.01, 0.0])
+    debug = torch.zeros(3, 2, dtype=torch.int64, device=DEVICE)
+    tokens, _ = sample(logits, rows, _draws=16, _debug=debug)
+    kept = kernel_survivors(logits, rows, debug[:, 0])
+    assert torch.equal(kept, survivors(logits, rows))
+    assert torch.equal(kept, reference_probs(logits, rows) > 0)
+    assert kept.gather(1, tokens.cpu()).all()
+    assert (debug[:, 1] <= 8).all(), debug[:, 1].tolist()  # search passes over the row
+
+
+def test_chosen_token_logprob_is_the_raw_log_softmax():
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(4, 5000, generator=g) * 4).to(dtype).to(DEVICE)
+        rows = rows_of([0.0, 0.5, 1.0, 2.0], [0, 10, 0, 0], [1, 0.9, 1, 1], [0, 0, 0.1, 0])
+        tokens, logprobs = sample(logits, rows, want_logprobs=True)
+        expected = logits.cpu().double().log_softmax(-1).gather(1, tokens.cpu()[:, None])[:, 0]
+        torch.testing.assert_close(logprobs.cpu().double(), expected, atol=2e-5, rtol=0)
+        no_lp, none = sample(logits, rows)
+        assert none is None and torch.equal(no_lp, tokens)
+
+
+def test_edge_parameters():
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(5, 300, generator=g) * 2).to(DEVICE)
+    argmax = logits.argmax(-1)
+    # top_k = 1, a tiny top_p and min_p = 1 leave only the most likely token
+    rows = rows_of([1.0, 1.0, 1.0, 1.0, 5.0], [1, 0, 0, 1, 0], [1, 1e-6, 1, 0.5, 1e-6], [0, 0, 1.0, 0, 0],
+                   seeds=[9] * 5, steps=[0, 1, 2, 3, 4])
+    tokens, _ = sample(logits, rows, _draws=8)
+    assert torch.equal(tokens, argmax[:, None].expand(-1, 8))
+    # masked (-inf) tokens are never drawn, even at a high temperature
+    masked = logits.clone()
+    masked[:, 100:] = float("-inf")
+    tokens, _ = sample(masked, rows_of([3.0] * 5, [0, 50, 0, 0, 0], [1, 1, 0.99, 1, 1], [0, 0, 0, 1e-4, 0]),
+                       _draws=64)
+    assert (tokens < 100).all()
+    # rejects misshapen inputs
+    with pytest.raises(ValueError, match="per-row"):
+        fused_sample(logits, torch.ones(4), *[torch.zeros(5)] * 5)
+
+
+COMPILE_SM90 = textwrap.dedent("""
+    import os, re, subprocess, sys, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from stage1.kernels import sampling as S
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    kernel = S._fused_sample_kernel
+    cfg = dict(S.GPU_CONFIG)
+    for dtype, lp, debug in (("bf16", False, False), ("fp32", True, True)):
+        meta = dict(BLOCK=cfg["BLOCK"], SBLOCK=cfg["SBLOCK"], NT=cfg["NT"], SKIP=cfg["SKIP"], DRAWS=1,
+                    VALUE_PASSES=4, MAX_PASSES=16, WANT_LP=lp, DEBUG=debug)
+        signature = {name: "constexpr" if name in meta else
+                     ("*" + dtype if name == "logits_ptr" else "*fp32" if name in ("temp_ptr", "topp_ptr", "minp_ptr",
+                      "logprob_ptr") else "*i64" if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v
+                                                                            for n, v in meta.items()}),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(compiled.asm["ptx"])
+        info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                              text=True, check=True).stderr
+        os.unlink(f.name)
+        print(dtype, "regs", re.search(r"Used (\\d+) registers", info).group(1),
+              "spill_bytes", re.search(r"(\\d+) bytes spill stores", info).group(1))
+""")
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="a GPU compiles and runs the kernel in the tests above")
+def test_compiles_for_hopper_without_spills():
+    """The interpreter skips Triton's compiler: compile for sm_90 (to the binary, with the bundled ptxas), which
+    catches what it never sees (non-constexpr globals, loop-carried types, layouts) and register spills."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", COMPILE_SM90], capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split("\n")
+    assert any("spill_bytes" in line for line in lines), out.stdout
+    assert all(line.endswith("spill_bytes 0") for line in lines if "spill_bytes" in line), out.stdout

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from stage1.engine.config import ModelConfig
+from stage1.engine.config import ModelConfig, parse_dtype
 from stage1.engine.weights import checkpoint_layout
 
 # Shapes of the published config.json files (see shared/reference/qwen25.md).
@@ -57,3 +60,43 @@ def mixed_prompts(batch: int, vocab: int, min_len: int = 16, max_len: int = 256,
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (batch,), generator=g).tolist()
     return [torch.randint(100, vocab - 1000, (n,), generator=g).tolist() for n in lengths]
+
+
+def device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    return torch.device(device), parse_dtype(dtype)
+
+
+def kernel_module(name: str, device: torch.device):
+    """`stage1.kernels.<name>` and whether it runs interpreted: on a CPU it must, decided at first import."""
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    module = importlib.import_module(f"stage1.kernels.{name}")
+    from triton import knobs
+
+    interpreted = bool(knobs.runtime.interpret)
+    if device.type != "cuda" and not interpreted:
+        raise RuntimeError(f"the Triton kernels run on a CPU only interpreted: set TRITON_INTERPRET=1 before "
+                           f"stage1.kernels.{name} is imported")
+    return module, interpreted
+
+
+def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
+    """Median milliseconds of `fn()`: CUDA events on a GPU, the wall clock elsewhere."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)

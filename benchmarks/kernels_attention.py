@@ -21,60 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_and_dtype, kernel_module, time_ms  # noqa: E402
 
 GPU_SHAPE = dict(batch=64, context=4096, heads=40, kv_heads=8, head_dim=128, block_size=16, prefill_batch=8,
                  prefill_len=1024)
 CPU_SHAPE = dict(batch=2, context=256, heads=4, kv_heads=2, head_dim=64, block_size=16, prefill_batch=2,
                  prefill_len=64)
-
-
-def _parse(device, dtype) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device)
-    if isinstance(dtype, str):
-        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
-    return device, dtype
-
-
-def _kernels(device: torch.device):
-    """The kernel module; on a CPU it must run interpreted, which is decided when it is first imported."""
-    if device.type != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from stage1.kernels import attention
-    from triton import knobs
-    interpreted = bool(knobs.runtime.interpret)
-    if device.type != "cuda" and not interpreted:
-        raise RuntimeError("the Triton kernels run on a CPU only interpreted: set TRITON_INTERPRET=1 before "
-                           "stage1.kernels.attention is imported")
-    return attention, interpreted
-
-
-def _time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def _flex():
@@ -127,7 +87,7 @@ def _try(fn):
 def bench_decode(device, dtype, batch, context, heads, kv_heads, head_dim, block_size, warmup, reps, **_):
     from stage1.engine.attention import decode_attention_reference
 
-    attention, interpreted = _kernels(device)
+    attention, interpreted = kernel_module('attention', device)
     g = torch.Generator(device=device).manual_seed(0)
     k, v, cache, tables = _paged_cache(batch, context, kv_heads, head_dim, block_size, dtype, device, g)
     q = torch.randn(batch, heads, head_dim, generator=g, device=device).to(dtype)
@@ -150,7 +110,7 @@ def bench_decode(device, dtype, batch, context, heads, kv_heads, head_dim, block
         impls["flex"] = lambda: flex_fn(q4, k, v, scale=scale, enable_gqa=True)
     timings = {}
     for name, fn in impls.items():
-        timings[name] = _try(lambda fn=fn: _time_ms(fn, device, warmup, reps))
+        timings[name] = _try(lambda fn=fn: time_ms(fn, device, warmup, reps))
     elem = torch.empty((), dtype=dtype).element_size()
     moved = (2 * batch * context * kv_heads * head_dim + 2 * batch * heads * head_dim) * elem
     splits = attention.decode_num_splits(batch, kv_heads, context, device)
@@ -166,7 +126,7 @@ def bench_prefill(device, dtype, prefill_batch, prefill_len, heads, kv_heads, he
                   **_):
     from stage1.engine.attention import AttentionContext, prefill_attention_reference
 
-    attention, interpreted = _kernels(device)
+    attention, interpreted = kernel_module('attention', device)
     g = torch.Generator(device=device).manual_seed(1)
     batch, length = prefill_batch, prefill_len
     k, v, cache, tables = _paged_cache(batch, length, kv_heads, head_dim, block_size, dtype, device, g)
@@ -201,7 +161,7 @@ def bench_prefill(device, dtype, prefill_batch, prefill_len, heads, kv_heads, he
             impls["flex"] = lambda: flex_fn(q4, k, v, block_mask=mask, scale=scale, enable_gqa=True)
     timings = {}
     for name, fn in impls.items():
-        timings[name] = _try(lambda fn=fn: _time_ms(fn, device, warmup, reps))
+        timings[name] = _try(lambda fn=fn: time_ms(fn, device, warmup, reps))
     flops = 4 * batch * heads * head_dim * length * (length + 1) / 2  # QK^T and PV over the causal half
     shape = (f"B={batch}x{length} tokens H={heads}/{kv_heads} D={head_dim} bs={block_size} "
              f"{str(dtype).removeprefix('torch.')} causal")
@@ -214,7 +174,7 @@ def bench_prefill(device, dtype, prefill_batch, prefill_len, heads, kv_heads, he
 def run(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
     """Decode and prefill rows for `device`/`dtype`; shapes default to the target shape on a GPU and tiny ones
     elsewhere (interpreted). Keyword arguments override single dimensions (see GPU_SHAPE)."""
-    device, dtype = _parse(device, dtype)
+    device, dtype = device_and_dtype(device, dtype)
     cuda = device.type == "cuda"
     dims = {**(GPU_SHAPE if cuda else CPU_SHAPE), **shape}
     warmup, reps = (3, 20) if cuda else (1, 3)

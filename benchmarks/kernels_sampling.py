@@ -26,10 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_and_dtype, kernel_module, time_ms  # noqa: E402
 
 GPU_SHAPE = dict(batch=256, vocab=152_064)
 CPU_SHAPE = dict(batch=4, vocab=4096)
@@ -41,49 +44,6 @@ MIXES = {
     "mixed": None,
     "greedy": dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0),
 }
-
-
-def _parse(device, dtype) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device)
-    if isinstance(dtype, str):
-        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
-    return device, dtype
-
-
-def _kernels(device: torch.device):
-    """The kernel module; on a CPU it must run interpreted, which is decided when it is first imported."""
-    if device.type != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from stage1.kernels import sampling
-    from triton import knobs
-    interpreted = bool(knobs.runtime.interpret)
-    if device.type != "cuda" and not interpreted:
-        raise RuntimeError("the Triton kernels run on a CPU only interpreted: set TRITON_INTERPRET=1 before "
-                           "stage1.kernels.sampling is imported")
-    return sampling, interpreted
-
-
-def _time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def llm_like_logits(batch: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -143,7 +103,7 @@ def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=Tru
     from stage1 import SamplingParams
     from stage1.engine.sampler import SamplingBatch, sample
 
-    sampling, interpreted = _kernels(device)
+    sampling, interpreted = kernel_module('sampling', device)
     logits = llm_like_logits(batch, vocab, dtype, device)
     p = mix_params(mix, batch, device)
     args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
@@ -163,7 +123,7 @@ def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=Tru
             batch_params = SamplingBatch.build(params, [None] * batch, device, seeds=p["seeds"].tolist(),
                                                steps=p["steps"].tolist())
             impls["torch_reference"] = lambda: sample(logits, batch_params)
-    timings = {name: _try(lambda fn=fn: _time_ms(fn, device, warmup, reps)) for name, fn in impls.items()}
+    timings = {name: _try(lambda fn=fn: time_ms(fn, device, warmup, reps)) for name, fn in impls.items()}
     base = timings.get("triton")
     shape = f"{batch}x{vocab} {str(dtype).removeprefix('torch.')} {mix}"
     return [dict(kernel="sampling", impl=impl, shape=shape, ms=ms,
@@ -174,7 +134,7 @@ def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=Tru
 def run(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
     """Rows for every parameter mix on `device`/`dtype`; the shape defaults to batch 256 x vocab 152,064 on a
     GPU and a tiny one elsewhere (interpreted). Keyword arguments override batch / vocab."""
-    device, dtype = _parse(device, dtype)
+    device, dtype = device_and_dtype(device, dtype)
     cuda = device.type == "cuda"
     dims = {**(GPU_SHAPE if cuda else CPU_SHAPE), **shape}
     warmup, reps = (3, 20) if cuda else (1, 3)
@@ -186,8 +146,8 @@ def run(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
 
 def sweep(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
     """Times a few launch configurations of the kernel (GPU only) on the top-k + top-p and temperature mixes."""
-    device, dtype = _parse(device, dtype)
-    sampling, _ = _kernels(device)
+    device, dtype = device_and_dtype(device, dtype)
+    sampling, _ = kernel_module('sampling', device)
     dims = {**GPU_SHAPE, **shape}
     logits = llm_like_logits(dims["batch"], dims["vocab"], dtype, device)
     default = dict(sampling.GPU_CONFIG)
@@ -203,7 +163,7 @@ def sweep(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
             for mix in ("topk50_topp0.9", "topp0.95", "temperature"):
                 p = mix_params(mix, dims["batch"], device)
                 args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
-                ms = _try(lambda args=args: _time_ms(lambda: sampling.fused_sample(*args), device, 3, 20))
+                ms = _try(lambda args=args: time_ms(lambda: sampling.fused_sample(*args), device, 3, 20))
                 rows.append(dict(kernel="sampling_sweep", impl="triton", config=dict(cfg), mix=mix, ms=ms,
                                  device=str(device)))
                 print(f"  {cfg} {mix:16s} {ms if ms is None else round(ms, 4)} ms")

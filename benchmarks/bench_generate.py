@@ -11,6 +11,7 @@ our decode step comes to the time of the same step's matrix multiplies alone. Th
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import statistics
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PRESETS, mixed_prompts, random_checkpoint  # noqa: E402
+from common import PRESETS, git_commit, mixed_prompts, random_checkpoint  # noqa: E402
 
 from stage1 import LLM, SamplingParams  # noqa: E402
 from stage1.engine.config import parse_dtype  # noqa: E402
@@ -137,7 +138,8 @@ def main() -> None:
               "new_tokens": args.new_tokens, "dtype": str(dtype).removeprefix("torch."),
               "model": args.config if args.model is None else str(args.model),
               "decode_step_ms": round(step * 1e3, 2), "matmul_only_step_ms": round(matmul * 1e3, 2),
-              "prefill_s": round(s.prefill_seconds, 2), "torch": torch.__version__}
+              "prefill_s": round(s.prefill_seconds, 2), "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "commit": git_commit()}
     if not args.skip_reference:
         device = llm.device
         del llm

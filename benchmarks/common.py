@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -100,3 +101,12 @@ def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
         fn()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def git_commit() -> str | None:
+    """The commit the benchmark ran at, for result files."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

@@ -47,7 +47,8 @@ def main() -> None:
     for r in rows:
         ratio = r.get("ratio_vs_triton")
         gbps = r.get("gbps")
-        print(f"{r['kernel']:<16} {r['impl']:<22} {r['ms']:>10.3f} {'' if ratio is None else f'{ratio:.2f}':>9} "
+        ms = "failed" if r["ms"] is None else f"{r['ms']:.3f}"
+        print(f"{r['kernel']:<16} {r['impl']:<22} {ms:>10} {'' if ratio is None else f'{ratio:.2f}':>9} "
               f"{'' if gbps is None else f'{gbps:.1f}':>8}  {r['shape']}")
     facts = {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
              "torch": torch.__version__, "interpreted": device.type != "cuda", "rows": rows}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -142,7 +143,10 @@ def main() -> None:
               "date": datetime.date.today().isoformat(), "commit": git_commit()}
     if not args.skip_reference:
         device = llm.device
-        del llm
+        del llm  # frees our weights and KV cache before transformers loads its copy
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         ref_s = run_transformers(model_dir, prompts, args.new_tokens, dtype, device)
         ref = generated / ref_s
         print(f"transformers: {ref:8.1f} output tok/s  ({ref_s:.1f} s)")

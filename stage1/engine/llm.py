@@ -72,13 +72,13 @@ class LLM:
                     block_size, num_blocks * bytes_per_block(self.config, block_size, self.dtype) / 2**30)
 
     def _default_kv_budget(self, block_size: int, max_num_seqs: int) -> int:
-        """On a GPU most of what the weights leave free; on the CPU a fixed share, never more than the most
+        """On a GPU most of what the weights leave free, on the CPU a fixed share; never more than the most
         tokens `max_num_seqs` full-length sequences could hold."""
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.85)
         per_block = bytes_per_block(self.config, block_size, self.dtype)
         most_needed = max_num_seqs * ((self.max_model_len + block_size - 1) // block_size) * per_block
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return min(int(free * 0.85), most_needed)
         return min(_CPU_KV_CACHE_BYTES, most_needed)
 
     # ---- the offline API ----

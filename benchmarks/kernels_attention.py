@@ -183,6 +183,41 @@ def run(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
     return rows
 
 
+def sweep(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
+    """Times decode-kernel tile/launch configurations and split counts at the target shape (GPU only)."""
+    device, dtype = device_and_dtype(device, dtype)
+    attention, _ = kernel_module('attention', device)
+    dims = {**GPU_SHAPE, **shape}
+    batch, context, heads, kv_heads, head_dim = (dims[k] for k in ("batch", "context", "heads", "kv_heads",
+                                                                   "head_dim"))
+    g = torch.Generator(device=device).manual_seed(0)
+    _, _, cache, tables = _paged_cache(batch, context, kv_heads, head_dim, dims["block_size"], dtype, device, g)
+    q = torch.randn(batch, heads, head_dim, generator=g, device=device).to(dtype)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    moved = (2 * batch * context * kv_heads * head_dim + 2 * batch * heads * head_dim) * dtype.itemsize
+    default = dict(attention.DECODE_CONFIG)
+    chosen = attention.decode_num_splits(batch, kv_heads, context, device)
+    rows = []
+    try:
+        for block_n in (32, 64, 128):
+            for num_warps in (4, 8):
+                for num_stages in (2, 3):
+                    cfg = dict(BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+                    attention.DECODE_CONFIG.update(cfg)
+                    for splits in sorted({1, 2, 4, chosen}):
+                        ms = _try(lambda: time_ms(lambda: attention.paged_decode_attention(
+                            q, cache, tables, lens, head_dim ** -0.5, num_splits=splits), device, 3, 20))
+                        gbps = None if ms is None else moved / ms / 1e6
+                        rows.append(dict(kernel="decode_sweep", config=cfg, num_splits=splits, ms=ms, gbps=gbps,
+                                         default=cfg == default and splits == chosen, device=str(device)))
+                        print(f"  {cfg} splits={splits}: {ms if ms is None else round(ms, 4)} ms, "
+                              f"{gbps if gbps is None else round(gbps)} GB/s", flush=True)
+    finally:
+        attention.DECODE_CONFIG.clear()
+        attention.DECODE_CONFIG.update(default)
+    return rows
+
+
 def print_rows(rows: list[dict]) -> None:
     if rows and rows[0]["interpreted"]:
         print("NOTE: Triton ran in the interpreter (TRITON_INTERPRET=1, no GPU): these are interpreter figures, not "
@@ -208,6 +243,7 @@ def main() -> None:
                                                       "on a CPU, where the interpreter's bf16 tl.dot is wrong)")
     for key in GPU_SHAPE:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    parser.add_argument("--sweep", action="store_true", help="GPU: time decode tile/launch configurations")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list at the end")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -215,8 +251,13 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     shape = {key: getattr(args, key) for key in GPU_SHAPE if getattr(args, key) is not None}
-    rows = run(device, dtype, **shape)
-    print_rows(rows)
+    if args.sweep:
+        if device.type != "cuda":
+            raise SystemExit("--sweep times compiled kernels: it needs a GPU")
+        rows = sweep(device, dtype, **shape)
+    else:
+        rows = run(device, dtype, **shape)
+        print_rows(rows)
     if args.json:
         print(json.dumps(rows))
 

@@ -194,14 +194,20 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, de
     return int(max(1, min(4, most_useful, triton.cdiv(4, programs))))
 
 
+# The decode kernel's tile and launch options; `benchmarks/kernels_attention.py --sweep` times alternatives.
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2)
+
+
 def decode_meta(group: int, head_dim: int, block_size: int, single_split: bool, dtype: torch.dtype) -> dict:
     """_decode_split_kernel's compile-time arguments and launch options. The query heads of a group are padded to
-    16 rows (tl.dot's least); K/V tiles of 64 tokens (32 at head_dim 256). About 94 registers at head_dim 128 on
-    sm_90, no spills (ptxas); not yet tuned on a GPU."""
+    16 rows (tl.dot's least); K/V tiles of DECODE_CONFIG's BLOCK_N tokens (at most 32 above head_dim 128). About
+    94 registers at head_dim 128 on sm_90, no spills (ptxas)."""
     head_dim_p2 = triton.next_power_of_2(head_dim)
+    block_n = DECODE_CONFIG["BLOCK_N"] if head_dim_p2 <= 128 else min(32, DECODE_CONFIG["BLOCK_N"])
     return dict(GROUP=group, GROUP_P2=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                HEAD_DIM_P2=head_dim_p2, BLOCK_SIZE=block_size, BLOCK_N=min(64, max(16, 8192 // head_dim_p2)),
-                SINGLE_SPLIT=single_split, DOT_PRECISION=_dot_precision(dtype), num_warps=4, num_stages=2)
+                HEAD_DIM_P2=head_dim_p2, BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=single_split,
+                DOT_PRECISION=_dot_precision(dtype), num_warps=DECODE_CONFIG["num_warps"],
+                num_stages=DECODE_CONFIG["num_stages"])
 
 
 def decode_reduce_meta(head_dim: int, num_splits: int) -> dict:

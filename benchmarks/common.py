@@ -106,7 +106,10 @@ def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
 
 
 def git_commit() -> str | None:
-    """The commit the benchmark ran at, for result files."""
+    """The commit the benchmark ran at, for result files; $STAGE1_COMMIT wins (a copied tree whose .git is stale,
+    as on the device machine)."""
+    if os.environ.get("STAGE1_COMMIT"):
+        return os.environ["STAGE1_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()

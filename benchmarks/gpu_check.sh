@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton kernels and the engine, for one device call of under 8 minutes. On the device
 # machine, from the repository root:
-#     bash benchmarks/gpu_check.sh           # results go to $OUT (the device tool's folder) or benchmarks/results/gpu
+#     bash benchmarks/gpu_check.sh                 # every step; results go to $OUT or benchmarks/results/gpu
+#     bash benchmarks/gpu_check.sh tests sweeps    # only the named steps: tests kernels generate sweeps
 # Then commit the files it wrote (device, date and commit are inside) under benchmarks/results/.
 # The device image has torch, triton, transformers and pytest-xdist but no network: our package goes in without
 # its dependencies. Each step has its own time limit and writes its own file, so a slow step loses only itself.
@@ -16,23 +17,25 @@ if ! $PY -c "import stage1.kernels" 2>/dev/null; then  # no editable install: ma
     ln -sfn ../kernels stage1/kernels && export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     echo "editable install failed; using a stage1/kernels link" >> "$OUT/device.txt"
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; git rev-parse HEAD 2>/dev/null;
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; echo "commit ${STAGE1_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}";
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"; } >> "$OUT/device.txt" 2>&1
+STEPS=${*:-tests kernels generate sweeps}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { local limit=$1 name=$2; shift 2; local t0=$SECONDS
          timeout "$limit" "$@" > "$OUT/$name" 2>&1; local rc=$?
          echo "== $name: rc=$rc in $((SECONDS - t0)) s (limit $limit s)"; tail -n 4 "$OUT/$name"; }
 
 # 1. correctness: the kernels compiled (not interpreted), bf16 included, and the engine with kernels='triton'
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-step 120 kernel_tests.txt env TRITON_INTERPRET=0 $PY -m pytest -q $XDIST tests/kernels tests/engine/test_backends.py
+want tests && step 120 kernel_tests.txt env TRITON_INTERPRET=0 $PY -m pytest -q $XDIST tests/kernels tests/engine/test_backends.py
 # 2. each kernel against SDPA / FlexAttention / sort-based torch sampling at the issue's target shapes
-step 120 bench_kernels.txt $PY benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json"
+want kernels && step 120 bench_kernels.txt $PY benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json"
 # 3. end to end against transformers generate, random bf16 weights of the 0.5B and 7B shapes
-step 60 bench_generate_0.5b.txt $PY benchmarks/bench_generate.py --config qwen2.5-0.5b --batch 64 \
+want generate && step 60 bench_generate_0.5b.txt $PY benchmarks/bench_generate.py --config qwen2.5-0.5b --batch 64 \
     --new-tokens 128 --dtype bfloat16
-step 120 bench_generate_7b.txt $PY benchmarks/bench_generate.py --config qwen2.5-7b --batch 32 \
+want generate && step 120 bench_generate_7b.txt $PY benchmarks/bench_generate.py --config qwen2.5-7b --batch 32 \
     --new-tokens 128 --dtype bfloat16
-# 4. tuning: decode tiles and split counts at the target shape, then the sampler's launch configurations
-step 45 sweep_decode.txt $PY benchmarks/kernels_attention.py --sweep --json
-step 25 sweep_sampling.txt $PY benchmarks/kernels_sampling.py --sweep --json
+# 4. tuning: decode tiles and split counts, prefill tiles, then the sampler's launch configurations
+want sweeps && step 90 sweep_attention.txt $PY benchmarks/kernels_attention.py --sweep --json
+want sweeps && step 90 sweep_sampling.txt $PY benchmarks/kernels_sampling.py --sweep --json

@@ -215,6 +215,40 @@ def sweep(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
     finally:
         attention.DECODE_CONFIG.clear()
         attention.DECODE_CONFIG.update(default)
+    return rows + sweep_prefill(device, dtype, **shape)
+
+
+def sweep_prefill(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
+    """Times prefill-kernel tile/launch configurations on the benchmark's prefill batch (GPU only)."""
+    device, dtype = device_and_dtype(device, dtype)
+    attention, _ = kernel_module('attention', device)
+    dims = {**GPU_SHAPE, **shape}
+    batch, length, heads, kv_heads, head_dim = (dims[k] for k in ("prefill_batch", "prefill_len", "heads",
+                                                                  "kv_heads", "head_dim"))
+    g = torch.Generator(device=device).manual_seed(1)
+    _, _, cache, tables = _paged_cache(batch, length, kv_heads, head_dim, dims["block_size"], dtype, device, g)
+    q = torch.randn(batch * length, heads, head_dim, generator=g, device=device).to(dtype)
+    cu = torch.tensor([i * length for i in range(batch + 1)], dtype=torch.int32, device=device)
+    lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    flops = 4 * batch * heads * head_dim * length * (length + 1) / 2
+    default = dict(attention.PREFILL_CONFIG)
+    rows = []
+    try:
+        for block_m, block_n, num_warps, num_stages in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2),
+                                                        (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2),
+                                                        (128, 32, 4, 2), (64, 32, 4, 3)):
+            cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            attention.PREFILL_CONFIG.update(cfg)
+            ms = _try(lambda: time_ms(lambda: attention.paged_prefill_attention(
+                q, None, None, cache, cu, lens, tables, head_dim ** -0.5), device, 3, 20))
+            tflops = None if ms is None else flops / ms / 1e9
+            rows.append(dict(kernel="prefill_sweep", config=cfg, ms=ms, tflops=tflops, default=cfg == default,
+                             device=str(device)))
+            print(f"  prefill {cfg}: {ms if ms is None else round(ms, 4)} ms, "
+                  f"{tflops if tflops is None else round(tflops, 1)} TFLOP/s", flush=True)
+    finally:
+        attention.PREFILL_CONFIG.clear()
+        attention.PREFILL_CONFIG.update(default)
     return rows
 
 
@@ -243,7 +277,7 @@ def main() -> None:
                                                       "on a CPU, where the interpreter's bf16 tl.dot is wrong)")
     for key in GPU_SHAPE:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
-    parser.add_argument("--sweep", action="store_true", help="GPU: time decode tile/launch configurations")
+    parser.add_argument("--sweep", action="store_true", help="GPU: time decode and prefill tile/launch configurations")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list at the end")
     args = parser.parse_args()
     device = torch.device(args.device)

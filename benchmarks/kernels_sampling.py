@@ -152,9 +152,9 @@ def sweep(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
     logits = llm_like_logits(dims["batch"], dims["vocab"], dtype, device)
     default = dict(sampling.GPU_CONFIG)
     configs = [default] + [dict(default, **change) for change in (
-        dict(SBLOCK=512), dict(SKIP=False), dict(NT=8, SBLOCK=512), dict(num_warps=8, SBLOCK=256),
-        dict(num_warps=8, BLOCK=1024, SBLOCK=256), dict(num_warps=4, BLOCK=1024, SBLOCK=128),
-        dict(NT=32, SBLOCK=128))]
+        dict(PROGRAMS_PER_SM=4), dict(PROGRAMS_PER_SM=16), dict(BLOCK=4096), dict(BLOCK=1024, num_warps=4),
+        dict(SBLOCK=128), dict(NT=8, SBLOCK=512), dict(NT=32, SBLOCK=128), dict(FUSE=not default["FUSE"]),
+        dict(BLOCK=4096, num_warps=16))]
     rows = []
     try:
         for cfg in configs:

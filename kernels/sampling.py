@@ -4,39 +4,46 @@
 distribution as the reference `stage1.engine.sampler.filtered_probs` (softmax(logits / T), then top-k, top-p,
 min-p; the most likely token always survives) and returns argmax for greedy rows (T == 0).
 
-One program per row; every pass streams the row in chunks (no sort, no scratch memory):
+Each row is cut into SPLITS chunks, one program per (row, chunk), so that a batch of 256 rows (or a single row)
+streams the logits with the whole GPU. A pass is one launch; in each, the program that finishes last for a row (an
+atomic ticket) merges the chunks' partial results and updates the row's state for the next launch. No sort:
 
-1. Statistics: online max / sum-exp of x = logits / T, the raw argmax (first index on ties, like torch.argmax),
-   the smallest x and, for logprobs, the log-sum-exp of the raw logits. A row with no filter on (only a
-   temperature) also runs its draw here: one pass in all. Greedy rows stop here.
-2. Threshold search, only for rows with top-k or top-p on. Both keep a prefix of the sorted distribution: a token
-   of scaled logit v survives iff
+1. Statistics (`_stats_kernel`): online max / sum-exp of x = logits / T, the raw argmax (first index on ties, like
+   torch.argmax), the smallest x and, for logprobs, the log-sum-exp of the raw logits. Greedy rows take the argmax;
+   a row with no filter on (only a temperature) also runs its draw here. Both are then done.
+2. Threshold search (`_search_kernel`, up to MAX_PASSES launches; rows already done return at once), only for rows
+   with top-k or top-p on. Both keep a prefix of the sorted distribution: a token of scaled logit v survives iff
        count(x > v) < k   and   mass(x > v) < top_p * sum        (mass: sum of exp(x - max))
-   and both sides only grow as v falls, so the survivors are {x >= cut}. Each pass compares every element with NT
-   pivots at once and accumulates, per pivot, the count and mass above it and the nearest token values above and
-   below it; the bracket (lo, hi] (lo fails the condition, hi meets it) then shrinks to the pivots around the
-   change, snapped to the nearest token values inside. Pivots are spaced evenly in value while the bracket is wide
-   and in the order-preserving int32 key of the fp32 bits after, so the search is exact and bounded (at most
-   4 + 8 passes; hi = lo + 1 in keys); it usually stops after 2-5 passes at Qwen's 152k vocabulary, as soon as
-   the bracket holds a single token value (those tokens survive: what lies above them is what lies above hi).
-   Survivors: key(x) > lo. On a GPU, chunks with nothing inside the bracket skip the per-pivot work (SKIP).
-3. Draw: exponential race (Gumbel-max) among survivors, argmax of x_i - log(E_i), E_i = -log(U_i) ~ Exp(1),
-   which picks token i with probability proportional to exp(x_i). Min-p (p_i >= min_p * p_max, i.e.
-   exp(x_i - max) >= min_p) is applied here as a direct threshold.
+   and both sides only grow as v falls, so the survivors are {x >= cut}. The cut lies in a bracket (lo, hi] (lo
+   fails the condition, hi meets it); each pass compares the tokens inside the bracket with NT pivots at once and
+   accumulates, per pivot, the count and mass above it and the nearest token values above and below it (tokens
+   above hi add the counts and mass already known from the pass that set hi). The bracket then shrinks to the
+   pivots around the change, snapped to the nearest token values inside. Pivots are spaced evenly in value while
+   the bracket is wide and in the order-preserving int32 key of the fp32 bits after, so the search is exact and
+   bounded (4 value passes, then at most 9 in keys; hi = lo + 1); at Qwen's 152k vocabulary it usually stops
+   after 2-5, once the bracket holds a single token value (those tokens survive). The bracket starts at a floor
+   no survivor can be under: 110 below the max (exp underflows), min-p's threshold, and for top-p the value under
+   which even all V tokens together hold less than the (1 - top_p) share of the mass. Chunks with no token inside
+   the bracket cost one read.
+3. Draw (`_draw_kernel`): exponential race (Gumbel-max) among survivors, argmax of x_i - log(E_i), E_i = -log(U_i)
+   ~ Exp(1), which picks token i with probability proportional to exp(x_i). Min-p (p_i >= min_p * p_max, i.e.
+   exp(x_i - max) >= min_p) is applied here as a direct threshold. The best of each chunk, then of the row.
 
 Randomness is counter-based: U_i comes from Philox4x32-10 keyed by the row's 64-bit seed with counter
 (i // 4, step) (output i % 4), so a row's token depends only on its logits, parameters, seed and step: never on
-its neighbours, its batch position or the batch size, and a recomputed (preempted) sequence draws the same token.
+its neighbours, its batch position, the batch size or the split count, and a recomputed (preempted) sequence draws
+the same token.
 
 Tie rule: tokens whose scaled logit equals the value at the cut all survive (the condition depends on the value
 only), where the reference keeps whichever tied tokens its sort puts first; with continuous logits the two agree
 exactly, up to fp32 rounding of the mass sums right at the top-p boundary. top_p = 1 is off: the reference's
 cumsum can reach 1.0 early and drop a tail carrying ~1e-7 of the mass, this kernel keeps it.
-Tokens more than 110 below the maximum scaled logit have probability exactly 0 in fp32: the search may drop them
-from the survivors (they could never be drawn anyway). NaN logits are not supported.
+NaN logits are not supported.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -44,6 +51,16 @@ import triton.language as tl
 
 _NEG_BIG = tl.constexpr(-3.0e38)  # a finite -inf for running maxima: exp(m_old - m_new) never sees inf - inf
 _FLOOR = tl.constexpr(110.0)  # exp(-110) underflows to 0 in fp32: tokens this far below the max can never be drawn
+_INT_MAX = tl.constexpr(2147483647)
+_INT_MIN = tl.constexpr(-2147483648)
+_NONE = tl.constexpr(1 << 40)  # "no pivot" marker in the int64 bracket arithmetic
+
+VALUE_PASSES = 4  # search passes with pivots spaced in value (while the bracket is wide)
+MAX_PASSES = 14  # 4 value passes + at most 9 key passes (17 parts per pass over 2**32 keys), + 1 spare
+
+# Per-row state between launches: floats (m, s, lse, mass above hi, mass cap) and int64s (lo, hi, count above lo,
+# count above hi, passes, k, argmax, search needed).
+_SF, _SI = tl.constexpr(5), tl.constexpr(8)
 
 
 @triton.jit
@@ -70,16 +87,9 @@ def _gumbel(seed, step, start, BLOCK: tl.constexpr, DRAWS: tl.constexpr):
 
 
 @triton.jit
-def _fused_sample_kernel(
-    logits_ptr, stride_row, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, step_ptr,
-    tok_ptr, logprob_ptr, debug_ptr, V,
-    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, NT: tl.constexpr, SKIP: tl.constexpr, DRAWS: tl.constexpr,
-    VALUE_PASSES: tl.constexpr, MAX_PASSES: tl.constexpr, WANT_LP: tl.constexpr, DEBUG: tl.constexpr,
-):
-    # keys: order-preserving int32 images of fp32 values, key = bits ^ ((bits >> 31) & 0x7FFFFFFF) (written
-    # inline: nested jit calls are slow under the interpreter)
-    row = tl.program_id(0)
-    base = logits_ptr + row.to(tl.int64) * stride_row
+def _row_params(temp_ptr, topk_ptr, topp_ptr, minp_ptr, row, V, FUSE: tl.constexpr):
+    """A row's parameters and which path it takes: greedy, a threshold search (`need`), or neither with no min-p
+    either (`fuse`: drawn during the statistics pass, when FUSE is on; else in the draw pass like the others)."""
     temp = tl.load(temp_ptr + row)
     greedy = temp <= 0.0
     t = tl.where(greedy, 1.0, temp)
@@ -87,26 +97,71 @@ def _fused_sample_kernel(
     k = tl.where((k <= 0) | (k > V), V, k)
     top_p = tl.load(topp_ptr + row)
     min_p = tl.load(minp_ptr + row)
+    p_off = top_p >= 1.0
+    need = (~greedy) & ((k < V) | (~p_off))
+    fuse = (~greedy) & (~need) & (min_p <= 0.0) & FUSE
+    return greedy, t, k, top_p, min_p, p_off, need, fuse
+
+
+@triton.jit
+def _key(x):
+    """Order-preserving int32 image of fp32 values (scalars here; inner loops write it inline, since nested jit
+    calls are slow under the interpreter)."""
+    b = x.to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _unkey(key32):
+    return (key32 ^ ((key32 >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _merge_race(race_v_ptr, race_i_ptr, row, SPLITS, V, SPLITS_P2: tl.constexpr, DRAWS: tl.constexpr):
+    """The chunks' race winners [SPLITS, DRAWS] of one row -> the row's winner per draw (the first index on ties,
+    as within a chunk)."""
+    sp = tl.arange(0, SPLITS_P2)
+    dr = tl.arange(0, DRAWS)
+    at = (row * SPLITS + sp)[:, None] * DRAWS + dr[None, :]
+    valid = (sp < SPLITS)[:, None]
+    v = tl.load(race_v_ptr + at, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    i = tl.load(race_i_ptr + at, mask=valid, other=V, cache_modifier=".cg")
+    best = tl.max(v, axis=0)
+    return best, tl.min(tl.where(v == best[None, :], i, V), axis=0)
+
+
+@triton.jit
+def _stats_kernel(
+    logits_ptr, stride_row, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, step_ptr,
+    part_f_ptr, part_i_ptr, race_v_ptr, race_i_ptr, state_f_ptr, state_i_ptr, ticket_ptr, tok_ptr, logprob_ptr,
+    V, CHUNK, SPLITS,
+    BLOCK: tl.constexpr, NT: tl.constexpr, SPLITS_P2: tl.constexpr, DRAWS: tl.constexpr, WANT_LP: tl.constexpr,
+    FUSE: tl.constexpr,
+):
+    """Program (row, chunk): pass 1 over the chunk; the row's last program merges the chunks and sets up the
+    search bracket, and finishes greedy and unfiltered rows."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    greedy, t, k, top_p, min_p, p_off, need, fuse = _row_params(temp_ptr, topk_ptr, topp_ptr, minp_ptr, row, V, FUSE)
     seed = tl.load(seed_ptr + row)
     step = tl.load(step_ptr + row)
-    p_off = top_p >= 1.0
-    need = (~greedy) & ((k < V) | (~p_off))  # a threshold search is needed
-    fuse = (~greedy) & (~need) & (min_p <= 0.0)  # nothing to filter: draw during the first pass
+    begin = split * CHUNK
+    end = tl.minimum(begin + CHUNK, V)
 
-    # ---- pass 1: statistics (and the draw itself when nothing is filtered) ----------------------------------
     offs = tl.arange(0, BLOCK)
     m_vec = tl.full([BLOCK], _NEG_BIG, tl.float32)
     s_vec = tl.zeros([BLOCK], tl.float32)
     xmin_vec = tl.full([BLOCK], float("inf"), tl.float32)
     a_val = tl.full([BLOCK], float("-inf"), tl.float32)
-    a_idx = tl.zeros([BLOCK], tl.int32)
+    a_idx = tl.zeros([BLOCK], tl.int32) + begin
     r_s = tl.zeros([BLOCK], tl.float32)
     r_m = tl.full([BLOCK], _NEG_BIG, tl.float32)
     b_val = tl.full([DRAWS, BLOCK], float("-inf"), tl.float32)  # the race: best score per lane (and draw)
     b_idx = tl.zeros([DRAWS, BLOCK], tl.int32)
-    for start in range(0, V, BLOCK):
+    for start in range(begin, end, BLOCK):
         idx = start + offs
-        mask = idx < V
+        mask = idx < end
         raw = tl.load(base + idx, mask=mask, other=float("-inf")).to(tl.float32)
         better = raw > a_val
         a_val = tl.where(better, raw, a_val)
@@ -120,168 +175,288 @@ def _fused_sample_kernel(
             r_new = tl.maximum(r_m, raw)
             r_s = r_s * tl.exp(r_m - r_new) + tl.exp(raw - r_new)
             r_m = r_new
-        if fuse:
-            score = tl.where(mask[None, :], x[None, :] + _gumbel(seed, step, start, BLOCK, DRAWS), float("-inf"))
-            better2 = score > b_val
-            b_val = tl.where(better2, score, b_val)
-            b_idx = tl.where(better2, idx[None, :], b_idx)
-    m = tl.max(m_vec, axis=0)
-    s = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
-    xmin = tl.min(xmin_vec, axis=0)
-    amax = tl.max(a_val, axis=0)
-    argmax = tl.min(tl.where(a_val == amax, a_idx, V), axis=0)
-    # reduce the race so far (fused rows) and the raw log-sum-exp now: fewer registers live through the search
-    f_best = tl.max(b_val, axis=1)
-    f_tok = tl.min(tl.where(b_val == f_best[:, None], b_idx, V), axis=1)
-    if WANT_LP:
-        rm = tl.max(r_m, axis=0)
-        lse = rm + tl.log(tl.sum(r_s * tl.exp(r_m - rm), axis=0))
+        if FUSE:  # (compiled out when off: the noise's registers would cost the other rows occupancy)
+            if fuse:
+                score = tl.where(mask[None, :], x[None, :] + _gumbel(seed, step, start, BLOCK, DRAWS),
+                                 float("-inf"))
+                better2 = score > b_val
+                b_val = tl.where(better2, score, b_val)
+                b_idx = tl.where(better2, idx[None, :], b_idx)
+    m_p = tl.max(m_vec, axis=0)
+    amax_p = tl.max(a_val, axis=0)
+    r_mp = tl.max(r_m, axis=0)
+    slot = row * SPLITS + split
+    pf = part_f_ptr + slot * (6 + NT)
+    tl.store(pf, m_p)
+    tl.store(pf + 1, tl.sum(s_vec * tl.exp(m_vec - m_p), axis=0))
+    tl.store(pf + 2, tl.min(xmin_vec, axis=0))
+    tl.store(pf + 3, amax_p)
+    tl.store(pf + 4, r_mp)
+    tl.store(pf + 5, tl.sum(r_s * tl.exp(r_m - r_mp), axis=0))
+    tl.store(part_i_ptr + slot * (1 + 3 * NT), tl.min(tl.where(a_val == amax_p, a_idx, V), axis=0))
+    best = tl.max(b_val, axis=1)
+    dr = tl.arange(0, DRAWS)
+    tl.store(race_v_ptr + slot * DRAWS + dr, best)
+    tl.store(race_i_ptr + slot * DRAWS + dr, tl.min(tl.where(b_val == best[:, None], b_idx, V), axis=1))
 
-    # ---- passes 2..: threshold search for top-k / top-p ----------------------------------------------------
-    mass_cap = tl.where(p_off, float("inf"), top_p * s)  # top_p = 1: off (no rounding of the mass can cut)
-    floor_v = m - _FLOOR
-    floor_v = tl.where(min_p > 0.0, tl.maximum(floor_v, m + tl.log(tl.maximum(min_p, 1e-30)) - 0.01), floor_v)
-    bits = tl.maximum(floor_v, xmin).to(tl.int32, bitcast=True)
-    lo = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) - 1  # candidates: keys > lo (lo fails, once searched)
-    bits = m.to(tl.int32, bitcast=True)
-    hi = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # passes: nothing is above the max
-    c_lo = tl.full((), 0, tl.int64) + V  # count above lo (a placeholder > c_hi + 1 forces a first pass)
-    c_hi = tl.full((), 0, tl.int64)  # count above hi
-    passes = tl.full((), 0, tl.int32)
-    j = tl.arange(0, NT)
-    soffs = tl.arange(0, SBLOCK)
-    while need & (c_lo - c_hi > 1) & (hi - lo > 1) & (passes < MAX_PASSES):
+    # the row's last program to finish merges: the barrier orders all this program's stores before the ticket, and
+    # the ticket's acquire/release makes every chunk's stores visible to the last one
+    tl.debug_barrier()
+    if tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel") == SPLITS - 1:
+        sp = tl.arange(0, SPLITS_P2)
+        valid = sp < SPLITS
+        pfs = part_f_ptr + (row * SPLITS + sp) * (6 + NT)
+        pm = tl.load(pfs, mask=valid, other=_NEG_BIG, cache_modifier=".cg")
+        m = tl.max(pm, axis=0)
+        s = tl.sum(tl.load(pfs + 1, mask=valid, other=0.0, cache_modifier=".cg") * tl.exp(pm - m), axis=0)
+        xmin = tl.min(tl.load(pfs + 2, mask=valid, other=float("inf"), cache_modifier=".cg"), axis=0)
+        pa = tl.load(pfs + 3, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        pai = tl.load(part_i_ptr + (row * SPLITS + sp) * (1 + 3 * NT), mask=valid, other=V, cache_modifier=".cg")
+        argmax = tl.min(tl.where(pa == tl.max(pa, axis=0), pai, V), axis=0)
+        lse = 0.0
+        if WANT_LP:
+            prm = tl.load(pfs + 4, mask=valid, other=_NEG_BIG, cache_modifier=".cg")
+            rm = tl.max(prm, axis=0)
+            prs = tl.load(pfs + 5, mask=valid, other=0.0, cache_modifier=".cg")
+            lse = rm + tl.log(tl.sum(prs * tl.exp(prm - rm), axis=0))
+        # the bracket's floor: nothing under it can survive (see the module docstring)
+        floor_v = m - _FLOOR
+        floor_v = tl.where(min_p > 0.0, tl.maximum(floor_v, m + tl.log(tl.maximum(min_p, 1e-30)) - 0.01), floor_v)
+        mass_floor = m + tl.log(tl.maximum((1.0 - top_p) * s / V, 1e-37)) - 0.1
+        floor_v = tl.where(p_off, floor_v, tl.maximum(floor_v, mass_floor))
+        sf = state_f_ptr + row * _SF
+        tl.store(sf, m)
+        tl.store(sf + 1, s)
+        tl.store(sf + 2, lse)
+        tl.store(sf + 3, 0.0)  # mass above hi: nothing is above the max
+        tl.store(sf + 4, tl.where(p_off, float("inf"), top_p * s))  # top_p = 1: off (no rounding can cut)
+        si = state_i_ptr + row * _SI
+        tl.store(si, _key(tl.maximum(floor_v, xmin)).to(tl.int64) - 1)  # lo: keys > lo are candidates
+        tl.store(si + 1, _key(m).to(tl.int64))  # hi: passes
+        tl.store(si + 2, V)  # count above lo: a placeholder > count above hi + 1 forces a first pass
+        tl.store(si + 3, 0)
+        tl.store(si + 4, 0)
+        tl.store(si + 5, k)
+        tl.store(si + 6, argmax)
+        tl.store(si + 7, need.to(tl.int64))
+        if greedy | fuse:
+            f_best, f_tok = _merge_race(race_v_ptr, race_i_ptr, row, SPLITS, V, SPLITS_P2, DRAWS)
+            token = tl.where(greedy, argmax, tl.where(f_best == float("-inf"), argmax, f_tok))
+            tl.store(tok_ptr + row * DRAWS + dr, token.to(tl.int64))
+            if WANT_LP:
+                tl.store(logprob_ptr + row * DRAWS + dr, tl.load(base + token).to(tl.float32) - lse)
+
+
+@triton.jit
+def _search_kernel(
+    logits_ptr, stride_row, temp_ptr, part_f_ptr, part_i_ptr, state_f_ptr, state_i_ptr, ticket_ptr,
+    V, CHUNK, SPLITS,
+    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, NT: tl.constexpr, SPLITS_P2: tl.constexpr,
+    VALUE_PASSES: tl.constexpr, MAX_PASSES: tl.constexpr,
+):
+    """Program (row, chunk): one threshold-search pass over the chunk; the row's last program narrows the
+    bracket. Rows whose search is over (or never started) return at once."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    si = state_i_ptr + row * _SI
+    sf = state_f_ptr + row * _SF
+    lo = tl.load(si)
+    hi = tl.load(si + 1)
+    c_lo = tl.load(si + 2)
+    c_hi = tl.load(si + 3)
+    passes = tl.load(si + 4)
+    if (tl.load(si + 7) != 0) & (c_lo - c_hi > 1) & (hi - lo > 1) & (passes < MAX_PASSES):
+        base = logits_ptr + row.to(tl.int64) * stride_row
+        temp = tl.load(temp_ptr + row)
+        t = tl.where(temp <= 0.0, 1.0, temp)
+        m = tl.load(sf)
         # pivots: the first pass includes lo itself (does everything above the floor survive?); later passes
         # split (lo, hi) into NT + 1 equal parts, in value while the bracket is wide, then in key
+        j = tl.arange(0, NT)
         num = tl.where(passes == 0, j, j + 1).to(tl.int64)
         den = tl.where(passes == 0, NT, NT + 1).to(tl.int64)
         by_key = lo + (hi - lo) * num // den
         lo32 = lo.to(tl.int32)
         hi32 = hi.to(tl.int32)
-        lo_v = (lo32 ^ ((lo32 >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-        hi_v = (hi32 ^ ((hi32 >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-        bits_p = (lo_v + (hi_v - lo_v) * (num.to(tl.float32) / den.to(tl.float32))).to(tl.int32, bitcast=True)
-        by_val = (bits_p ^ ((bits_p >> 31) & 0x7FFFFFFF)).to(tl.int64)
+        lo_v = _unkey(lo32)
+        hi_v = _unkey(hi32)
+        by_val = _key(lo_v + (hi_v - lo_v) * (num.to(tl.float32) / den.to(tl.float32))).to(tl.int64)
         by_val = tl.minimum(tl.maximum(by_val, lo), hi)
         use_key = (passes >= VALUE_PASSES) | (hi - lo <= (1 << 24))
         piv = tl.where(use_key, by_key, by_val).to(tl.int32)
-        cnt = tl.zeros([NT, SBLOCK], tl.int32)  # per pivot: count above it
+
+        begin = split * CHUNK
+        end = tl.minimum(begin + CHUNK, V)
+        offs = tl.arange(0, BLOCK)
+        soffs = tl.arange(0, SBLOCK)
+        cnt = tl.zeros([NT, SBLOCK], tl.int32)  # per pivot: count above it (of the tokens inside the bracket)
         mass = tl.zeros([NT, SBLOCK], tl.float32)  # mass (exp(x - m)) above it
-        min_above = tl.full([NT, SBLOCK], 2147483647, tl.int32)  # smallest key above it
-        max_below = tl.full([NT, SBLOCK], -2147483648, tl.int32)  # largest key at or below it
-        # SKIP: elements outside (lo, hi] are above every pivot (> hi) or below every one (<= lo); they go to
-        # per-lane sums, and a chunk with nothing inside the bracket skips the per-pivot work
-        cnt_hi = tl.zeros([SBLOCK], tl.int32)
-        mass_hi = tl.zeros([SBLOCK], tl.float32)
-        min_hi = tl.full([SBLOCK], 2147483647, tl.int32)
-        max_lo = tl.full([SBLOCK], -2147483648, tl.int32)
-        for start in range(0, V, SBLOCK):
-            idx = start + soffs
-            mask = idx < V
-            x = tl.math.div_rn(tl.load(base + idx, mask=mask, other=float("-inf")).to(tl.float32), t)
-            e = tl.exp(x - m)
-            xb = x.to(tl.int32, bitcast=True)
-            key = tl.where(mask, xb ^ ((xb >> 31) & 0x7FFFFFFF), -2147483648)
-            if SKIP:
-                above_hi = key > hi32
-                inside = (key > lo32) & (~above_hi)
-                cnt_hi += above_hi.to(tl.int32)
-                mass_hi += tl.where(above_hi, e, 0.0)
-                min_hi = tl.minimum(min_hi, tl.where(above_hi, key, 2147483647))
-                max_lo = tl.maximum(max_lo, tl.where(key <= lo32, key, -2147483648))
-                if tl.max(inside.to(tl.int32), axis=0) > 0:
-                    above = (key[None, :] > piv[:, None]) & inside[None, :]
-                    below = (key[None, :] <= piv[:, None]) & inside[None, :]
+        min_above = tl.full([NT, SBLOCK], _INT_MAX, tl.int32)  # smallest key above it
+        max_below = tl.full([NT, SBLOCK], _INT_MIN, tl.int32)  # largest key at or below it
+        for start in range(begin, end, BLOCK):
+            # one wide read finds whether any token of the block lies inside the bracket; only then the
+            # per-pivot work, SBLOCK tokens at a time (re-read from cache)
+            idx = start + offs
+            xb = tl.math.div_rn(tl.load(base + idx, mask=idx < end, other=float("-inf")).to(tl.float32),
+                                t).to(tl.int32, bitcast=True)
+            key = xb ^ ((xb >> 31) & 0x7FFFFFFF)
+            inside = (idx < end) & (key > lo32) & (key <= hi32)
+            if tl.max(inside.to(tl.int32), axis=0) > 0:
+                for sub in range(start, start + BLOCK, SBLOCK):
+                    sidx = sub + soffs
+                    smask = sidx < end
+                    x = tl.math.div_rn(tl.load(base + sidx, mask=smask, other=float("-inf")).to(tl.float32), t)
+                    e = tl.exp(x - m)
+                    sb = x.to(tl.int32, bitcast=True)
+                    skey = sb ^ ((sb >> 31) & 0x7FFFFFFF)
+                    sin = smask & (skey > lo32) & (skey <= hi32)
+                    above = (skey[None, :] > piv[:, None]) & sin[None, :]
+                    below = (skey[None, :] <= piv[:, None]) & sin[None, :]
                     cnt += above.to(tl.int32)
                     mass += tl.where(above, e[None, :], 0.0)
-                    min_above = tl.minimum(min_above, tl.where(above, key[None, :], 2147483647))
-                    max_below = tl.maximum(max_below, tl.where(below, key[None, :], -2147483648))
-            else:
-                above = key[None, :] > piv[:, None]
-                cnt += above.to(tl.int32)
-                mass += tl.where(above, e[None, :], 0.0)
-                min_above = tl.minimum(min_above, tl.where(above, key[None, :], 2147483647))
-                max_below = tl.maximum(max_below, tl.where(above, -2147483648, key[None, :]))
-        c = tl.sum(cnt, axis=1).to(tl.int64)
-        mm = tl.sum(mass, axis=1)
-        mab = tl.min(min_above, axis=1).to(tl.int64)
-        mbe = tl.max(max_below, axis=1).to(tl.int64)
-        if SKIP:
-            c += tl.sum(cnt_hi, axis=0)
-            mm += tl.sum(mass_hi, axis=0)
-            mab = tl.minimum(mab, tl.min(min_hi, axis=0))
-            mbe = tl.maximum(mbe, tl.max(max_lo, axis=0))
-        ok = (c < k) & (mm < mass_cap)
-        pv = piv.to(tl.int64)
-        # the new bracket: the largest failing pivot and the smallest passing one, each snapped to the nearest
-        # token value inside (counts and masses above them do not change, so neither does the condition)
-        lo_piv = tl.max(tl.where(ok, -(1 << 40), pv), axis=0)  # -(1 << 40): no pivot failed
-        hi_piv = tl.min(tl.where(ok, pv, 1 << 40), axis=0)  # 1 << 40: every pivot failed
-        at_lo = (~ok) & (pv == lo_piv)
-        at_hi = ok & (pv == hi_piv)
-        has_lo = lo_piv > -(1 << 40)
-        has_hi = hi_piv < (1 << 40)
-        lo = tl.where(has_lo, tl.max(tl.where(at_lo, mab, -(1 << 40)), axis=0) - 1, lo)
-        hi = tl.where(has_hi, tl.max(tl.where(at_hi, mbe, -(1 << 40)), axis=0), hi)
-        c_lo = tl.where(has_lo, tl.max(tl.where(at_lo, c, -1), axis=0), c_lo)
-        c_hi = tl.where(has_hi, tl.max(tl.where(at_hi, c, -1), axis=0), c_hi)
-        passes += 1
-    cut = tl.where(need, lo, -2147483648).to(tl.int32)  # survivors: key(x) > cut (and min-p)
+                    min_above = tl.minimum(min_above, tl.where(above, skey[None, :], _INT_MAX))
+                    max_below = tl.maximum(max_below, tl.where(below, skey[None, :], _INT_MIN))
+        slot = row * SPLITS + split
+        pi = part_i_ptr + slot * (1 + 3 * NT) + 1
+        tl.store(pi + j, tl.sum(cnt, axis=1))
+        tl.store(pi + NT + j, tl.min(min_above, axis=1))
+        tl.store(pi + 2 * NT + j, tl.max(max_below, axis=1))
+        tl.store(part_f_ptr + slot * (6 + NT) + 6 + j, tl.sum(mass, axis=1))
 
-    # ---- last pass: exponential race among survivors (Gumbel-max) -------------------------------------------
-    b_val = tl.full([DRAWS, BLOCK], float("-inf"), tl.float32)
-    b_idx = tl.zeros([DRAWS, BLOCK], tl.int32)
-    draw_end = tl.where(greedy | fuse, 0, V)
-    for start in range(0, draw_end, BLOCK):
-        idx = start + offs
-        mask = idx < V
-        x = tl.math.div_rn(tl.load(base + idx, mask=mask, other=float("-inf")).to(tl.float32), t)
-        xb = x.to(tl.int32, bitcast=True)
-        keep = mask & ((xb ^ ((xb >> 31) & 0x7FFFFFFF)) > cut) & (tl.exp(x - m) >= min_p)
-        if (not SKIP) or (tl.max(keep.to(tl.int32), axis=0) > 0):
-            score = tl.where(keep[None, :], x[None, :] + _gumbel(seed, step, start, BLOCK, DRAWS), float("-inf"))
-            better2 = score > b_val
-            b_val = tl.where(better2, score, b_val)
-            b_idx = tl.where(better2, idx[None, :], b_idx)
-    best = tl.max(b_val, axis=1)
-    drawn = tl.min(tl.where(b_val == best[:, None], b_idx, V), axis=1)
-    best = tl.where(fuse, f_best, best)
-    drawn = tl.where(fuse, f_tok, drawn)
-    token = tl.where(greedy, argmax, tl.where(best == float("-inf"), argmax, drawn))  # [DRAWS]
-    outs = row * DRAWS + tl.arange(0, DRAWS)
-    tl.store(tok_ptr + outs, token.to(tl.int64))
-    if WANT_LP:
-        chosen = tl.load(base + token).to(tl.float32)
-        tl.store(logprob_ptr + outs, chosen - lse)
+        tl.debug_barrier()  # as in _stats_kernel
+        if tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel") == SPLITS - 1:
+            sp = tl.arange(0, SPLITS_P2)
+            valid = (sp < SPLITS)[:, None]
+            at = (row * SPLITS + sp)[:, None] * (1 + 3 * NT) + 1 + j[None, :]  # [SPLITS_P2, NT]
+            # tokens above hi are above every pivot, tokens at or under lo under every one: their count and mass
+            # are known; for the nearest keys, hi + 1 and lo stand in for them (no token lies strictly between)
+            c = tl.sum(tl.load(part_i_ptr + at, mask=valid, other=0, cache_modifier=".cg"), axis=0).to(tl.int64)
+            c += c_hi
+            mab = tl.min(tl.load(part_i_ptr + at + NT, mask=valid, other=_INT_MAX, cache_modifier=".cg"), axis=0)
+            mab = tl.minimum(mab.to(tl.int64), hi + 1)
+            mbe = tl.max(tl.load(part_i_ptr + at + 2 * NT, mask=valid, other=_INT_MIN, cache_modifier=".cg"), axis=0)
+            mbe = tl.maximum(mbe.to(tl.int64), lo)
+            atf = (row * SPLITS + sp)[:, None] * (6 + NT) + 6 + j[None, :]
+            mm = tl.sum(tl.load(part_f_ptr + atf, mask=valid, other=0.0, cache_modifier=".cg"), axis=0)
+            mm += tl.load(sf + 3)
+            ok = (c < tl.load(si + 5)) & (mm < tl.load(sf + 4))
+            pv = piv.to(tl.int64)
+            # the new bracket: the largest failing pivot and the smallest passing one, each snapped to the nearest
+            # token value inside (counts and masses above them do not change, so neither does the condition)
+            lo_piv = tl.max(tl.where(ok, -_NONE, pv), axis=0)
+            hi_piv = tl.min(tl.where(ok, pv, _NONE), axis=0)
+            at_lo = (~ok) & (pv == lo_piv)
+            at_hi = ok & (pv == hi_piv)
+            has_lo = lo_piv > -_NONE
+            has_hi = hi_piv < _NONE
+            tl.store(si, tl.where(has_lo, tl.max(tl.where(at_lo, mab, -_NONE), axis=0) - 1, lo))
+            tl.store(si + 1, tl.where(has_hi, tl.max(tl.where(at_hi, mbe, -_NONE), axis=0), hi))
+            tl.store(si + 2, tl.where(has_lo, tl.max(tl.where(at_lo, c, -1), axis=0), c_lo))
+            tl.store(si + 3, tl.where(has_hi, tl.max(tl.where(at_hi, c, -1), axis=0), c_hi))
+            tl.store(sf + 3, tl.where(has_hi, tl.max(tl.where(at_hi, mm, -1.0), axis=0), tl.load(sf + 3)))
+            tl.store(si + 4, passes + 1)
+
+
+@triton.jit
+def _draw_kernel(
+    logits_ptr, stride_row, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, step_ptr,
+    race_v_ptr, race_i_ptr, state_f_ptr, state_i_ptr, ticket_ptr, tok_ptr, logprob_ptr, debug_ptr,
+    V, CHUNK, SPLITS,
+    BLOCK: tl.constexpr, SPLITS_P2: tl.constexpr, DRAWS: tl.constexpr, WANT_LP: tl.constexpr,
+    DEBUG: tl.constexpr, FUSE: tl.constexpr,
+):
+    """Program (row, chunk): the race among the chunk's survivors; the row's last program picks the winner.
+    Greedy and unfiltered rows were finished by _stats_kernel."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    greedy, t, k, top_p, min_p, p_off, need, fuse = _row_params(temp_ptr, topk_ptr, topp_ptr, minp_ptr, row, V, FUSE)
+    si = state_i_ptr + row * _SI
+    cut = tl.where(need, tl.load(si), _INT_MIN).to(tl.int32)  # survivors: key(x) > cut (and min-p)
     if DEBUG:  # for tests: the survivor cut (key) and how many search passes ran
-        tl.store(debug_ptr + 2 * row, cut.to(tl.int64))
-        tl.store(debug_ptr + 2 * row + 1, passes.to(tl.int64))
+        if split == 0:
+            tl.store(debug_ptr + 2 * row, cut.to(tl.int64))
+            tl.store(debug_ptr + 2 * row + 1, tl.load(si + 4))
+    if (~greedy) & (~fuse):
+        base = logits_ptr + row.to(tl.int64) * stride_row
+        seed = tl.load(seed_ptr + row)
+        step = tl.load(step_ptr + row)
+        m = tl.load(state_f_ptr + row * _SF)
+        begin = split * CHUNK
+        end = tl.minimum(begin + CHUNK, V)
+        offs = tl.arange(0, BLOCK)
+        b_val = tl.full([DRAWS, BLOCK], float("-inf"), tl.float32)
+        b_idx = tl.zeros([DRAWS, BLOCK], tl.int32)
+        for start in range(begin, end, BLOCK):
+            idx = start + offs
+            mask = idx < end
+            x = tl.math.div_rn(tl.load(base + idx, mask=mask, other=float("-inf")).to(tl.float32), t)
+            xb = x.to(tl.int32, bitcast=True)
+            keep = mask & ((xb ^ ((xb >> 31) & 0x7FFFFFFF)) > cut) & (tl.exp(x - m) >= min_p)
+            if tl.max(keep.to(tl.int32), axis=0) > 0:  # the noise only where something survives
+                score = tl.where(keep[None, :], x[None, :] + _gumbel(seed, step, start, BLOCK, DRAWS),
+                                 float("-inf"))
+                better = score > b_val
+                b_val = tl.where(better, score, b_val)
+                b_idx = tl.where(better, idx[None, :], b_idx)
+        best = tl.max(b_val, axis=1)
+        dr = tl.arange(0, DRAWS)
+        slot = row * SPLITS + split
+        tl.store(race_v_ptr + slot * DRAWS + dr, best)
+        tl.store(race_i_ptr + slot * DRAWS + dr, tl.min(tl.where(b_val == best[:, None], b_idx, V), axis=1))
+        tl.debug_barrier()  # as in _stats_kernel
+        if tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel") == SPLITS - 1:
+            best, drawn = _merge_race(race_v_ptr, race_i_ptr, row, SPLITS, V, SPLITS_P2, DRAWS)
+            token = tl.where(best == float("-inf"), tl.load(si + 6), drawn)
+            tl.store(tok_ptr + row * DRAWS + dr, token.to(tl.int64))
+            if WANT_LP:
+                lse = tl.load(state_f_ptr + row * _SF + 2)
+                tl.store(logprob_ptr + row * DRAWS + dr, tl.load(base + token).to(tl.float32) - lse)
 
 
-# Compiled (GPU) launch parameters: BLOCK elements per chunk in the first and last passes, SBLOCK per chunk and NT
-# pivots in the search passes (NT x SBLOCK accumulators: registers), SKIP the per-chunk test that skips pivot work
-# for chunks with nothing inside the search bracket. Not yet tuned on a GPU (no timings so far): these compile
-# for sm_90 (ptxas: 128 registers, no spills); `python benchmarks/kernels_sampling.py --sweep` compares
-# alternatives on a GPU.
-GPU_CONFIG = dict(BLOCK=2048, SBLOCK=256, NT=16, SKIP=True, num_warps=16)
+# Compiled (GPU) launch parameters: BLOCK tokens per read, SBLOCK per step and NT pivots in the search's per-pivot
+# work (NT x SBLOCK accumulators: registers), how many programs per SM the row splits aim for, and FUSE: whether
+# rows with only a temperature draw during the statistics pass (one pass less for them, more registers for all).
+# `python benchmarks/kernels_sampling.py --sweep` compares alternatives on a GPU.
+GPU_CONFIG = dict(BLOCK=2048, SBLOCK=256, NT=16, PROGRAMS_PER_SM=8, FUSE=False, num_warps=8)
 
 
-def _config(logits: torch.Tensor, draws: int) -> dict:
-    """Block sizes. `draws` > 1 (the tests' hook) works on [draws, BLOCK] tiles: they are kept small."""
-    vocab = logits.shape[-1]
+# Under the interpreter (tests): block sizes follow the vocabulary; FUSE on saves interpreted passes.
+INTERPRETER_CONFIG = dict(NT=16, FUSE=True, num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _config(logits: torch.Tensor, draws: int, splits: int | None) -> dict:
+    """Block sizes and the number of chunks per row. `draws` > 1 (the tests' hook) works on [draws, BLOCK] tiles:
+    they are kept small."""
+    rows, vocab = logits.shape
     if logits.is_cuda:
+        cfg = dict(GPU_CONFIG, group=1)
         if draws > 1:
-            return dict(GPU_CONFIG, BLOCK=256, num_warps=8, group=min(draws, 16))
-        return dict(GPU_CONFIG, group=1)
-    # Triton interpreter (numpy underneath): few, large chunks; SKIP's per-chunk reductions only cost time here
-    block = min(8192, max(16, triton.next_power_of_2(vocab)))
-    return dict(BLOCK=block, SBLOCK=min(4096, block), NT=16, SKIP=False, num_warps=4,
-                group=min(draws, max(1, (1 << 20) // block)))
+            cfg.update(BLOCK=256, group=min(draws, 16))
+        if splits is None:
+            sms = _sm_count(logits.device.index if logits.device.index is not None else torch.cuda.current_device())
+            splits = triton.cdiv(cfg["PROGRAMS_PER_SM"] * sms, max(rows, 1))
+    else:
+        # Triton interpreter (numpy underneath): few, large chunks, one per row unless a test asks for more
+        block = min(8192, max(16, triton.next_power_of_2(triton.cdiv(vocab, splits or 1))))
+        cfg = dict(INTERPRETER_CONFIG, BLOCK=block, SBLOCK=min(4096, block),
+                   group=min(draws, max(1, (1 << 20) // block)))
+        splits = splits or 1
+    # chunks of whole blocks (a multiple of 4 tokens, as the noise needs), none of them empty
+    chunk = triton.cdiv(triton.cdiv(vocab, max(1, min(splits, triton.cdiv(vocab, cfg["BLOCK"])))),
+                        cfg["BLOCK"]) * cfg["BLOCK"]
+    cfg.update(CHUNK=chunk, SPLITS=triton.cdiv(vocab, chunk))
+    return cfg
 
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, want_logprobs: bool = False, *,
-                 _draws: int = 1, _debug: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 _draws: int = 1, _splits: int | None = None,
+                 _debug: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token per row of `logits` [rows, vocab] (fp32/bf16/fp16), and optionally its raw logprob.
 
     Per-row tensors (on the logits' device): temperature fp32 (0 = greedy: argmax, first index on ties), top_k
@@ -291,9 +466,9 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     unscaled distribution, as `token_logprobs` reports), else None.
 
     Test hooks: `_draws` = D > 1 (a power of two) draws D tokens per row, for steps step .. step + D - 1, from one
-    threshold search (tokens [rows, D], each the token a call with that step would draw); `_debug`, an int64
-    [rows, 2] tensor, receives each row's survivor cut (survivors: `float_key(logits / T) > cut` and min-p) and
-    the number of search passes.
+    threshold search (tokens [rows, D], each the token a call with that step would draw); `_splits` sets how many
+    chunks each row is cut into (the result must not depend on it); `_debug`, an int64 [rows, 2] tensor, receives
+    each row's survivor cut (survivors: `float_key(logits / T) > cut` and min-p) and the number of search passes.
     """
     if logits.dim() != 2:
         raise ValueError(f"fused_sample: logits must be [rows, vocab], got {tuple(logits.shape)}")
@@ -316,18 +491,37 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     min_p = per_row(min_p, torch.float32)
     seeds = per_row(seeds, torch.int64)
     steps = per_row(steps, torch.int64)
-    cfg = _config(logits, _draws)
-    group = cfg["group"]
+    cfg = _config(logits, _draws, _splits)
+    group, splits, nt = cfg["group"], cfg["SPLITS"], cfg["NT"]
     tokens = torch.empty(_draws // group, rows, group, dtype=torch.int64, device=device)
     logprobs = torch.empty(_draws // group, rows, group, dtype=torch.float32, device=device) if want_logprobs else None
-    for i in range(_draws // group if rows else 0):  # one launch, except for the tests' many draws
-        _fused_sample_kernel[(rows,)](
-            logits, logits.stride(0), temperature, top_k, top_p, min_p, seeds, steps + i * group, tokens[i],
-            tokens if logprobs is None else logprobs[i], tokens if _debug is None else _debug, vocab,
-            BLOCK=cfg["BLOCK"], SBLOCK=cfg["SBLOCK"], NT=cfg["NT"], SKIP=cfg["SKIP"], DRAWS=group,
-            VALUE_PASSES=4, MAX_PASSES=16, WANT_LP=want_logprobs, DEBUG=_debug is not None,
-            num_warps=cfg["num_warps"],
-        )
+    if rows:
+        # scratch: the chunks' partial results, each row's state between launches, and one ticket counter per
+        # row and launch
+        part_f = torch.empty(rows * splits * (6 + nt), dtype=torch.float32, device=device)
+        part_i = torch.empty(rows * splits * (1 + 3 * nt), dtype=torch.int32, device=device)
+        race_v = torch.empty(rows * splits * group, dtype=torch.float32, device=device)
+        race_i = torch.empty(rows * splits * group, dtype=torch.int32, device=device)
+        state_f = torch.empty(rows * _SF, dtype=torch.float32, device=device)
+        state_i = torch.empty(rows * _SI, dtype=torch.int64, device=device)
+        tickets = torch.zeros(_draws // group, MAX_PASSES + 2, rows, dtype=torch.int32, device=device)
+    grid = (rows, splits)
+    shape = dict(V=vocab, CHUNK=cfg["CHUNK"], SPLITS=splits)
+    common = dict(BLOCK=cfg["BLOCK"], SPLITS_P2=triton.next_power_of_2(splits), num_warps=cfg["num_warps"])
+    for i in range(_draws // group if rows else 0):  # one round, except for the tests' many draws
+        lp = tokens if logprobs is None else logprobs[i]
+        step_i = steps + i * group
+        _stats_kernel[grid](logits, logits.stride(0), temperature, top_k, top_p, min_p, seeds, step_i, part_f,
+                            part_i, race_v, race_i, state_f, state_i, tickets[i, 0], tokens[i], lp, **shape,
+                            NT=nt, DRAWS=group, WANT_LP=want_logprobs, FUSE=cfg["FUSE"], **common)
+        for p in range(MAX_PASSES):
+            _search_kernel[grid](logits, logits.stride(0), temperature, part_f, part_i, state_f, state_i,
+                                 tickets[i, 1 + p], **shape, SBLOCK=cfg["SBLOCK"], NT=nt,
+                                 VALUE_PASSES=VALUE_PASSES, MAX_PASSES=MAX_PASSES, **common)
+        _draw_kernel[grid](logits, logits.stride(0), temperature, top_k, top_p, min_p, seeds, step_i, race_v,
+                           race_i, state_f, state_i, tickets[i, MAX_PASSES + 1], tokens[i], lp,
+                           tokens if _debug is None else _debug, **shape, DRAWS=group, WANT_LP=want_logprobs,
+                           DEBUG=_debug is not None, FUSE=cfg["FUSE"], **common)
     tokens = tokens.permute(1, 0, 2).reshape(rows, _draws)
     logprobs = None if logprobs is None else logprobs.permute(1, 0, 2).reshape(rows, _draws)
     if _draws == 1:

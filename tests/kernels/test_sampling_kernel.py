@@ -167,6 +167,34 @@ def test_multi_draw_hook_equals_separate_calls():
         assert torch.equal(together[0], separate)
 
 
+def test_split_rows_give_the_same_tokens(monkeypatch):
+    """Rows cut into several chunks (as on a GPU) give exactly the tokens, logprobs, cut and search passes of one
+    chunk per row, with temperature-only rows drawn in the statistics pass (FUSE) or in the draw pass."""
+    from stage1.kernels import sampling as S
+
+    g = torch.Generator().manual_seed(9)
+    vocab = 5000
+    logits = torch.randn(7, vocab, generator=g) * 2
+    logits.scatter_add_(1, torch.randint(0, vocab, (7, 12), generator=g), 3 + 6 * torch.rand(7, 12, generator=g))
+    logits[:, 4990:] = 30.0  # the maximum (a tie) in the last, partial chunk
+    logits[3, :] = float("-inf")
+    logits[3, 2500] = 1.0
+    logits = logits.to(DEVICE)
+    rows = rows_of([0, 0.8, 1.0, 0.9, 1.1, 0.7, 1.3], [0, 40, 0, 0, 0, 7, 0], [1, 0.9, 0.95, 1, 1, 1, 0.5],
+                   [0, 0, 0, 0.05, 0, 0, 0.02], seeds=[3, 1, 4, 1, 5, 9, 2], steps=[0, 6, 5, 3, 5, 8, 9])
+    results = []
+    for fuse, splits in ((True, 1), (True, 3), (False, 1), (False, 4)):
+        monkeypatch.setitem(S.INTERPRETER_CONFIG, "FUSE", fuse)
+        debug = torch.zeros(7, 2, dtype=torch.int64, device=DEVICE)
+        tokens, logprobs = sample(logits, rows, want_logprobs=True, _splits=splits, _debug=debug)
+        results.append((tokens, logprobs, debug))
+    for tokens, logprobs, debug in results[1:]:
+        assert torch.equal(tokens, results[0][0])
+        torch.testing.assert_close(logprobs, results[0][1], atol=1e-5, rtol=0)
+        assert torch.equal(debug, results[0][2])
+    assert results[0][0][0].item() == 4990 and results[0][0][3].item() == 2500
+
+
 @pytest.mark.parametrize("vocab, temperature, top_k, top_p, min_p", [
     (64, 0.8, 20, 0.95, 0.02),  # all three filters
     (256, 1.0, 0, 0.9, 0.0),  # top-p alone
@@ -307,24 +335,27 @@ COMPILE_SM90 = textwrap.dedent("""
     from stage1.kernels import sampling as S
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    kernel = S._fused_sample_kernel
     cfg = dict(S.GPU_CONFIG)
-    for dtype, lp, debug in (("bf16", False, False), ("fp32", True, True)):
-        meta = dict(BLOCK=cfg["BLOCK"], SBLOCK=cfg["SBLOCK"], NT=cfg["NT"], SKIP=cfg["SKIP"], DRAWS=1,
-                    VALUE_PASSES=4, MAX_PASSES=16, WANT_LP=lp, DEBUG=debug)
-        signature = {name: "constexpr" if name in meta else
-                     ("*" + dtype if name == "logits_ptr" else "*fp32" if name in ("temp_ptr", "topp_ptr", "minp_ptr",
-                      "logprob_ptr") else "*i64" if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v
-                                                                            for n, v in meta.items()}),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(compiled.asm["ptx"])
-        info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
-                              text=True, check=True).stderr
-        os.unlink(f.name)
-        print(dtype, "regs", re.search(r"Used (\\d+) registers", info).group(1),
-              "spill_bytes", re.search(r"(\\d+) bytes spill stores", info).group(1))
+    floats = {"temp_ptr", "topp_ptr", "minp_ptr", "logprob_ptr", "part_f_ptr", "race_v_ptr", "state_f_ptr"}
+    ints = {"part_i_ptr", "race_i_ptr", "ticket_ptr"}
+    for kernel in (S._stats_kernel, S._search_kernel, S._draw_kernel):
+        for dtype, lp, debug in (("bf16", False, False), ("fp32", True, True)):
+            meta = dict(BLOCK=cfg["BLOCK"], SBLOCK=cfg["SBLOCK"], NT=cfg["NT"], SPLITS_P2=8, DRAWS=1,
+                        VALUE_PASSES=S.VALUE_PASSES, MAX_PASSES=S.MAX_PASSES, WANT_LP=lp, DEBUG=debug, FUSE=lp)
+            meta = {name: value for name, value in meta.items() if name in kernel.arg_names}
+            signature = {name: "constexpr" if name in meta else
+                         ("*" + dtype if name == "logits_ptr" else "*fp32" if name in floats else "*i32" if name in ints
+                          else "*i64" if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v
+                                                                                for n, v in meta.items()}),
+                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(compiled.asm["ptx"])
+            info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                                  capture_output=True, text=True, check=True).stderr
+            os.unlink(f.name)
+            print(kernel.__name__, dtype, "regs", re.search(r"Used (\\d+) registers", info).group(1),
+                  "spill_bytes", re.search(r"(\\d+) bytes spill stores", info).group(1))
 """)
 
 

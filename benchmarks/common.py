@@ -89,7 +89,13 @@ def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
         fn()
     times = []
     if device.type == "cuda":
+        # keep the GPU busy ~0.2 s first: an idle GPU's clocks take a while to rise (the first benchmark of a run
+        # measured 15% slower than the same kernel timed later)
         torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.2:
+            fn()
+            torch.cuda.synchronize(device)
         for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -173,6 +174,42 @@ def sweep(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
     return rows
 
 
+def profile(device="cuda", dtype=torch.float32, calls: int = 20, **shape) -> list[dict]:
+    """Where a call's time goes (GPU only): each kernel's GPU time and launches per call (torch.profiler), and the
+    host's wall time per call."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device, dtype = device_and_dtype(device, dtype)
+    sampling, _ = kernel_module('sampling', device)
+    dims = {**GPU_SHAPE, **shape}
+    logits = llm_like_logits(dims["batch"], dims["vocab"], dtype, device)
+    rows = []
+    for mix in ("topk50_topp0.9", "topp0.95", "temperature", "mixed"):
+        p = mix_params(mix, dims["batch"], device)
+        args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
+        time_ms(lambda: sampling.fused_sample(*args), device, 3, 3)
+        torch.cuda.synchronize(device)
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(calls):
+                sampling.fused_sample(*args)
+            torch.cuda.synchronize(device)
+            wall = (time.perf_counter() - start) / calls * 1e6
+        kernels = {}
+        for event in prof.key_averages():
+            if event.device_type.name == "CUDA" or getattr(event, "self_device_time_total", 0):
+                total = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+                kernels[event.key] = dict(us_per_call=round(total / calls, 1), launches_per_call=event.count / calls)
+        row = dict(kernel="sampling_profile", mix=mix, wall_us_per_call=round(wall, 1), kernels=kernels,
+                   device=str(device))
+        rows.append(row)
+        print(f"{mix}: {wall:.0f} us per call (host wall clock); GPU per call:", flush=True)
+        for name, k in sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_call"]):
+            print(f"    {k['us_per_call']:8.1f} us  {k['launches_per_call']:5.1f} launches  {name[:80]}", flush=True)
+    return rows
+
+
 def print_rows(rows: list[dict]) -> None:
     if rows and rows[0]["interpreted"]:
         print("NOTE: Triton ran in the interpreter (TRITON_INTERPRET=1, no GPU): these are interpreter figures, not "
@@ -195,16 +232,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--sweep", action="store_true", help="GPU: time alternative launch configurations")
+    parser.add_argument("--profile", action="store_true", help="GPU: GPU time per kernel and host time per call")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list at the end")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     shape = {key: getattr(args, key) for key in GPU_SHAPE if getattr(args, key) is not None}
-    if args.sweep:
+    if args.sweep or args.profile:
         if device.type != "cuda":
-            raise SystemExit("--sweep times compiled kernels: it needs a GPU")
-        rows = sweep(device, args.dtype, **shape)
+            raise SystemExit("--sweep and --profile time compiled kernels: they need a GPU")
+        rows = sweep(device, args.dtype, **shape) if args.sweep else profile(device, args.dtype, **shape)
     else:
         rows = run(device, args.dtype, **shape)
         print_rows(rows)

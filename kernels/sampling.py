@@ -11,8 +11,8 @@ atomic ticket) merges the chunks' partial results and updates the row's state fo
 1. Statistics (`_stats_kernel`): online max / sum-exp of x = logits / T, the raw argmax (first index on ties, like
    torch.argmax), the smallest x and, for logprobs, the log-sum-exp of the raw logits. Greedy rows take the argmax;
    a row with no filter on (only a temperature) also runs its draw here. Both are then done.
-2. Threshold search (`_search_kernel`, one launch per pass, launched in groups of CHECK_EVERY while any row still
-   searches; rows already done return at once), only for rows with top-k or top-p on. Both keep a prefix of the sorted distribution: a token of scaled logit v survives iff
+2. Threshold search (`_search_kernel`, MAX_PASSES launches; rows already done return at once), only for rows
+   with top-k or top-p on. Both keep a prefix of the sorted distribution: a token of scaled logit v survives iff
        count(x > v) < k   and   mass(x > v) < top_p * sum        (mass: sum of exp(x - max))
    and both sides only grow as v falls, so the survivors are {x >= cut}. The cut lies in a bracket (lo, hi] (lo
    fails the condition, hi meets it); each pass compares the tokens inside the bracket with NT pivots at once and
@@ -57,7 +57,6 @@ _NONE = tl.constexpr(1 << 40)  # "no pivot" marker in the int64 bracket arithmet
 
 VALUE_PASSES = 4  # search passes with pivots spaced in value (while the bracket is wide)
 MAX_PASSES = 14  # 4 value passes + at most 9 key passes (17 parts per pass over 2**32 keys), + 1 spare
-CHECK_EVERY = 3  # search passes launched between two checks of whether any row still searches
 
 # Per-row state between launches: floats (m, s, lse, mass above hi, mass cap) and int64s (lo, hi, count above lo,
 # count above hi, passes, k, argmax, search needed).
@@ -350,18 +349,12 @@ def _search_kernel(
             at_hi = ok & (pv == hi_piv)
             has_lo = lo_piv > -_NONE
             has_hi = hi_piv < _NONE
-            lo_n = tl.where(has_lo, tl.max(tl.where(at_lo, mab, -_NONE), axis=0) - 1, lo)
-            hi_n = tl.where(has_hi, tl.max(tl.where(at_hi, mbe, -_NONE), axis=0), hi)
-            c_lo_n = tl.where(has_lo, tl.max(tl.where(at_lo, c, -1), axis=0), c_lo)
-            c_hi_n = tl.where(has_hi, tl.max(tl.where(at_hi, c, -1), axis=0), c_hi)
-            tl.store(si, lo_n)
-            tl.store(si + 1, hi_n)
-            tl.store(si + 2, c_lo_n)
-            tl.store(si + 3, c_hi_n)
+            tl.store(si, tl.where(has_lo, tl.max(tl.where(at_lo, mab, -_NONE), axis=0) - 1, lo))
+            tl.store(si + 1, tl.where(has_hi, tl.max(tl.where(at_hi, mbe, -_NONE), axis=0), hi))
+            tl.store(si + 2, tl.where(has_lo, tl.max(tl.where(at_lo, c, -1), axis=0), c_lo))
+            tl.store(si + 3, tl.where(has_hi, tl.max(tl.where(at_hi, c, -1), axis=0), c_hi))
             tl.store(sf + 3, tl.where(has_hi, tl.max(tl.where(at_hi, mm, -1.0), axis=0), tl.load(sf + 3)))
             tl.store(si + 4, passes + 1)
-            searching = (c_lo_n - c_hi_n > 1) & (hi_n - lo_n > 1) & (passes + 1 < MAX_PASSES)
-            tl.store(si + 7, searching.to(tl.int64))  # the host stops launching passes once no row searches
 
 
 @triton.jit
@@ -422,7 +415,9 @@ def _draw_kernel(
 
 # Compiled (GPU) launch parameters: BLOCK tokens per read, SBLOCK per step and NT pivots in the search's per-pivot
 # work (NT x SBLOCK accumulators: registers), how many programs per SM the row splits aim for, and FUSE: whether
-# rows with only a temperature draw during the statistics pass (one pass less for them, more registers for all).
+# rows with only a temperature draw during the statistics pass (223 registers in that kernel instead of 78, yet
+# faster in one H200 sweep at 256 x 152k: 1.27 against 1.44 ms with top-k 50 + top-p 0.9, 2.34 against 2.31 with
+# top-p 0.95, 0.69 against 1.46 with a temperature only; benchmarks/results/h200-2026-11-28-b/sweep_sampling.txt).
 # `python benchmarks/kernels_sampling.py --sweep` compares alternatives on a GPU.
 GPU_CONFIG = dict(BLOCK=2048, SBLOCK=256, NT=16, PROGRAMS_PER_SM=8, FUSE=True, num_warps=8)
 
@@ -521,15 +516,14 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
         _stats_kernel[grid](logits, logits.stride(0), temperature, top_k, top_p, min_p, seeds, step_i, part_f,
                             part_i, race_v, race_i, state_f, state_i, tickets[i, 0], tokens[i], lp, **shape,
                             NT=nt, DRAWS=group, WANT_LP=want_logprobs, FUSE=cfg["FUSE"], **common)
-        p = 0
-        # Search passes in groups of CHECK_EVERY, each group only while a row still searches: reading that back
-        # syncs with the GPU, but skips launches that would find nothing to do (each costs ~40 us of host time).
-        while p < MAX_PASSES and bool(state_i.view(rows, _SI)[:, 7].any()):
-            for _ in range(min(CHECK_EVERY, MAX_PASSES - p)):
-                _search_kernel[grid](logits, logits.stride(0), temperature, part_f, part_i, state_f, state_i,
-                                     tickets[i, 1 + p], **shape, SBLOCK=cfg["SBLOCK"], NT=nt,
-                                     VALUE_PASSES=VALUE_PASSES, MAX_PASSES=MAX_PASSES, **common)
-                p += 1
+        # Every pass is launched; rows that are done return at once. Asking the GPU whether any row still searched
+        # (a sync after the statistics and after every 3 passes) measured slower on an H200 at 256 x 152k with
+        # top-k 50 + top-p 0.9: 1.68 ms with FUSE on (results/h200-2026-11-28-c), against 1.27 with FUSE on and
+        # 1.15-1.44 with it off without the checks (-b): the syncs leave the GPU idle while kernels are launched.
+        for p in range(MAX_PASSES):
+            _search_kernel[grid](logits, logits.stride(0), temperature, part_f, part_i, state_f, state_i,
+                                 tickets[i, 1 + p], **shape, SBLOCK=cfg["SBLOCK"], NT=nt,
+                                 VALUE_PASSES=VALUE_PASSES, MAX_PASSES=MAX_PASSES, **common)
         _draw_kernel[grid](logits, logits.stride(0), temperature, top_k, top_p, min_p, seeds, step_i, race_v,
                            race_i, state_f, state_i, tickets[i, MAX_PASSES + 1], tokens[i], lp,
                            tokens if _debug is None else _debug, **shape, DRAWS=group, WANT_LP=want_logprobs,

@@ -8,8 +8,8 @@ Implementations, each one token per row from the same logits and per-row paramet
   triton          fused_sample: no sort; a multi-pivot threshold search for top-k / top-p, then a Gumbel race
   torch_sort      compact sort-based sampler: sort each row, softmax, cumsum for top-p, masks, one exponential
                   race over the whole batch (one RNG call), gather back (what vLLM-style PyTorch samplers do)
-  torch_reference stage1.engine.sampler.sample, the engine's reference: also sorts, plus scatter and a
-                  per-row noise loop (per-request generators)
+  torch_reference stage1.engine.sampler.sample, the engine's reference: also sorts, plus scatter, and
+                  counter-based (Philox) noise for the tokens that can still win (the kernel's very numbers)
 Parameter mixes: top-k 50 + top-p 0.9 (T 0.8); top-p 0.95; temperature only (T 1.0); a mixed batch (a quarter
 greedy, the rest spread over the three); all greedy (torch: argmax).
 
@@ -109,6 +109,7 @@ def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=Tru
     p = mix_params(mix, batch, device)
     args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
     tokens, _ = sampling.fused_sample(*args)
+    same = None
     greedy = p["temperature"] == 0
     assert torch.equal(tokens[greedy], logits.argmax(-1)[greedy]), "greedy rows differ from argmax"
 
@@ -121,14 +122,17 @@ def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=Tru
             params = [SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=tp, min_p=mp)
                       for t, k, tp, mp in zip(p["temperature"].tolist(), p["top_k"].tolist(), p["top_p"].tolist(),
                                               p["min_p"].tolist())]
-            batch_params = SamplingBatch.build(params, [None] * batch, device, seeds=p["seeds"].tolist(),
+            batch_params = SamplingBatch.build(params, device, seeds=p["seeds"].tolist(),
                                                steps=p["steps"].tolist())
             impls["torch_reference"] = lambda: sample(logits, batch_params)
+            # the same noise and race: the tokens agree except where fp32 rounding decides a top-p cut
+            same = (sample(logits, batch_params) == tokens).float().mean().item()
     timings = {name: _try(lambda fn=fn: time_ms(fn, device, warmup, reps)) for name, fn in impls.items()}
     base = timings.get("triton")
     shape = f"{batch}x{vocab} {str(dtype).removeprefix('torch.')} {mix}"
     return [dict(kernel="sampling", impl=impl, shape=shape, ms=ms,
                  ratio_vs_triton=(ms / base) if (base and ms is not None) else None,
+                 same_tokens_as_reference=same if impl == "triton" else None,
                  device=str(device), interpreted=interpreted) for impl, ms in timings.items()]
 
 

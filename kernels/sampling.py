@@ -32,7 +32,8 @@ atomic ticket) merges the chunks' partial results and updates the row's state fo
 Randomness is counter-based: U_i comes from Philox4x32-10 keyed by the row's 64-bit seed with counter
 (i // 4, step) (output i % 4), so a row's token depends only on its logits, parameters, seed and step: never on
 its neighbours, its batch position, the batch size or the split count, and a recomputed (preempted) sequence draws
-the same token.
+the same token. The reference sampler (stage1.engine.sampler) computes the same numbers in PyTorch, so both draw
+the same token from the same survivors.
 
 Tie rule: tokens whose scaled logit equals the value at the cut all survive (the condition depends on the value
 only), where the reference keeps whichever tied tokens its sort puts first; with continuous logits the two agree

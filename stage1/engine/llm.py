@@ -60,7 +60,6 @@ class LLM:
         # Tokens per prefill step. On the CPU, ~1k keeps a layer's activations in the last-level cache while the
         # weights are still read once per 1k tokens (measured best on the 0.5B shape); a GPU wants bigger steps.
         self.max_num_batched_tokens = max(max_num_batched_tokens or (8192 if self.device.type == "cuda" else 1024), 1)
-        self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._seed_stream = random.Random(seed)  # seeds for requests that set none
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self._requests: dict[str, _Request] = {}
@@ -141,8 +140,7 @@ class LLM:
                                    "raise kv_cache_memory")
             return []
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
-        sampling = SamplingBatch.build([s.params for s in sampling_seqs],
-                                       [s.generator or self._generator for s in sampling_seqs], self.device,
+        sampling = SamplingBatch.build([s.params for s in sampling_seqs], self.device,
                                        seeds=[s.seed for s in sampling_seqs],
                                        steps=[s.num_output_tokens for s in sampling_seqs])
         started = time.perf_counter()
@@ -176,8 +174,6 @@ class LLM:
                            seed=self._sequence_seed(sp.seed, sample_index),
                            detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None,
                            logprobs=[] if sp.logprobs is not None else None)
-            if sp.seed is not None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
             seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = _Request(request_id, list(ids), text, seqs)
@@ -216,8 +212,8 @@ class LLM:
     def _sequence_seed(self, seed: int | None, sample_index: int) -> int:
         if seed is None:
             return self._seed_stream.getrandbits(63)
-        # distinct, reproducible streams for the n samples of one seeded request
-        return seed if sample_index == 0 else (seed * 0x9E3779B1 + sample_index) % (2**63)
+        # distinct, reproducible streams for the n samples of one seeded request; any int maps into the int64 key
+        return seed % 2**63 if sample_index == 0 else (seed * 0x9E3779B1 + sample_index) % 2**63
 
     def _append_token(self, seq: Sequence, token: int, logprobs, row: int) -> None:
         seq.token_ids.append(token)

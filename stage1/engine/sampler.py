@@ -1,8 +1,11 @@
 """Reference sampling in plain PyTorch: temperature, top-k, top-p, min-p, then one draw per row.
 
-Each row's draw uses its own noise: a seeded row owns a `torch.Generator`, so its token depends on its seed and
-step only, never on its neighbours in the batch. The draw is an exponential race (argmax of p / E with
-E ~ Exp(1)), which picks token i with probability p_i and needs no cumulative sum.
+The draw is an exponential race written as Gumbel-max: argmax over the surviving tokens of x_i + g_i, with
+x = logits / T and g_i = -log(-log(U_i)), which picks token i with probability proportional to exp(x_i) and needs
+no cumulative sum. U_i is counter-based: Philox4x32-10 keyed by the row's 64-bit seed, counter
+(i // 4, step), output i % 4, top 23 bits (the numbers `tl.randint4x` gives the Triton sampler in
+stage1/kernels/sampling.py). So a row's token depends on its logits, parameters, seed and step only: never on its
+neighbours, and not on which sampler ran: the Triton kernel draws the same token from the same survivors.
 """
 
 from __future__ import annotations
@@ -22,25 +25,23 @@ class SamplingBatch:
     top_k: torch.Tensor  # [rows] int64; 0 = off
     top_p: torch.Tensor  # [rows] float32
     min_p: torch.Tensor  # [rows] float32
-    generators: list[torch.Generator | None]  # per row, for this reference sampler
-    # Counter-based samplers (the Triton kernel) draw from (seed, step) instead: same stream after a preemption.
-    seeds: torch.Tensor  # [rows] int64
-    steps: torch.Tensor  # [rows] int64: tokens the row's sequence has generated so far
+    seeds: torch.Tensor  # [rows] int64: the Philox key
+    steps: torch.Tensor  # [rows] int64: tokens the row's sequence has generated so far (the counter's high word)
     all_greedy: bool
     max_logprobs: int | None  # the largest `logprobs` any row asked for
 
     @classmethod
-    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None], device: torch.device,
-              seeds: list[int] | None = None, steps: list[int] | None = None) -> "SamplingBatch":
+    def build(cls, params: list[SamplingParams], device: torch.device, seeds: list[int] | None = None,
+              steps: list[int] | None = None) -> "SamplingBatch":
+        """`seeds` default to the row index, `steps` to 0: rows with the same seed and step draw the same noise."""
         asked = [p.logprobs for p in params if p.logprobs is not None]
-        seeds = seeds if seeds is not None else [0] * len(params)
+        seeds = seeds if seeds is not None else list(range(len(params)))
         steps = steps if steps is not None else [0] * len(params)
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
-            generators=generators,
             seeds=torch.tensor(seeds, dtype=torch.int64, device=device),
             steps=torch.tensor(steps, dtype=torch.int64, device=device),
             all_greedy=all(p.greedy for p in params),
@@ -68,12 +69,65 @@ def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def exponential_noise(rows: int, vocab: int, generators: list[torch.Generator | None],
-                      device: torch.device) -> torch.Tensor:
-    noise = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-    for row, generator in enumerate(generators):
-        noise[row].exponential_(generator=generator)
-    return noise
+# Philox4x32-10 (Salmon et al., SC 2011), as Random123 and triton.language.randint4x define it.
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key increments (golden ratio, sqrt(3) - 1)
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32 bits of a * b for a uint32 constant and uint32 values held in int64: int64
+    multiplication wraps modulo 2**64, so the product's 64 bits are exact even where it overflows the sign."""
+    product = b * a
+    return (product >> 32) & _MASK32, product & _MASK32
+
+
+def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[torch.Tensor, torch.Tensor],
+               rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """Philox4x32 on uint32 values held in int64 tensors (broadcast together); returns the four output words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(_PHILOX_M1, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_M0, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """-log(-log(U)) in fp32 for each (seed, step, token) triple (int64 tensors of one shape): U from Philox keyed
+    by the seed with counter (token // 4, step), output token % 4, as (top 23 bits + 0.5) / 2**23.
+
+    Neighbouring tokens share a Philox call (4 words each): triples that follow each other with the same seed,
+    step and token // 4 (as nonzero() lists a row's tokens) are computed once, in cache-sized chunks."""
+    flat = [t.reshape(-1) for t in (seeds, steps, tokens)]
+    counters = flat[2] >> 2
+    if counters.numel() > 1:
+        same = (counters[1:] == counters[:-1]) & (flat[0][1:] == flat[0][:-1]) & (flat[1][1:] == flat[1][:-1])
+        first = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])
+    else:
+        first = torch.ones_like(counters, dtype=torch.bool)
+    call = first.cumsum(0) - 1  # which Philox call each triple reads
+    key_seed, key_step, key_counter = flat[0][first], flat[1][first], counters[first]
+    words = torch.empty(4, key_counter.numel(), dtype=torch.int64, device=counters.device)
+    for start in range(0, key_counter.numel(), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        zero = torch.zeros_like(key_counter[part])
+        out = philox4x32((key_counter[part] & _MASK32, key_step[part] & _MASK32, zero, zero),
+                         (key_seed[part] & _MASK32, (key_seed[part] >> 32) & _MASK32))
+        for i, word in enumerate(out):
+            words[i, part] = word
+    r = words[flat[2] & 3, call]
+    u = ((r >> 9).float() + 0.5) * 2.0 ** -23
+    return (-torch.log(-torch.log(u))).view(tokens.shape)
+
+
+_CHUNK = 1 << 16  # Philox calls per pass: the round's temporaries stay in cache
+
+
+# The largest Gumbel noise a 23-bit uniform gives: -log(-log(1 - 2**-24)) = 16.64 (rounded up).
+_GUMBEL_MAX = 16.7
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -81,9 +135,18 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_tokens
-    probs = filtered_probs(logits, batch)
-    noise = exponential_noise(*probs.shape, batch.generators, probs.device)
-    sampled = (probs / noise).argmax(dim=-1)
+    x = logits.float() / torch.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+    x = torch.where(filtered_probs(logits, batch) > 0, x, float("-inf"))  # the survivors' scaled logits
+    # The winner scores at least the best score among the row's 64 largest x; a token whose x plus the largest
+    # possible noise falls short of that cannot win, so only the others get noise (Philox is costly on a CPU).
+    top_x, top_tokens = x.topk(min(64, x.shape[-1]), dim=-1)
+    top_rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(top_tokens)
+    top_scores = top_x + gumbel_noise(batch.seeds[top_rows], batch.steps[top_rows], top_tokens)
+    floor = top_scores.max(dim=-1, keepdim=True).values - _GUMBEL_MAX
+    rows, tokens = (x > floor).nonzero(as_tuple=True)
+    scores = torch.full_like(x, float("-inf"))
+    scores[rows, tokens] = x[rows, tokens] + gumbel_noise(batch.seeds[rows], batch.steps[rows], tokens)
+    sampled = scores.argmax(dim=-1)  # the first index on ties, as the kernel
     return torch.where(batch.temperature == 0, greedy_tokens, sampled)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from .outputs import Logprob
 from .params import SamplingParams
 from .tokenizer import IncrementalDetokenizer
@@ -27,7 +25,6 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     seed: int = 0  # the request's seed (mixed with the sample index), or a random one when it set none
-    generator: torch.Generator | None = None  # the reference sampler's state when seeded
     detokenizer: IncrementalDetokenizer | None = None
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from stage1 import LLM, SamplingParams
-from stage1.engine.sampler import SamplingBatch, filtered_probs, sample
+from stage1.engine.sampler import SamplingBatch, filtered_probs, gumbel_noise, philox4x32, sample
 
 
-def batch_of(params, generators=None):
-    return SamplingBatch.build(params, generators or [None] * len(params), torch.device("cpu"))
+def batch_of(params, seeds=None, steps=None):
+    return SamplingBatch.build(params, torch.device("cpu"), seeds=seeds, steps=steps)
 
 
 def test_greedy_rows_are_argmax():
@@ -43,7 +43,7 @@ def test_draws_follow_the_filtered_distribution():
     expected = filtered_probs(logits, batch_of([sp]))[0]
     draws = 20_000
     rows = logits.expand(draws, -1)
-    tokens = sample(rows, batch_of([sp] * draws, [g] * draws))
+    tokens = sample(rows, batch_of([sp] * draws, seeds=list(range(draws))))
     counts = torch.bincount(tokens, minlength=50).float()
     assert counts[expected == 0].sum() == 0, "a filtered-out token was drawn"
     keep = expected > 0
@@ -52,6 +52,47 @@ def test_draws_follow_the_filtered_distribution():
     dof = int(keep.sum()) - 1
     # 99.9% quantile of chi-square is below dof + 4.5 sqrt(2 dof) + 10 for these sizes
     assert chi2 < dof + 4.5 * (2 * dof) ** 0.5 + 10, (chi2, dof)
+
+
+@pytest.mark.parametrize("counter, key, expected", [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_matches_the_random123_known_answers(counter, key, expected):
+    as_tensor = lambda v: torch.tensor([v], dtype=torch.int64)  # noqa: E731
+    words = philox4x32(tuple(map(as_tensor, counter)), tuple(map(as_tensor, key)))
+    assert [int(w) for w in words] == list(expected)
+
+
+def test_noise_depends_on_seed_step_and_token_only():
+    tokens = torch.arange(4000)
+    base = gumbel_noise(torch.full_like(tokens, 77), torch.full_like(tokens, 3), tokens)
+    assert torch.equal(base[123:130], gumbel_noise(torch.full((7,), 77), torch.full((7,), 3), tokens[123:130]))
+    assert not torch.equal(base, gumbel_noise(torch.full_like(tokens, 78), torch.full_like(tokens, 3), tokens))
+    assert not torch.equal(base, gumbel_noise(torch.full_like(tokens, 77), torch.full_like(tokens, 4), tokens))
+    # Gumbel(0, 1): mean 0.5772, variance pi^2 / 6; at most 16.7, the bound the race relies on
+    assert abs(base.mean().item() - 0.5772) < 0.06 and abs(base.var().item() - 1.6449) < 0.15
+    extreme = gumbel_noise(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), tokens[:1])
+    assert base.max().item() <= 16.7 and extreme.item() <= 16.7
+    # negative and 64-bit seeds use every bit of the key
+    big = gumbel_noise(torch.full((4,), -5), torch.zeros(4, dtype=torch.int64), tokens[:4])
+    assert not torch.equal(big, gumbel_noise(torch.full((4,), 5), torch.zeros(4, dtype=torch.int64), tokens[:4]))
+
+
+def test_a_row_draws_the_same_token_whatever_its_neighbours():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 500, generator=g) * 2
+    params = [SamplingParams(max_tokens=1, temperature=t, top_p=p) for t, p in
+              [(0.9, 0.9), (1.0, 1.0), (0, 1.0), (1.2, 0.5), (0.7, 0.95), (1.0, 0.8)]]
+    seeds, steps = [11, 22, 33, 44, 55, 66], [0, 5, 9, 2, 7, 1]
+    together = sample(logits, batch_of(params, seeds, steps))
+    for i in range(6):
+        alone = sample(logits[i:i + 1], batch_of(params[i:i + 1], seeds[i:i + 1], steps[i:i + 1]))
+        assert alone.item() == together[i].item()
+    moved = sample(logits.flip(0), batch_of(params[::-1], seeds[::-1], steps[::-1]))
+    assert torch.equal(moved, together.flip(0))
 
 
 @pytest.mark.parametrize("bad, message", [

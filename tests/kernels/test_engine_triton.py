@@ -1,4 +1,5 @@
-"""The whole engine with kernels='triton' (interpreted on the CPU) against kernels='torch' on a tiny model."""
+"""The whole engine with kernels='triton' (interpreted on the CPU) against kernels='torch' on a tiny model:
+the same greedy tokens, and the same sampled tokens (both samplers use the same counter-based noise)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,18 @@ def test_seeded_sampling_reproducible_with_triton_kernels(checkpoint):
                          [SamplingParams(max_tokens=5, temperature=1.0, ignore_eos=True), seeded],
                          use_tqdm=False)[1].outputs[0].token_ids
     assert alone == mixed and len(alone) == 8
+
+
+def test_sampled_output_identical_to_torch_kernels(checkpoint):
+    """Both samplers draw from the same counter-based noise: seeded (and, from the same LLM seed, unseeded)
+    sampling gives the same tokens with kernels='triton' as with kernels='torch'."""
+    path = checkpoint("gqa2-d128-untied")
+    prompts = ["What is gravity?", "The quick brown fox", "def add(a, b):"]
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=1.2, top_k=20, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=0.7, min_p=0.05, seed=5, n=2, ignore_eos=True)]
+    outputs = {}
+    for kernels in ("torch", "triton"):
+        llm = LLM(path, dtype="float32", kernels=kernels, seed=1)
+        outputs[kernels] = [[o.token_ids for o in r.outputs] for r in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs["triton"] == outputs["torch"]

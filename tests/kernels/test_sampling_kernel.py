@@ -45,7 +45,7 @@ def reference_probs(logits, rows):
     params = [SamplingParams(max_tokens=1, temperature=float(t), top_k=int(k), top_p=float(p), min_p=float(mp))
               for t, k, p, mp in zip(rows["temperature"].tolist(), rows["top_k"].tolist(), rows["top_p"].tolist(),
                                      rows["min_p"].tolist())]
-    return filtered_probs(logits.cpu(), SamplingBatch.build(params, [None] * len(params), torch.device("cpu")))
+    return filtered_probs(logits.cpu(), SamplingBatch.build(params, torch.device("cpu")))
 
 
 def survivors(logits, rows):
@@ -151,6 +151,30 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     seeds = {sample(logits[3:4], rows_of([1.2], [0], [1], [0.0], seeds=[s], steps=[12]))[0].item()
              for s in range(12)}
     assert len(seeds) > 1
+
+
+def test_same_tokens_as_the_reference_sampler():
+    """The kernel and stage1.engine.sampler.sample use the same Philox noise and race: from the same logits,
+    parameters, seeds and steps they draw the same tokens (continuous logits: no ties at a cut)."""
+    from stage1.engine.sampler import sample as reference_sample
+
+    g = torch.Generator().manual_seed(10)
+    n, vocab = 24, 3000
+    logits = torch.randn(n, vocab, generator=g) * 2
+    logits.scatter_add_(1, torch.randint(0, vocab, (n, 20), generator=g), 3 + 5 * torch.rand(n, 20, generator=g))
+    logits = logits.to(DEVICE)
+    params = [SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=p, min_p=m)
+              for t, k, p, m in zip([0, 0.7, 1.0, 1.3] * 6, [0, 40, 0, 5, 0, 0] * 4, [1, 0.9, 0.95, 1, 0.5, 1] * 4,
+                                    [0, 0, 0, 0, 0, 0.05, 0.1, 0] * 3)]
+    drawn = set()
+    for step in range(4):
+        batch = SamplingBatch.build(params, DEVICE, seeds=[1000 + 7 * i for i in range(n)], steps=[step] * n)
+        expected = reference_sample(logits, batch)
+        tokens, _ = fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds,
+                                 batch.steps)
+        assert torch.equal(tokens, expected), (step, (tokens != expected).nonzero().flatten().tolist())
+        drawn |= set(zip(range(n), tokens.tolist()))
+    assert len(drawn) > n + 10  # the sampled rows did move with the step
 
 
 def test_multi_draw_hook_equals_separate_calls():

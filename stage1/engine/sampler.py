@@ -52,21 +52,39 @@ class SamplingBatch:
 def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """The distribution each non-greedy row samples from: softmax(logits / T) after top-k, top-p and min-p."""
     temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
-    logits = logits.float() / temperature[:, None]
-    vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(batch.top_k > 0, batch.top_k, vocab)
-    drop = ranks >= k[:, None]
-    # top-p: keep the smallest prefix whose mass reaches p (the token that crosses p stays)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop |= mass_before >= batch.top_p[:, None]
-    drop |= sorted_probs < batch.min_p[:, None] * sorted_probs[:, :1]
-    drop[:, 0] = False  # the most likely token always survives
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    probs = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+    probs = (logits.float() / temperature[:, None]).softmax(dim=-1)
+    vocab = probs.shape[-1]
+    k = torch.where(batch.top_k > 0, batch.top_k, vocab).clamp(max=vocab)
+    keep = probs >= batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values  # min-p keeps the max
+    cut = (k < vocab) | (batch.top_p < 1)  # rows whose top-k / top-p keep a prefix of the sorted distribution
+    if cut.any():
+        # The prefix usually ends within the most likely few hundred tokens: find it among the top
+        # _PREFIX_CANDIDATES (torch.topk), and sort the whole row only where it reaches further.
+        prefix, reached = _prefix_keep(probs, k, batch.top_p, min(vocab, _PREFIX_CANDIDATES))
+        far = cut & ~reached
+        if far.any():
+            prefix[far] = _prefix_keep(probs[far], k[far], batch.top_p[far], vocab)[0]
+        keep &= prefix | ~cut[:, None]
+    probs = probs * keep
     return probs / probs.sum(dim=-1, keepdim=True)
+
+
+_PREFIX_CANDIDATES = 1024
+
+
+def _prefix_keep(probs: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor,
+                 candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k and top-p among each row's `candidates` most likely tokens: the tokens kept (the smallest prefix whose
+    mass reaches top_p, the token that crosses it included, at most k of them; the most likely always), and
+    whether the prefix certainly ends within the candidates."""
+    top, order = probs.topk(candidates, dim=-1)
+    ranks = torch.arange(candidates, device=probs.device)[None, :]
+    mass_before = top.cumsum(dim=-1) - top
+    drop = (ranks >= k[:, None]) | (mass_before >= top_p[:, None])
+    drop[:, 0] = False
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, ~drop)
+    reached = (candidates >= probs.shape[-1]) | (k <= candidates) | ((top_p < 1) & (top.sum(dim=-1) >= top_p))
+    return keep, reached
 
 
 # Philox4x32-10 (Salmon et al., SC 2011), as Random123 and triton.language.randint4x define it.

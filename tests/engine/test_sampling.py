@@ -35,6 +35,37 @@ def test_filters_keep_exactly_the_allowed_tokens():
     assert kept() == [0, 1, 2, 3, 4]
 
 
+def full_sort_filter(logits, batch):
+    """The filters' definition, on a full sort of every row (what filtered_probs shortcuts with top-k)."""
+    t = torch.where(batch.temperature > 0, batch.temperature, 1.0)
+    sorted_probs, order = (logits.float() / t[:, None]).softmax(dim=-1).sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab)[None, :]
+    drop = ranks >= torch.where(batch.top_k > 0, batch.top_k, vocab)[:, None]
+    drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= batch.top_p[:, None]
+    drop |= sorted_probs < batch.min_p[:, None] * sorted_probs[:, :1]
+    drop[:, 0] = False
+    return torch.zeros_like(drop).scatter_(-1, order, ~drop)
+
+
+def test_filters_equal_a_full_sort_on_both_paths():
+    """Prefixes that end among the 1024 most likely tokens (found with topk) and longer ones (a full sort)."""
+    g = torch.Generator().manual_seed(4)
+    vocab = 5000
+    peaked = torch.randn(4, vocab, generator=g) * 3
+    flat = torch.randn(4, vocab, generator=g) * 0.3
+    logits = torch.cat([peaked, flat])
+    params = [SamplingParams(max_tokens=1, **kw) for kw in (
+        dict(top_p=0.9), dict(top_k=50, top_p=0.95, min_p=0.01), dict(min_p=0.05), dict(top_k=3000),
+        dict(top_p=0.9), dict(top_p=0.999, temperature=1.5), dict(top_k=2000, min_p=0.2), dict(temperature=0.8))]
+    batch = batch_of(params)
+    kept = filtered_probs(logits, batch) > 0
+    assert torch.equal(kept, full_sort_filter(logits, batch))
+    counts = kept.sum(dim=-1)
+    assert counts[4] > 1024 and counts[5] > 1024 and counts[0] < 1024  # both paths ran
+    assert counts[3] == 3000 and counts[7] == vocab
+
+
 def test_draws_follow_the_filtered_distribution():
     """Chi-square goodness of fit of 20k draws against the filtered, temperature-scaled distribution."""
     g = torch.Generator().manual_seed(0)

@@ -10,6 +10,7 @@ causal attention over `prefill_batch` fresh prompts of `prefill_len` tokens, pac
 
 Target shape (a GPU): batch 64, context 4096, 40 query / 8 KV heads, head_dim 128, bf16: Qwen2.5-32B on one GPU.
 Decode reports the achieved memory bandwidth (K/V bytes read plus q and out, over the time); prefill TFLOP/s.
+write_kv (the step's K/V into their slots) runs at a decode step's and a prefill step's token counts, in GB/s.
 On a CPU the kernels run in the Triton interpreter: the figures there are interpreter figures, not kernel speed.
 
 `run(device, dtype)` returns the rows as dicts (kernel, impl, shape, ms, ratio_vs_triton = ms / triton's ms, so
@@ -171,6 +172,37 @@ def bench_prefill(device, dtype, prefill_batch, prefill_len, heads, kv_heads, he
     return rows
 
 
+def bench_write_kv(device, dtype, batch, kv_heads, head_dim, block_size, prefill_batch, prefill_len, warmup, reps,
+                   **_):
+    """The step's K/V into their cache slots: a decode step (one token per sequence) and a prefill step, the
+    Triton kernel against the reference (index_copy_), in GB/s of K/V read and written."""
+    from stage1.engine.attention import write_kv_reference
+
+    attention, interpreted = kernel_module('attention', device)
+    rows = []
+    for tokens in (batch, prefill_batch * prefill_len):
+        g = torch.Generator(device=device).manual_seed(2)
+        num_blocks = -(-tokens // block_size) + 8
+        cache = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+        slots = torch.randperm(num_blocks * block_size, generator=g, device=device)[:tokens]
+        # k and v as views into one fused qkv output, as the model passes them
+        qkv = torch.randn(tokens, 3, kv_heads, head_dim, generator=g, device=device).to(dtype)
+        k, v = qkv[:, 1], qkv[:, 2]
+        attention.write_kv(cache, k, v, slots)
+        expected = torch.zeros_like(cache)
+        write_kv_reference(expected, k, v, slots)
+        assert torch.equal(cache, expected), "write_kv differs from write_kv_reference"
+        timings = {
+            "triton": _try(lambda: time_ms(lambda: attention.write_kv(cache, k, v, slots), device, warmup, reps)),
+            "torch_reference": _try(lambda: time_ms(lambda: write_kv_reference(cache, k, v, slots), device, warmup,
+                                                    reps)),
+        }
+        moved = 4 * tokens * kv_heads * head_dim * dtype.itemsize  # k and v read, then written
+        shape = f"{tokens} tokens H_kv={kv_heads} D={head_dim} bs={block_size} {str(dtype).removeprefix('torch.')}"
+        rows += _rows("write_kv", shape, timings, device, interpreted, {"gbps": lambda ms: moved / ms / 1e6})
+    return rows
+
+
 def run(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
     """Decode and prefill rows for `device`/`dtype`; shapes default to the target shape on a GPU and tiny ones
     elsewhere (interpreted). Keyword arguments override single dimensions (see GPU_SHAPE)."""
@@ -180,6 +212,7 @@ def run(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
     warmup, reps = (3, 20) if cuda else (1, 3)
     rows = bench_decode(device, dtype, warmup=warmup, reps=reps, **dims)
     rows += bench_prefill(device, dtype, warmup=warmup, reps=reps, **dims)
+    rows += bench_write_kv(device, dtype, warmup=warmup, reps=reps, **dims)
     return rows
 
 

@@ -3,8 +3,8 @@
     python benchmarks/bench_generate.py --config qwen2.5-0.5b --batch 32 --new-tokens 64 --dtype bfloat16
     python benchmarks/bench_generate.py --model ~/.cache/stage1/models/qwen2.5-coder-0.5b-instruct
 
-Both run greedy for exactly --new-tokens tokens per prompt (EOS ignored) on prompts of mixed lengths; transformers
-gets them left-padded into one batch, as its users run it. Prints both figures and their ratio, then how close
+Both run greedy (or, with --temperature, sample the same way) for exactly --new-tokens tokens per prompt (EOS
+ignored) on prompts of mixed lengths; transformers gets them left-padded into one batch, as its users run it. Prints both figures and their ratio, then how close
 our decode step comes to the time of the same step's matrix multiplies alone. The last line is one JSON object.
 """
 
@@ -43,12 +43,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_ours(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, device: str) -> tuple[float, LLM]:
+def run_ours(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, device: str, temperature: float,
+             top_p: float) -> tuple[float, LLM]:
     llm = LLM(model_dir, dtype=dtype, device=device, skip_tokenizer_init=True,
               max_num_seqs=max(len(prompts), 1))
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=2, temperature=0,
-                                                                               ignore_eos=True), use_tqdm=False)
+    params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=0, ignore_eos=True)
+    warm = SamplingParams(max_tokens=2, temperature=temperature, top_p=top_p, seed=1, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], warm, use_tqdm=False)  # compiles what it runs
     llm.stats.__init__()  # count the timed run only
     sync(llm.device)
     start = time.perf_counter()
@@ -59,7 +60,8 @@ def run_ours(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, devi
     return elapsed, llm
 
 
-def run_transformers(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, device: torch.device) -> float:
+def run_transformers(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, device: torch.device,
+                     temperature: float, top_p: float) -> float:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
@@ -70,7 +72,8 @@ def run_transformers(model_dir: Path, prompts, new_tokens: int, dtype: torch.dty
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0) if temperature == 0 else \
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
         model.generate(ids[:2, -8:], attention_mask=mask[:2, -8:], max_new_tokens=2, min_new_tokens=2, **kwargs)
         sync(device)
@@ -113,6 +116,8 @@ def main() -> None:
     parser.add_argument("--max-prompt", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else sampled, both")
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling, both")
     parser.add_argument("--skip-reference", action="store_true", help="time ours only")
     args = parser.parse_args()
 
@@ -122,10 +127,11 @@ def main() -> None:
     vocab = ModelConfig.from_dir(model_dir).vocab_size
     prompts = mixed_prompts(args.batch, vocab, args.min_prompt, args.max_prompt)
     print(f"model {model_dir}\nbatch {args.batch}, prompts {min(map(len, prompts))}-{max(map(len, prompts))} "
-          f"tokens ({sum(map(len, prompts))} in all), {args.new_tokens} new tokens each, {args.dtype}, greedy",
+          f"tokens ({sum(map(len, prompts))} in all), {args.new_tokens} new tokens each, {args.dtype}, "
+          f"{'greedy' if args.temperature == 0 else f'sampled (T {args.temperature}, top-p {args.top_p})'}",
           flush=True)
 
-    ours_s, llm = run_ours(model_dir, prompts, args.new_tokens, dtype, args.device)
+    ours_s, llm = run_ours(model_dir, prompts, args.new_tokens, dtype, args.device, args.temperature, args.top_p)
     generated = args.batch * args.new_tokens
     ours = generated / ours_s
     s = llm.stats
@@ -137,6 +143,7 @@ def main() -> None:
           f"({matmul / step:.0%} of the step; at most {args.batch / matmul:.0f} tok/s from matmuls)", flush=True)
     result = {"ours_tok_s": round(ours, 2), "device": device_name(llm.device), "batch": args.batch,
               "new_tokens": args.new_tokens, "dtype": str(dtype).removeprefix("torch."),
+              "temperature": args.temperature, "top_p": args.top_p,
               "model": args.config if args.model is None else str(args.model),
               "decode_step_ms": round(step * 1e3, 2), "matmul_only_step_ms": round(matmul * 1e3, 2),
               "prefill_s": round(s.prefill_seconds, 2), "torch": torch.__version__,
@@ -147,7 +154,7 @@ def main() -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        ref_s = run_transformers(model_dir, prompts, args.new_tokens, dtype, device)
+        ref_s = run_transformers(model_dir, prompts, args.new_tokens, dtype, device, args.temperature, args.top_p)
         ref = generated / ref_s
         print(f"transformers: {ref:8.1f} output tok/s  ({ref_s:.1f} s)")
         print(f"ratio:        {ours / ref:8.2f}x")

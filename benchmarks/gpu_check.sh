@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton kernels and the engine, for one device call of under 8 minutes. On the device
 # machine, from the repository root:
-#     bash benchmarks/gpu_check.sh                 # every step; results go to $OUT or benchmarks/results/gpu
-#     bash benchmarks/gpu_check.sh tests sweeps    # only the named steps: tests kernels generate sweeps
+#     bash benchmarks/gpu_check.sh                 # tests kernels generate profile (~5 min on an H200)
+#     bash benchmarks/gpu_check.sh tests sweeps    # only the named steps: tests kernels generate profile sweeps
+# Set STAGE1_COMMIT=$(git rev-parse --short HEAD) in the call: the device copy's .git may be stale.
+# The device tool returns at most 8 files: the default steps write 8, so run sweeps in a call of their own.
 # Then commit the files it wrote (device, date and commit are inside) under benchmarks/results/.
 # The device image has torch, triton, transformers and pytest-xdist but no network: our package goes in without
 # its dependencies. Each step has its own time limit and writes its own file, so a slow step loses only itself.
@@ -20,7 +22,7 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; echo "commit ${STAGE1_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}";
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"; } >> "$OUT/device.txt" 2>&1
-STEPS=${*:-tests kernels generate sweeps}
+STEPS=${*:-tests kernels generate profile}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { local limit=$1 name=$2; shift 2; local t0=$SECONDS
          timeout "$limit" "$@" > "$OUT/$name" 2>&1; local rc=$?
@@ -34,8 +36,12 @@ want kernels && step 120 bench_kernels.txt $PY benchmarks/bench_kernels.py --out
 # 3. end to end against transformers generate, random bf16 weights of the 0.5B and 7B shapes
 want generate && step 60 bench_generate_0.5b.txt $PY benchmarks/bench_generate.py --config qwen2.5-0.5b --batch 64 \
     --new-tokens 128 --dtype bfloat16
+want generate && step 60 bench_generate_0.5b_sampled.txt $PY benchmarks/bench_generate.py --config qwen2.5-0.5b \
+    --batch 64 --new-tokens 128 --dtype bfloat16 --temperature 0.7 --top-p 0.9
 want generate && step 120 bench_generate_7b.txt $PY benchmarks/bench_generate.py --config qwen2.5-7b --batch 32 \
     --new-tokens 128 --dtype bfloat16
-# 4. tuning: decode tiles and split counts, prefill tiles, then the sampler's launch configurations
+# 4. where the sampler's time goes: GPU time per kernel, host time per call
+want profile && step 60 profile_sampling.txt $PY benchmarks/kernels_sampling.py --profile --json
+# 5. tuning: decode tiles and split counts, prefill tiles, then the sampler's launch configurations
 want sweeps && step 90 sweep_attention.txt $PY benchmarks/kernels_attention.py --sweep --json
 want sweeps && step 90 sweep_sampling.txt $PY benchmarks/kernels_sampling.py --sweep --json

@@ -88,6 +88,15 @@ def _gumbel(seed, step, start, BLOCK: tl.constexpr, DRAWS: tl.constexpr):
 
 
 @triton.jit
+def _race(b_val, b_idx, keep, x, idx, seed, step, start, BLOCK: tl.constexpr, DRAWS: tl.constexpr):
+    """One block of the exponential race: each lane (and draw) keeps its best score x + noise among the tokens it
+    has seen that `keep` allows, and that token's index."""
+    score = tl.where(keep[None, :], x[None, :] + _gumbel(seed, step, start, BLOCK, DRAWS), float("-inf"))
+    better = score > b_val
+    return tl.where(better, score, b_val), tl.where(better, idx[None, :], b_idx)
+
+
+@triton.jit
 def _row_params(temp_ptr, topk_ptr, topp_ptr, minp_ptr, row, V, FUSE: tl.constexpr):
     """A row's parameters and which path it takes: greedy, a threshold search (`need`), or neither with no min-p
     either (`fuse`: drawn during the statistics pass, when FUSE is on; else in the draw pass like the others)."""
@@ -178,11 +187,7 @@ def _stats_kernel(
             r_m = r_new
         if FUSE:  # (compiled out when off: the noise's registers would cost the other rows occupancy)
             if fuse:
-                score = tl.where(mask[None, :], x[None, :] + _gumbel(seed, step, start, BLOCK, DRAWS),
-                                 float("-inf"))
-                better2 = score > b_val
-                b_val = tl.where(better2, score, b_val)
-                b_idx = tl.where(better2, idx[None, :], b_idx)
+                b_val, b_idx = _race(b_val, b_idx, mask, x, idx, seed, step, start, BLOCK, DRAWS)
     m_p = tl.max(m_vec, axis=0)
     amax_p = tl.max(a_val, axis=0)
     r_mp = tl.max(r_m, axis=0)
@@ -394,11 +399,7 @@ def _draw_kernel(
             xb = x.to(tl.int32, bitcast=True)
             keep = mask & ((xb ^ ((xb >> 31) & 0x7FFFFFFF)) > cut) & (tl.exp(x - m) >= min_p)
             if tl.max(keep.to(tl.int32), axis=0) > 0:  # the noise only where something survives
-                score = tl.where(keep[None, :], x[None, :] + _gumbel(seed, step, start, BLOCK, DRAWS),
-                                 float("-inf"))
-                better = score > b_val
-                b_val = tl.where(better, score, b_val)
-                b_idx = tl.where(better, idx[None, :], b_idx)
+                b_val, b_idx = _race(b_val, b_idx, keep, x, idx, seed, step, start, BLOCK, DRAWS)
         best = tl.max(b_val, axis=1)
         dr = tl.arange(0, DRAWS)
         slot = row * SPLITS + split

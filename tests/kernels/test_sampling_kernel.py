@@ -197,26 +197,32 @@ def test_split_rows_give_the_same_tokens(monkeypatch):
     from stage1.kernels import sampling as S
 
     g = torch.Generator().manual_seed(9)
-    vocab = 5000
-    logits = torch.randn(7, vocab, generator=g) * 2
-    logits.scatter_add_(1, torch.randint(0, vocab, (7, 12), generator=g), 3 + 6 * torch.rand(7, 12, generator=g))
-    logits[:, 4990:] = 30.0  # the maximum (a tie) in the last, partial chunk
+    n, vocab = 10, 5000
+    logits = torch.randn(n, vocab, generator=g) * 2
+    logits.scatter_add_(1, torch.randint(0, vocab, (n, 12), generator=g), 3 + 6 * torch.rand(n, 12, generator=g))
+    logits[0, [2600, 4995, 10]] = 30.0  # a tie for the maximum across chunks: the first index wins
     logits[3, :] = float("-inf")
     logits[3, 2500] = 1.0
     logits = logits.to(DEVICE)
-    rows = rows_of([0, 0.8, 1.0, 0.9, 1.1, 0.7, 1.3], [0, 40, 0, 0, 0, 7, 0], [1, 0.9, 0.95, 1, 1, 1, 0.5],
-                   [0, 0, 0, 0.05, 0, 0, 0.02], seeds=[3, 1, 4, 1, 5, 9, 2], steps=[0, 6, 5, 3, 5, 8, 9])
+    # greedy; top-k + top-p; top-p; min-p (one finite token); temperature; top-k; top-p + min-p; and three rows
+    # that leave only the most likely token: top-k 1, a tiny top-p, min-p 1
+    rows = rows_of([0, 0.8, 1.0, 0.9, 1.1, 0.7, 1.3, 1.0, 5.0, 1.0], [0, 40, 0, 0, 0, 7, 0, 1, 0, 0],
+                   [1, 0.9, 0.95, 1, 1, 1, 0.5, 1, 1e-6, 1], [0, 0, 0, 0.05, 0, 0, 0.02, 0, 0, 1.0],
+                   seeds=[3, 1, 4, 1, 5, 9, 2, 6, 5, 3], steps=[0, 6, 5, 3, 5, 8, 9, 7, 9, 3])
     results = []
     for fuse, splits in ((True, 1), (True, 3), (False, 1), (False, 4)):
         monkeypatch.setitem(S.INTERPRETER_CONFIG, "FUSE", fuse)
-        debug = torch.zeros(7, 2, dtype=torch.int64, device=DEVICE)
+        debug = torch.zeros(n, 2, dtype=torch.int64, device=DEVICE)
         tokens, logprobs = sample(logits, rows, want_logprobs=True, _splits=splits, _debug=debug)
         results.append((tokens, logprobs, debug))
     for tokens, logprobs, debug in results[1:]:
         assert torch.equal(tokens, results[0][0])
         torch.testing.assert_close(logprobs, results[0][1], atol=1e-5, rtol=0)
         assert torch.equal(debug, results[0][2])
-    assert results[0][0][0].item() == 4990 and results[0][0][3].item() == 2500
+    tokens = results[0][0]
+    assert tokens[0].item() == 10 and tokens[3].item() == 2500
+    assert torch.equal(tokens[7:], logits[7:].argmax(-1))
+    assert len(set(tokens[1:7].tolist())) > 3  # the sampled rows drew from their own distributions
 
 
 @pytest.mark.parametrize("vocab, temperature, top_k, top_p, min_p", [

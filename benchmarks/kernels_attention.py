@@ -10,7 +10,8 @@ causal attention over `prefill_batch` fresh prompts of `prefill_len` tokens, pac
 
 Target shape (a GPU): batch 64, context 4096, 40 query / 8 KV heads, head_dim 128, bf16: Qwen2.5-32B on one GPU.
 Decode reports the achieved memory bandwidth (K/V bytes read plus q and out, over the time); prefill TFLOP/s.
-write_kv (the step's K/V into their slots) runs at a decode step's and a prefill step's token counts, in GB/s.
+write_kv (the step's K/V into their slots) and rotary (on the step's q|k heads) run at a decode step's and a
+prefill step's token counts, in GB/s.
 On a CPU the kernels run in the Triton interpreter: the figures there are interpreter figures, not kernel speed.
 
 `run(device, dtype)` returns the rows as dicts (kernel, impl, shape, ms, ratio_vs_triton = ms / triton's ms, so
@@ -203,6 +204,31 @@ def bench_write_kv(device, dtype, batch, kv_heads, head_dim, block_size, prefill
     return rows
 
 
+def bench_rotary(device, dtype, batch, heads, kv_heads, head_dim, prefill_batch, prefill_len, warmup, reps, **_):
+    """Rotary on a step's q|k heads (one launch) against the reference apply_rotary, at a decode step's and a
+    prefill step's token counts, in GB/s of q|k read and written."""
+    from stage1.engine.attention import apply_rotary
+    from stage1.engine.model import RotaryEmbedding
+
+    _, interpreted = kernel_module('attention', device)  # sets up the interpreter on a CPU
+    from stage1.kernels.rotary import rotary
+
+    rows = []
+    for tokens in (batch, prefill_batch * prefill_len):
+        g = torch.Generator(device=device).manual_seed(3)
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g, device=device).to(dtype)
+        qk = qkv[:, :(heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim)
+        rope = RotaryEmbedding(head_dim, 1_000_000.0, 32_768)(torch.arange(tokens, device=device) % 32_768)
+        timings = {
+            "triton": _try(lambda: time_ms(lambda: rotary(qk, *rope), device, warmup, reps)),
+            "torch_reference": _try(lambda: time_ms(lambda: apply_rotary(qk, rope), device, warmup, reps)),
+        }
+        moved = 2 * qk.numel() * dtype.itemsize + 2 * rope[0].numel() * 4
+        shape = f"{tokens} tokens H={heads}+{kv_heads} D={head_dim} {str(dtype).removeprefix('torch.')}"
+        rows += _rows("rotary", shape, timings, device, interpreted, {"gbps": lambda ms: moved / ms / 1e6})
+    return rows
+
+
 def run(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
     """Decode and prefill rows for `device`/`dtype`; shapes default to the target shape on a GPU and tiny ones
     elsewhere (interpreted). Keyword arguments override single dimensions (see GPU_SHAPE)."""
@@ -213,6 +239,7 @@ def run(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
     rows = bench_decode(device, dtype, warmup=warmup, reps=reps, **dims)
     rows += bench_prefill(device, dtype, warmup=warmup, reps=reps, **dims)
     rows += bench_write_kv(device, dtype, warmup=warmup, reps=reps, **dims)
+    rows += bench_rotary(device, dtype, warmup=warmup, reps=reps, **dims)
     return rows
 
 

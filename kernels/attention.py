@@ -23,6 +23,8 @@ import triton.language as tl
 
 from stage1.engine.attention import AttentionBackend, AttentionContext
 
+from .rotary import rotary
+
 _LOG2E = 1.4426950408889634
 
 
@@ -415,10 +417,13 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Te
 # ----------------------------------------------------------------------------------------------------------------
 
 class TritonAttentionBackend(AttentionBackend):
-    """The reference backend with write_kv, prefill and decode on the Triton kernels above. Prefill without a
-    cache (a few unit tests run the model so) falls back to the reference."""
+    """The reference backend with rotary (kernels/rotary.py), write_kv, prefill and decode on Triton kernels.
+    Prefill without a cache (a few unit tests run the model so) falls back to the reference."""
 
     name = "triton"
+
+    def rotary(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return rotary(x, *rope)
 
     def write_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         write_kv(cache, k, v, slot_mapping)

@@ -33,10 +33,21 @@ class AttentionContext:
     backend: "AttentionBackend | None" = None
 
 
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Neox-style rotary on x `[tokens, heads, head_dim]`: its two halves rotate together by each token's angles
+    (rope: cos, sin `[tokens, 1, head_dim / 2]` fp32), computed in fp32 and returned in x's dtype."""
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
 class AttentionBackend:
     """The plain-PyTorch reference. A fast backend subclasses it and overrides what it accelerates."""
 
     name = "torch"
+
+    def rotary(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return apply_rotary(x, rope)
 
     def write_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         write_kv_reference(cache, k, v, slot_mapping)
@@ -55,6 +66,10 @@ class PagedAttention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.scale = scale
+
+    def rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+        """Rotary position embedding on q and/or k heads `[tokens, heads, head_dim]`, with the context's kernels."""
+        return (ctx.backend or _REFERENCE).rotary(x, rope)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         backend = ctx.backend or _REFERENCE

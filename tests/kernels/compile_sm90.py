@@ -23,6 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from stage1.kernels import attention as A  # noqa: E402
+from stage1.kernels import rotary as R  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -36,7 +37,7 @@ def compile_one(kernel, dtype: torch.dtype, meta: dict) -> str:
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages", 2)}
     t = TYPES[dtype]
     pointer = {"mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "block_tables_ptr": "*i32", "context_lens_ptr": "*i32",
-               "cu_q_ptr": "*i32", "slot_ptr": "*i64"}
+               "cu_q_ptr": "*i32", "slot_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
     signature, constants = {}, dict(meta)
     for name in kernel.arg_names:
         if name in meta or name in UNIT:
@@ -72,6 +73,7 @@ def main() -> int:
                 "decode_single": (A._decode_split_kernel, A.decode_meta(group, head_dim, 16, True, dtype)),
                 "decode_reduce": (A._decode_reduce_kernel, A.decode_reduce_meta(head_dim, 16)),
                 "prefill": (A._prefill_kernel, A.prefill_meta(group, head_dim, 16, dtype)),
+                "rotary": (R._rotary_kernel, R.rotary_meta(head_dim)),
             }
             for name, (kernel, meta) in cases.items():
                 result = compile_one(kernel, dtype, meta)

@@ -20,7 +20,7 @@ atomic ticket) merges the chunks' partial results and updates the row's state fo
    above hi add the counts and mass already known from the pass that set hi). The bracket then shrinks to the
    pivots around the change, snapped to the nearest token values inside. Pivots are spaced evenly in value while
    the bracket is wide and in the order-preserving int32 key of the fp32 bits after, so the search is exact and
-   bounded (4 value passes, then at most 9 in keys; hi = lo + 1); at Qwen's 152k vocabulary it usually stops
+   bounded (4 value passes, then at most 8 in keys; hi = lo + 1); at Qwen's 152k vocabulary it usually stops
    after 2-5, once the bracket holds a single token value (those tokens survive). The bracket starts at a floor
    no survivor can be under: 110 below the max (exp underflows), min-p's threshold, and for top-p the value under
    which even all V tokens together hold less than the (1 - top_p) share of the mass. Chunks with no token inside
@@ -57,7 +57,9 @@ _INT_MIN = tl.constexpr(-2147483648)
 _NONE = tl.constexpr(1 << 40)  # "no pivot" marker in the int64 bracket arithmetic
 
 VALUE_PASSES = 4  # search passes with pivots spaced in value (while the bracket is wide)
-MAX_PASSES = 14  # 4 value passes + at most 9 key passes (17 parts per pass over 2**32 keys), + 1 spare
+# 4 value passes + at most 8 key passes: each key pass leaves at most ceil(width / 17) of the bracket, and 8 of them
+# take 2**32 keys down to 1 (252645136, 14861479, 874205, 51424, 3025, 178, 11, 1). One launch per pass.
+MAX_PASSES = 12
 
 # Per-row state between launches: floats (m, s, lse, mass above hi, mass cap) and int64s (lo, hi, count above lo,
 # count above hi, passes, k, argmax, search needed).

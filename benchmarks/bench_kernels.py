@@ -43,13 +43,15 @@ def main() -> None:
         print("NOTE: no GPU here: Triton kernels run in the interpreter; these are interpreter figures, "
               "not kernel speed.")
     rows = kernels_attention.run(device, dtype) + kernels_sampling.run(device)
-    print(f"{'kernel':<16} {'impl':<22} {'ms':>10} {'x triton':>9} {'GB/s':>8}  shape")
+    print(f"{'kernel':<17} {'impl':<16} {'ms':>10} {'x triton':>9} {'GB/s':>8}  shape")
     for r in rows:
         ratio = r.get("ratio_vs_triton")
         gbps = r.get("gbps")
         ms = "failed" if r["ms"] is None else f"{r['ms']:.3f}"
-        print(f"{r['kernel']:<16} {r['impl']:<22} {ms:>10} {'' if ratio is None else f'{ratio:.2f}':>9} "
-              f"{'' if gbps is None else f'{gbps:.1f}':>8}  {r['shape']}")
+        same = r.get("same_tokens_as_reference")
+        note = "" if same is None else f"  (tokens equal to the reference sampler's: {same:.1%})"
+        print(f"{r['kernel']:<17} {r['impl']:<16} {ms:>10} {'' if ratio is None else f'{ratio:.2f}':>9} "
+              f"{'' if gbps is None else f'{gbps:.1f}':>8}  {r['shape']}{note}")
     facts = {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
              "torch": torch.__version__, "interpreted": device.type != "cuda", "rows": rows}
     if args.out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -121,3 +122,60 @@ def git_commit() -> str | None:
                               cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def try_timing(fn):
+    """fn() or None: one implementation failing (an old torch, no compiler) leaves the others' rows."""
+    try:
+        return fn()
+    except Exception as exc:
+        print(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return None
+
+
+def kernel_rows(kernel: str, shape: str, timings: dict, device, interpreted: bool, extra: dict) -> list[dict]:
+    """One row per implementation: ms, ratio_vs_triton (its ms / triton's, above 1: Triton is faster), and each
+    `extra` figure computed from ms (e.g. gbps)."""
+    base = timings.get("triton")
+    rows = []
+    for impl, ms in timings.items():
+        row = dict(kernel=kernel, impl=impl, shape=shape, ms=ms,
+                   ratio_vs_triton=(ms / base) if (base and ms is not None) else None,
+                   device=str(device), interpreted=interpreted)
+        if ms is not None:
+            row.update({key: fn(ms) for key, fn in extra.items()})
+        rows.append(row)
+    return rows
+
+
+def print_kernel_rows(rows: list[dict]) -> None:
+    """The rows of kernel_rows, one block per kernel and shape."""
+    if rows and rows[0]["interpreted"]:
+        print("NOTE: Triton ran in the interpreter (TRITON_INTERPRET=1, no GPU): these are interpreter figures, not "
+              "kernel speed.")
+    for kernel, shape in dict.fromkeys((r["kernel"], r["shape"]) for r in rows):
+        group = [r for r in rows if (r["kernel"], r["shape"]) == (kernel, shape)]
+        print(f"{kernel}: {shape} on {group[0]['device']}")
+        for r in group:
+            if r["ms"] is None:
+                print(f"  {r['impl']:16s} failed")
+                continue
+            extra = f"{r['gbps']:9.4g} GB/s" if "gbps" in r else f"{r['tflops']:9.4g} TFLOP/s" if "tflops" in r else ""
+            ratio = f"{r['ratio_vs_triton']:6.2f}x triton's time" if r["ratio_vs_triton"] else ""
+            notes = [f"max |err| vs SDPA {r['max_abs_err_vs_sdpa']:.2e}"] if r.get("max_abs_err_vs_sdpa") is not None \
+                else []
+            if r.get("same_tokens_as_reference") is not None:
+                notes.append(f"tokens equal to the reference sampler's: {r['same_tokens_as_reference']:.1%}")
+            print(f"  {r['impl']:16s} {r['ms']:10.3f} ms {extra}  {ratio}{'  ' if notes else ''}{'; '.join(notes)}")
+
+
+@contextlib.contextmanager
+def overridden(config: dict, **changes):
+    """A kernel module's launch-config dict with `changes` applied inside the block, restored after it (sweeps)."""
+    saved = dict(config)
+    config.update(changes)
+    try:
+        yield config
+    finally:
+        config.clear()
+        config.update(saved)

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_and_dtype, kernel_module, time_ms  # noqa: E402
+from common import (device_and_dtype, kernel_module, kernel_rows, overridden, print_kernel_rows,  # noqa: E402
+                    time_ms, try_timing)
 
 GPU_SHAPE = dict(batch=64, context=4096, heads=40, kv_heads=8, head_dim=128, block_size=16, prefill_batch=8,
                  prefill_len=1024)
@@ -65,27 +66,6 @@ def _paged_cache(batch, context, kv_heads, head_dim, block_size, dtype, device, 
     return k, v, cache, tables
 
 
-def _rows(kernel, shape, timings, device, interpreted, extra):
-    base = timings.get("triton")
-    rows = []
-    for impl, ms in timings.items():
-        row = dict(kernel=kernel, impl=impl, shape=shape, ms=ms,
-                   ratio_vs_triton=(ms / base) if (base and ms is not None) else None,
-                   device=str(device), interpreted=interpreted)
-        if ms is not None:
-            row.update({key: fn(ms) for key, fn in extra.items()})
-        rows.append(row)
-    return rows
-
-
-def _try(fn):
-    try:
-        return fn()
-    except Exception as exc:  # one impl failing (an old torch, no compiler) leaves the others' rows
-        print(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        return None
-
-
 def bench_decode(device, dtype, batch, context, heads, kv_heads, head_dim, block_size, warmup, reps, **_):
     from stage1.engine.attention import decode_attention_reference
 
@@ -112,13 +92,13 @@ def bench_decode(device, dtype, batch, context, heads, kv_heads, head_dim, block
         impls["flex"] = lambda: flex_fn(q4, k, v, scale=scale, enable_gqa=True)
     timings = {}
     for name, fn in impls.items():
-        timings[name] = _try(lambda fn=fn: time_ms(fn, device, warmup, reps))
+        timings[name] = try_timing(lambda fn=fn: time_ms(fn, device, warmup, reps))
     elem = torch.empty((), dtype=dtype).element_size()
     moved = (2 * batch * context * kv_heads * head_dim + 2 * batch * heads * head_dim) * elem
     splits = attention.decode_num_splits(batch, kv_heads, context, device)
     shape = (f"B={batch} L={context} H={heads}/{kv_heads} D={head_dim} bs={block_size} "
              f"{str(dtype).removeprefix('torch.')} splits={splits}")
-    rows = _rows("decode_attention", shape, timings, device, interpreted, {"gbps": lambda ms: moved / ms / 1e6})
+    rows = kernel_rows("decode_attention", shape, timings, device, interpreted, {"gbps": lambda ms: moved / ms / 1e6})
     for row in rows:
         row["max_abs_err_vs_sdpa"] = err if row["impl"] == "triton" else None
     return rows
@@ -157,17 +137,17 @@ def bench_prefill(device, dtype, prefill_batch, prefill_len, heads, kv_heads, he
     if flex is not None:
         flex_attention, create_block_mask = flex
         flex_fn = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
-        mask = _try(lambda: create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, length, length,
+        mask = try_timing(lambda: create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, length, length,
                                               device=str(device)))
         if mask is not None:
             impls["flex"] = lambda: flex_fn(q4, k, v, block_mask=mask, scale=scale, enable_gqa=True)
     timings = {}
     for name, fn in impls.items():
-        timings[name] = _try(lambda fn=fn: time_ms(fn, device, warmup, reps))
+        timings[name] = try_timing(lambda fn=fn: time_ms(fn, device, warmup, reps))
     flops = 4 * batch * heads * head_dim * length * (length + 1) / 2  # QK^T and PV over the causal half
     shape = (f"B={batch}x{length} tokens H={heads}/{kv_heads} D={head_dim} bs={block_size} "
              f"{str(dtype).removeprefix('torch.')} causal")
-    rows = _rows("prefill_attention", shape, timings, device, interpreted, {"tflops": lambda ms: flops / ms / 1e9})
+    rows = kernel_rows("prefill_attention", shape, timings, device, interpreted, {"tflops": lambda ms: flops / ms / 1e9})
     for row in rows:
         row["max_abs_err_vs_sdpa"] = err if row["impl"] == "triton" else None
     return rows
@@ -194,13 +174,13 @@ def bench_write_kv(device, dtype, batch, kv_heads, head_dim, block_size, prefill
         write_kv_reference(expected, k, v, slots)
         assert torch.equal(cache, expected), "write_kv differs from write_kv_reference"
         timings = {
-            "triton": _try(lambda: time_ms(lambda: attention.write_kv(cache, k, v, slots), device, warmup, reps)),
-            "torch_reference": _try(lambda: time_ms(lambda: write_kv_reference(cache, k, v, slots), device, warmup,
+            "triton": try_timing(lambda: time_ms(lambda: attention.write_kv(cache, k, v, slots), device, warmup, reps)),
+            "torch_reference": try_timing(lambda: time_ms(lambda: write_kv_reference(cache, k, v, slots), device, warmup,
                                                     reps)),
         }
         moved = 4 * tokens * kv_heads * head_dim * dtype.itemsize  # k and v read, then written
         shape = f"{tokens} tokens H_kv={kv_heads} D={head_dim} bs={block_size} {str(dtype).removeprefix('torch.')}"
-        rows += _rows("write_kv", shape, timings, device, interpreted, {"gbps": lambda ms: moved / ms / 1e6})
+        rows += kernel_rows("write_kv", shape, timings, device, interpreted, {"gbps": lambda ms: moved / ms / 1e6})
     return rows
 
 
@@ -220,12 +200,12 @@ def bench_rotary(device, dtype, batch, heads, kv_heads, head_dim, prefill_batch,
         qk = qkv[:, :(heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim)
         rope = RotaryEmbedding(head_dim, 1_000_000.0, 32_768)(torch.arange(tokens, device=device) % 32_768)
         timings = {
-            "triton": _try(lambda: time_ms(lambda: rotary(qk, *rope), device, warmup, reps)),
-            "torch_reference": _try(lambda: time_ms(lambda: apply_rotary(qk, rope), device, warmup, reps)),
+            "triton": try_timing(lambda: time_ms(lambda: rotary(qk, *rope), device, warmup, reps)),
+            "torch_reference": try_timing(lambda: time_ms(lambda: apply_rotary(qk, rope), device, warmup, reps)),
         }
         moved = 2 * qk.numel() * dtype.itemsize + 2 * rope[0].numel() * 4
         shape = f"{tokens} tokens H={heads}+{kv_heads} D={head_dim} {str(dtype).removeprefix('torch.')}"
-        rows += _rows("rotary", shape, timings, device, interpreted, {"gbps": lambda ms: moved / ms / 1e6})
+        rows += kernel_rows("rotary", shape, timings, device, interpreted, {"gbps": lambda ms: moved / ms / 1e6})
     return rows
 
 
@@ -258,23 +238,19 @@ def sweep(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
     default = dict(attention.DECODE_CONFIG)
     chosen = attention.decode_num_splits(batch, kv_heads, context, device)
     rows = []
-    try:
-        for block_n in (32, 64, 128):
-            for num_warps in (4, 8):
-                for num_stages in (2, 3):
-                    cfg = dict(BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-                    attention.DECODE_CONFIG.update(cfg)
+    for block_n in (32, 64, 128):
+        for num_warps in (4, 8):
+            for num_stages in (2, 3):
+                cfg = dict(BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+                with overridden(attention.DECODE_CONFIG, **cfg):
                     for splits in sorted({1, 2, 4, chosen}):
-                        ms = _try(lambda: time_ms(lambda: attention.paged_decode_attention(
+                        ms = try_timing(lambda: time_ms(lambda: attention.paged_decode_attention(
                             q, cache, tables, lens, head_dim ** -0.5, num_splits=splits), device, 3, 20))
                         gbps = None if ms is None else moved / ms / 1e6
                         rows.append(dict(kernel="decode_sweep", config=cfg, num_splits=splits, ms=ms, gbps=gbps,
                                          default=cfg == default and splits == chosen, device=str(device)))
                         print(f"  {cfg} splits={splits}: {ms if ms is None else round(ms, 4)} ms, "
                               f"{gbps if gbps is None else round(gbps)} GB/s", flush=True)
-    finally:
-        attention.DECODE_CONFIG.clear()
-        attention.DECODE_CONFIG.update(default)
     return rows + sweep_prefill(device, dtype, **shape)
 
 
@@ -293,41 +269,19 @@ def sweep_prefill(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
     flops = 4 * batch * heads * head_dim * length * (length + 1) / 2
     default = dict(attention.PREFILL_CONFIG)
     rows = []
-    try:
-        for block_m, block_n, num_warps, num_stages in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2),
-                                                        (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2),
-                                                        (128, 32, 4, 2), (64, 32, 4, 3)):
-            cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-            attention.PREFILL_CONFIG.update(cfg)
-            ms = _try(lambda: time_ms(lambda: attention.paged_prefill_attention(
+    for block_m, block_n, num_warps, num_stages in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2),
+                                                    (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2),
+                                                    (128, 32, 4, 2), (64, 32, 4, 3)):
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        with overridden(attention.PREFILL_CONFIG, **cfg):
+            ms = try_timing(lambda: time_ms(lambda: attention.paged_prefill_attention(
                 q, None, None, cache, cu, lens, tables, head_dim ** -0.5), device, 3, 20))
-            tflops = None if ms is None else flops / ms / 1e9
-            rows.append(dict(kernel="prefill_sweep", config=cfg, ms=ms, tflops=tflops, default=cfg == default,
-                             device=str(device)))
-            print(f"  prefill {cfg}: {ms if ms is None else round(ms, 4)} ms, "
-                  f"{tflops if tflops is None else round(tflops, 1)} TFLOP/s", flush=True)
-    finally:
-        attention.PREFILL_CONFIG.clear()
-        attention.PREFILL_CONFIG.update(default)
+        tflops = None if ms is None else flops / ms / 1e9
+        rows.append(dict(kernel="prefill_sweep", config=cfg, ms=ms, tflops=tflops, default=cfg == default,
+                         device=str(device)))
+        print(f"  prefill {cfg}: {ms if ms is None else round(ms, 4)} ms, "
+              f"{tflops if tflops is None else round(tflops, 1)} TFLOP/s", flush=True)
     return rows
-
-
-def print_rows(rows: list[dict]) -> None:
-    if rows and rows[0]["interpreted"]:
-        print("NOTE: Triton ran in the interpreter (TRITON_INTERPRET=1, no GPU): these are interpreter figures, not "
-              "kernel speed.")
-    for kernel in dict.fromkeys(r["kernel"] for r in rows):
-        group = [r for r in rows if r["kernel"] == kernel]
-        print(f"{kernel}: {group[0]['shape']} on {group[0]['device']}")
-        for r in group:
-            if r["ms"] is None:
-                print(f"  {r['impl']:16s} failed")
-                continue
-            extra = f"{r['gbps']:9.4g} GB/s" if "gbps" in r else f"{r['tflops']:9.4g} TFLOP/s"
-            ratio = f"{r['ratio_vs_triton']:6.2f}x triton's time" if r["ratio_vs_triton"] else ""
-            err = f"  max |err| vs SDPA {r['max_abs_err_vs_sdpa']:.2e}" if r.get("max_abs_err_vs_sdpa") is not None \
-                else ""
-            print(f"  {r['impl']:16s} {r['ms']:10.3f} ms {extra}  {ratio}{err}")
 
 
 def main() -> None:
@@ -351,7 +305,7 @@ def main() -> None:
         rows = sweep(device, dtype, **shape)
     else:
         rows = run(device, dtype, **shape)
-        print_rows(rows)
+        print_kernel_rows(rows)
     if args.json:
         print(json.dumps(rows))
 

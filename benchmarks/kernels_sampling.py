@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_and_dtype, kernel_module, time_ms  # noqa: E402
+from common import (device_and_dtype, kernel_module, kernel_rows, overridden, print_kernel_rows,  # noqa: E402
+                    time_ms, try_timing)
 
 GPU_SHAPE = dict(batch=256, vocab=152_064)
 CPU_SHAPE = dict(batch=4, vocab=4096)
@@ -92,14 +93,6 @@ def torch_sort_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
     return torch.where(temperature == 0, greedy, order.gather(-1, pick).squeeze(-1))
 
 
-def _try(fn):
-    try:
-        return fn()
-    except Exception as exc:  # one impl failing leaves the others' rows
-        print(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        return None
-
-
 def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=True) -> list[dict]:
     from stage1 import SamplingParams
     from stage1.engine.sampler import SamplingBatch, sample
@@ -127,13 +120,12 @@ def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=Tru
             impls["torch_reference"] = lambda: sample(logits, batch_params)
             # the same noise and race: the tokens agree except where fp32 rounding decides a top-p cut
             same = (sample(logits, batch_params) == tokens).float().mean().item()
-    timings = {name: _try(lambda fn=fn: time_ms(fn, device, warmup, reps)) for name, fn in impls.items()}
-    base = timings.get("triton")
+    timings = {name: try_timing(lambda fn=fn: time_ms(fn, device, warmup, reps)) for name, fn in impls.items()}
     shape = f"{batch}x{vocab} {str(dtype).removeprefix('torch.')} {mix}"
-    return [dict(kernel="sampling", impl=impl, shape=shape, ms=ms,
-                 ratio_vs_triton=(ms / base) if (base and ms is not None) else None,
-                 same_tokens_as_reference=same if impl == "triton" else None,
-                 device=str(device), interpreted=interpreted) for impl, ms in timings.items()]
+    rows = kernel_rows("sampling", shape, timings, device, interpreted, {})
+    for row in rows:
+        row["same_tokens_as_reference"] = same if row["impl"] == "triton" else None
+    return rows
 
 
 def run(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
@@ -161,20 +153,15 @@ def sweep(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
         dict(SBLOCK=128), dict(NT=8, SBLOCK=512), dict(NT=32, SBLOCK=128), dict(FUSE=not default["FUSE"]),
         dict(BLOCK=4096, num_warps=16))]
     rows = []
-    try:
-        for cfg in configs:
-            sampling.GPU_CONFIG.clear()
-            sampling.GPU_CONFIG.update(cfg)
+    for cfg in configs:
+        with overridden(sampling.GPU_CONFIG, **cfg):
             for mix in ("topk50_topp0.9", "topp0.95", "temperature"):
                 p = mix_params(mix, dims["batch"], device)
                 args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
-                ms = _try(lambda args=args: time_ms(lambda: sampling.fused_sample(*args), device, 3, 20))
+                ms = try_timing(lambda args=args: time_ms(lambda: sampling.fused_sample(*args), device, 3, 20))
                 rows.append(dict(kernel="sampling_sweep", impl="triton", config=dict(cfg), mix=mix, ms=ms,
                                  device=str(device)))
                 print(f"  {cfg} {mix:16s} {ms if ms is None else round(ms, 4)} ms")
-    finally:
-        sampling.GPU_CONFIG.clear()
-        sampling.GPU_CONFIG.update(default)
     return rows
 
 
@@ -214,21 +201,6 @@ def profile(device="cuda", dtype=torch.float32, calls: int = 20, **shape) -> lis
     return rows
 
 
-def print_rows(rows: list[dict]) -> None:
-    if rows and rows[0]["interpreted"]:
-        print("NOTE: Triton ran in the interpreter (TRITON_INTERPRET=1, no GPU): these are interpreter figures, not "
-              "kernel speed.")
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        group = [r for r in rows if r["shape"] == shape]
-        print(f"sampling: {shape} on {group[0]['device']}")
-        for r in group:
-            if r["ms"] is None:
-                print(f"  {r['impl']:16s} failed")
-                continue
-            ratio = f"{r['ratio_vs_triton']:7.2f}x triton's time" if r["ratio_vs_triton"] else ""
-            print(f"  {r['impl']:16s} {r['ms']:10.3f} ms  {ratio}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -249,7 +221,7 @@ def main() -> None:
         rows = sweep(device, args.dtype, **shape) if args.sweep else profile(device, args.dtype, **shape)
     else:
         rows = run(device, args.dtype, **shape)
-        print_rows(rows)
+        print_kernel_rows(rows)
     if args.json:
         print(json.dumps(rows))
 

@@ -11,6 +11,10 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
+STEPS=${*:-tests kernels generate profile}
+for s in $STEPS; do
+    case $s in tests|kernels|generate|profile|sweeps) ;; *) echo "gpu_check.sh: unknown step '$s' (use: tests kernels generate profile sweeps)" >&2; exit 2 ;; esac
+done
 mkdir -p "$OUT"
 export STAGE1_CACHE=${STAGE1_CACHE:-/tmp/stage1-cache}  # random-weight checkpoints, outside the repo
 export PYTHONUNBUFFERED=1
@@ -22,7 +26,6 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; echo "commit ${STAGE1_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}";
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"; } >> "$OUT/device.txt" 2>&1
-STEPS=${*:-tests kernels generate profile}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { local limit=$1 name=$2; shift 2; local t0=$SECONDS
          timeout "$limit" "$@" > "$OUT/$name" 2>&1; local rc=$?

@@ -45,6 +45,10 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     num_tokens, heads, head_dim = x.shape
     if head_dim % 2:
         raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape[0] != num_tokens or t.shape[-1] != head_dim // 2 or t.numel() != num_tokens * (head_dim // 2):
+            raise ValueError(f"rotary: {name} must hold one row of head_dim / 2 = {head_dim // 2} angles per token "
+                             f"({num_tokens} tokens), got shape {tuple(t.shape)}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = cos.float(), sin.float()

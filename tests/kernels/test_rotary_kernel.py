@@ -47,3 +47,5 @@ def test_rotary_empty_and_odd_inputs():
     torch.testing.assert_close(rotary(wide, *rope), apply_rotary(wide, rope), atol=2e-6, rtol=2e-6)
     with pytest.raises(ValueError, match="even head_dim"):
         rotary(x[..., :63], *rope)
+    with pytest.raises(ValueError, match="one row of head_dim / 2 = 32 angles per token"):
+        rotary(x[:2], *rope)  # angles for 3 tokens, 2 tokens: a kernel would read past the end

@@ -74,7 +74,7 @@ def mix_params(mix: str, batch: int, device: torch.device, seed: int = 0) -> dic
 
 
 def torch_sort_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                      min_p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                      min_p: torch.Tensor) -> torch.Tensor:
     """Sort-based top-k / top-p / min-p sampling in plain PyTorch (the same filters as filtered_probs)."""
     greedy = logits.argmax(dim=-1)
     t = torch.where(temperature > 0, temperature, 1.0)
@@ -88,7 +88,7 @@ def torch_sort_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
     drop |= probs < min_p[:, None] * probs[:, :1]
     drop[:, 0] = False
     probs = probs.masked_fill(drop, 0.0)
-    noise = torch.empty_like(probs).exponential_(generator=generator)
+    noise = torch.empty_like(probs).exponential_()
     pick = (probs / noise).argmax(dim=-1, keepdim=True)
     return torch.where(temperature == 0, greedy, order.gather(-1, pick).squeeze(-1))
 

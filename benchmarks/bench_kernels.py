@@ -49,7 +49,9 @@ def main() -> None:
         gbps = r.get("gbps")
         ms = "failed" if r["ms"] is None else f"{r['ms']:.3f}"
         same = r.get("same_tokens_as_reference")
-        note = "" if same is None else f"  (tokens equal to the reference sampler's: {same:.1%})"
+        note = "" if same is None else f"  (tokens equal to the reference sampler's: {same:.1%}"
+        note += "" if r.get("shortcut_rows") is None else f"; rows drawn by the shortcut: {r['shortcut_rows']:.0%}"
+        note += ")" if note else ""
         print(f"{r['kernel']:<17} {r['impl']:<16} {ms:>10} {'' if ratio is None else f'{ratio:.2f}':>9} "
               f"{'' if gbps is None else f'{gbps:.1f}':>8}  {r['shape']}{note}")
     facts = {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),

@@ -166,6 +166,8 @@ def print_kernel_rows(rows: list[dict]) -> None:
                 else []
             if r.get("same_tokens_as_reference") is not None:
                 notes.append(f"tokens equal to the reference sampler's: {r['same_tokens_as_reference']:.1%}")
+            if r.get("shortcut_rows") is not None:
+                notes.append(f"rows drawn by the shortcut: {r['shortcut_rows']:.0%}")
             print(f"  {r['impl']:16s} {r['ms']:10.3f} ms {extra}  {ratio}{'  ' if notes else ''}{'; '.join(notes)}")
 
 

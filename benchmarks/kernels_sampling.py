@@ -5,7 +5,9 @@
     python benchmarks/kernels_sampling.py --sweep          # GPU: time alternative launch configs of the kernel
 
 Implementations, each one token per row from the same logits and per-row parameters:
-  triton          fused_sample: no sort; a multi-pivot threshold search for top-k / top-p, then a Gumbel race
+  triton          fused_sample: no sort; the race shortcut (statistics, candidates that outscore the top token,
+                  one pass checking the filters at them), else a multi-pivot threshold search, then the race
+  triton_search   the kernel as it was before the shortcut (SHORTCUT off, FUSE on): every filtered row searched
   torch_sort      compact sort-based sampler: sort each row, softmax, cumsum for top-p, masks, one exponential
                   race over the whole batch (one RNG call), gather back (what vLLM-style PyTorch samplers do)
   torch_reference stage1.engine.sampler.sample, the engine's reference: also sorts, plus scatter, and
@@ -93,6 +95,11 @@ def torch_sort_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
     return torch.where(temperature == 0, greedy, order.gather(-1, pick).squeeze(-1))
 
 
+def overridden_call(config: dict, changes: dict, fn):
+    with overridden(config, **changes):
+        return fn()
+
+
 def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=True) -> list[dict]:
     from stage1 import SamplingParams
     from stage1.engine.sampler import SamplingBatch, sample
@@ -107,6 +114,13 @@ def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=Tru
     assert torch.equal(tokens[greedy], logits.argmax(-1)[greedy]), "greedy rows differ from argmax"
 
     impls = {"triton": lambda: sampling.fused_sample(*args)}
+    debug = torch.zeros(batch, 3, dtype=torch.int64, device=device)
+    sampling.fused_sample(*args, _debug=debug)
+    shortcut_rows = debug[:, 2].float().mean().item()  # the share of rows the shortcut drew
+    if mix != "greedy":
+        config = sampling.GPU_CONFIG if device.type == "cuda" else sampling.INTERPRETER_CONFIG
+        impls["triton_search"] = lambda: overridden_call(config, dict(SHORTCUT=False, FUSE=True),
+                                                         lambda: sampling.fused_sample(*args))
     if mix == "greedy":
         impls["torch_argmax"] = lambda: logits.argmax(dim=-1)
     else:
@@ -125,6 +139,7 @@ def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=Tru
     rows = kernel_rows("sampling", shape, timings, device, interpreted, {})
     for row in rows:
         row["same_tokens_as_reference"] = same if row["impl"] == "triton" else None
+        row["shortcut_rows"] = shortcut_rows if row["impl"] == "triton" else None
     return rows
 
 
@@ -151,7 +166,8 @@ def sweep(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
     configs = [default] + [dict(default, **change) for change in (
         dict(PROGRAMS_PER_SM=4), dict(PROGRAMS_PER_SM=16), dict(BLOCK=4096), dict(BLOCK=1024, num_warps=4),
         dict(SBLOCK=128), dict(NT=8, SBLOCK=512), dict(NT=32, SBLOCK=128), dict(FUSE=not default["FUSE"]),
-        dict(BLOCK=4096, num_warps=16))]
+        dict(BLOCK=4096, num_warps=16), dict(SHORTCUT=False), dict(SYNC=not default["SYNC"]), dict(CAP=512),
+        dict(SHORTCUT=False, FUSE=not default["FUSE"]))]
     rows = []
     for cfg in configs:
         with overridden(sampling.GPU_CONFIG, **cfg):

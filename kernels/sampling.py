@@ -11,6 +11,14 @@ atomic ticket) merges the chunks' partial results and updates the row's state fo
 1. Statistics (`_stats_kernel`): online max / sum-exp of x = logits / T, the raw argmax (first index on ties, like
    torch.argmax), the smallest x and, for logprobs, the log-sum-exp of the raw logits. Greedy rows take the argmax;
    a row with no filter on (only a temperature) also runs its draw here. Both are then done.
+   The merge also scores the top token in the race of step 3 (x_top + its noise): the shortcut's bound.
+1b. Race shortcut (`_candidates_kernel`, `_verify_kernel`; SHORTCUT): the draw of step 3 picks the best race score
+   among the survivors, and the top token always survives, so the winner is the top token or one that outscores
+   it. Candidates are those tokens (noise is only needed where x + 16.7 reaches the bound); a candidate that a
+   token at least as likely outscores can never win (whenever it survives, so does that one). The rest, the front,
+   is usually a handful of tokens: one more pass counts the tokens and mass above each of them (the pivots of
+   step 2, given), and the best front token that meets the survivor condition wins. So an LLM-like row takes 3
+   launches and no search. Rows with more than CAP candidates or NT front tokens (flat distributions) go on to:
 2. Threshold search (`_search_kernel`, MAX_PASSES launches; rows already done return at once), only for rows
    with top-k or top-p on. Both keep a prefix of the sorted distribution: a token of scaled logit v survives iff
        count(x > v) < k   and   mass(x > v) < top_p * sum        (mass: sum of exp(x - max))
@@ -50,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from stage1.engine.sampler import GUMBEL_MAX
+
 _NEG_BIG = tl.constexpr(-3.0e38)  # a finite -inf for running maxima: exp(m_old - m_new) never sees inf - inf
 _FLOOR = tl.constexpr(110.0)  # exp(-110) underflows to 0 in fp32: tokens this far below the max can never be drawn
 _INT_MAX = tl.constexpr(2147483647)
@@ -63,7 +73,12 @@ MAX_PASSES = 12
 
 # Per-row state between launches: floats (m, s, lse, mass above hi, mass cap) and int64s (lo, hi, count above lo,
 # count above hi, passes, k, argmax, search needed).
-_SF, _SI = tl.constexpr(5), tl.constexpr(8)
+# Per-row state between launches: floats (m, s, lse, mass above hi, mass cap, the top token's race score) and
+# int64s (lo, hi, count above lo, count above hi, passes, k, argmax, search needed, done, front size). done: 0 while
+# the row is open, 1 when the statistics pass drew it (greedy, temperature only), 2 when the shortcut did (below).
+_SF, _SI = tl.constexpr(6), tl.constexpr(10)
+_GMAX = tl.constexpr(GUMBEL_MAX)  # the largest Gumbel noise a 23-bit uniform gives: no score exceeds x + _GMAX
+_JB = tl.constexpr(16)  # candidates compared at a time in the shortcut's dominance test
 
 
 @triton.jit
@@ -78,13 +93,23 @@ def _gumbel(seed, step, start, BLOCK: tl.constexpr, DRAWS: tl.constexpr):
     if DRAWS == 1:
         n = (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.int64)
         r0, r1, r2, r3 = tl.randint4x(seed, (step << 32) | n)
-        r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [1, BLOCK])
+        return _noise_of(tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [1, BLOCK]))
     else:
-        idx = (start + tl.arange(0, BLOCK))[None, :]
-        steps = step + tl.arange(0, DRAWS).to(tl.int64)[:, None]
-        r0, r1, r2, r3 = tl.randint4x(seed, (steps << 32) | (idx >> 2).to(tl.int64))
-        lane = idx & 3
-        r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+        return _gumbel_at(seed, step + tl.arange(0, DRAWS).to(tl.int64)[:, None],
+                          (start + tl.arange(0, BLOCK))[None, :])
+
+
+@triton.jit
+def _gumbel_at(seed, step, idx):
+    """The same noise for any tokens `idx` (and steps, broadcast with them): one Philox call per token."""
+    r0, r1, r2, r3 = tl.randint4x(seed, (step << 32) | (idx >> 2).to(tl.int64))
+    lane = idx & 3
+    return _noise_of(tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3))))
+
+
+@triton.jit
+def _noise_of(r):
+    """Philox words -> U (top 23 bits) -> -log(-log(U))."""
     u = ((r.to(tl.uint32, bitcast=True) >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
     return -tl.log(-tl.log(u))
 
@@ -247,12 +272,69 @@ def _stats_kernel(
         tl.store(si + 5, k)
         tl.store(si + 6, argmax)
         tl.store(si + 7, need.to(tl.int64))
+        tl.store(si + 8, (greedy | fuse).to(tl.int64))
+        tl.store(si + 9, -1)  # no shortcut front (yet)
+        # the top token always survives: the winner's race score is at least its score (the shortcut's bound)
+        top = argmax + tl.zeros([1], tl.int32)
+        z_top = tl.math.div_rn(tl.load(base + top).to(tl.float32), t) + _gumbel_at(seed, step, top)
+        tl.store(sf + 5, tl.sum(z_top, axis=0))
         if greedy | fuse:
             f_best, f_tok = _merge_race(race_v_ptr, race_i_ptr, row, SPLITS, V, SPLITS_P2, DRAWS)
             token = tl.where(greedy, argmax, tl.where(f_best == float("-inf"), argmax, f_tok))
             tl.store(tok_ptr + row * DRAWS + dr, token.to(tl.int64))
             if WANT_LP:
                 tl.store(logprob_ptr + row * DRAWS + dr, tl.load(base + token).to(tl.float32) - lse)
+
+
+@triton.jit
+def _pivot_sums(base, t, m, piv, lo32, hi32, begin, end, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+                NT: tl.constexpr, NEAREST: tl.constexpr, SKIP_EMPTY: tl.constexpr):
+    """Per pivot (int32 keys [NT]), over the chunk's tokens whose key lies in (lo32, hi32]: how many lie above it
+    and their mass exp(x - m), and with NEAREST the smallest key above it and the largest at or under it.
+
+    One wide read finds whether any token of a block lies inside; only then the per-pivot work, SBLOCK tokens at a
+    time (re-read from cache), and with SKIP_EMPTY only for the SBLOCKs that hold such a token (worth its extra
+    reduction when few tokens are inside)."""
+    offs = tl.arange(0, BLOCK)
+    soffs = tl.arange(0, SBLOCK)
+    cnt = tl.zeros([NT, SBLOCK], tl.int32)
+    mass = tl.zeros([NT, SBLOCK], tl.float32)
+    min_above = tl.full([NT, SBLOCK], _INT_MAX, tl.int32)
+    max_below = tl.full([NT, SBLOCK], _INT_MIN, tl.int32)
+    for start in range(begin, end, BLOCK):
+        idx = start + offs
+        xb = tl.math.div_rn(tl.load(base + idx, mask=idx < end, other=float("-inf")).to(tl.float32),
+                            t).to(tl.int32, bitcast=True)
+        key = xb ^ ((xb >> 31) & 0x7FFFFFFF)
+        inside = (idx < end) & (key > lo32) & (key <= hi32)
+        if tl.max(inside.to(tl.int32), axis=0) > 0:
+            for sub in range(start, start + BLOCK, SBLOCK):
+                sidx = sub + soffs
+                smask = sidx < end
+                x = tl.math.div_rn(tl.load(base + sidx, mask=smask, other=float("-inf")).to(tl.float32), t)
+                sb = x.to(tl.int32, bitcast=True)
+                skey = sb ^ ((sb >> 31) & 0x7FFFFFFF)
+                sin = smask & (skey > lo32) & (skey <= hi32)
+                if SKIP_EMPTY:
+                    if tl.max(sin.to(tl.int32), axis=0) > 0:
+                        cnt, mass, min_above, max_below = _accumulate(cnt, mass, min_above, max_below, skey,
+                                                                      tl.exp(x - m), sin, piv, NEAREST)
+                else:
+                    cnt, mass, min_above, max_below = _accumulate(cnt, mass, min_above, max_below, skey,
+                                                                  tl.exp(x - m), sin, piv, NEAREST)
+    return tl.sum(cnt, axis=1), tl.sum(mass, axis=1), tl.min(min_above, axis=1), tl.max(max_below, axis=1)
+
+
+@triton.jit
+def _accumulate(cnt, mass, min_above, max_below, skey, e, sin, piv, NEAREST: tl.constexpr):
+    above = (skey[None, :] > piv[:, None]) & sin[None, :]
+    cnt += above.to(tl.int32)
+    mass += tl.where(above, e[None, :], 0.0)
+    if NEAREST:
+        below = (skey[None, :] <= piv[:, None]) & sin[None, :]
+        min_above = tl.minimum(min_above, tl.where(above, skey[None, :], _INT_MAX))
+        max_below = tl.maximum(max_below, tl.where(below, skey[None, :], _INT_MIN))
+    return cnt, mass, min_above, max_below
 
 
 @triton.jit
@@ -295,41 +377,14 @@ def _search_kernel(
 
         begin = split * CHUNK
         end = tl.minimum(begin + CHUNK, V)
-        offs = tl.arange(0, BLOCK)
-        soffs = tl.arange(0, SBLOCK)
-        cnt = tl.zeros([NT, SBLOCK], tl.int32)  # per pivot: count above it (of the tokens inside the bracket)
-        mass = tl.zeros([NT, SBLOCK], tl.float32)  # mass (exp(x - m)) above it
-        min_above = tl.full([NT, SBLOCK], _INT_MAX, tl.int32)  # smallest key above it
-        max_below = tl.full([NT, SBLOCK], _INT_MIN, tl.int32)  # largest key at or below it
-        for start in range(begin, end, BLOCK):
-            # one wide read finds whether any token of the block lies inside the bracket; only then the
-            # per-pivot work, SBLOCK tokens at a time (re-read from cache)
-            idx = start + offs
-            xb = tl.math.div_rn(tl.load(base + idx, mask=idx < end, other=float("-inf")).to(tl.float32),
-                                t).to(tl.int32, bitcast=True)
-            key = xb ^ ((xb >> 31) & 0x7FFFFFFF)
-            inside = (idx < end) & (key > lo32) & (key <= hi32)
-            if tl.max(inside.to(tl.int32), axis=0) > 0:
-                for sub in range(start, start + BLOCK, SBLOCK):
-                    sidx = sub + soffs
-                    smask = sidx < end
-                    x = tl.math.div_rn(tl.load(base + sidx, mask=smask, other=float("-inf")).to(tl.float32), t)
-                    e = tl.exp(x - m)
-                    sb = x.to(tl.int32, bitcast=True)
-                    skey = sb ^ ((sb >> 31) & 0x7FFFFFFF)
-                    sin = smask & (skey > lo32) & (skey <= hi32)
-                    above = (skey[None, :] > piv[:, None]) & sin[None, :]
-                    below = (skey[None, :] <= piv[:, None]) & sin[None, :]
-                    cnt += above.to(tl.int32)
-                    mass += tl.where(above, e[None, :], 0.0)
-                    min_above = tl.minimum(min_above, tl.where(above, skey[None, :], _INT_MAX))
-                    max_below = tl.maximum(max_below, tl.where(below, skey[None, :], _INT_MIN))
+        cnt, mass, min_above, max_below = _pivot_sums(base, t, m, piv, lo32, hi32, begin, end, BLOCK, SBLOCK, NT,
+                                                      NEAREST=True, SKIP_EMPTY=False)
         slot = row * SPLITS + split
         pi = part_i_ptr + slot * (1 + 3 * NT) + 1
-        tl.store(pi + j, tl.sum(cnt, axis=1))
-        tl.store(pi + NT + j, tl.min(min_above, axis=1))
-        tl.store(pi + 2 * NT + j, tl.max(max_below, axis=1))
-        tl.store(part_f_ptr + slot * (6 + NT) + 6 + j, tl.sum(mass, axis=1))
+        tl.store(pi + j, cnt)
+        tl.store(pi + NT + j, min_above)
+        tl.store(pi + 2 * NT + j, max_below)
+        tl.store(part_f_ptr + slot * (6 + NT) + 6 + j, mass)
 
         tl.debug_barrier()  # as in _stats_kernel
         if tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel") == SPLITS - 1:
@@ -366,6 +421,149 @@ def _search_kernel(
 
 
 @triton.jit
+def _candidates_kernel(
+    logits_ptr, stride_row, temp_ptr, minp_ptr, seed_ptr, step_ptr,
+    cand_n_ptr, cand_i_ptr, cand_x_ptr, cand_z_ptr, front_i_ptr, front_z_ptr, front_k_ptr,
+    state_f_ptr, state_i_ptr, ticket_ptr, tok_ptr, logprob_ptr,
+    V, CHUNK, SPLITS,
+    BLOCK: tl.constexpr, CAP: tl.constexpr, NT: tl.constexpr, WANT_LP: tl.constexpr,
+):
+    """The shortcut, part 1. Program (row, chunk): gathers the tokens that beat the top token's race score (the
+    row's count by an atomic, at most CAP of them stored); the row's last program keeps those that no other beats
+    at a value as high (the front, at most NT) for _verify_kernel, or draws at once: the top token when none beat
+    it, the best of them when the row has no top-k / top-p (min-p is applied here). A row with more than CAP
+    candidates or NT front tokens is left to the threshold search."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    si = state_i_ptr + row * _SI
+    sf = state_f_ptr + row * _SF
+    if tl.load(si + 8) == 0:
+        base = logits_ptr + row.to(tl.int64) * stride_row
+        temp = tl.load(temp_ptr + row)
+        t = tl.where(temp <= 0.0, 1.0, temp)
+        min_p = tl.load(minp_ptr + row)
+        seed = tl.load(seed_ptr + row)
+        step = tl.load(step_ptr + row)
+        m = tl.load(sf)
+        z_top = tl.load(sf + 5)
+        top = tl.load(si + 6).to(tl.int32)
+        begin = split * CHUNK
+        end = tl.minimum(begin + CHUNK, V)
+        offs = tl.arange(0, BLOCK)
+        for start in range(begin, end, BLOCK):
+            idx = start + offs
+            x = tl.math.div_rn(tl.load(base + idx, mask=idx < end, other=float("-inf")).to(tl.float32), t)
+            # x + _GMAX < z_top: no noise can lift the token past the top one's score
+            maybe = (idx < end) & (x + _GMAX >= z_top) & (tl.exp(x - m) >= min_p)
+            if tl.max(maybe.to(tl.int32), axis=0) > 0:
+                z = x + tl.reshape(_gumbel(seed, step, start, BLOCK, 1), [BLOCK])
+                wins = (maybe & ((z > z_top) | ((z == z_top) & (idx < top)))).to(tl.int32)
+                n = tl.sum(wins, axis=0)
+                if n > 0:
+                    # slots by an atomic: the order differs from run to run, the set does not, and the front
+                    # below depends only on the set
+                    pos = tl.atomic_add(cand_n_ptr + row, n) + tl.cumsum(wins, axis=0) - 1
+                    keep = (wins != 0) & (pos < CAP)
+                    dst = row * CAP + pos
+                    tl.store(cand_i_ptr + dst, idx, mask=keep)
+                    tl.store(cand_x_ptr + dst, x, mask=keep)
+                    tl.store(cand_z_ptr + dst, z, mask=keep)
+        tl.debug_barrier()  # as in _stats_kernel
+        if tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel") == SPLITS - 1:
+            n = tl.atomic_add(cand_n_ptr + row, 0)
+            if n <= CAP:
+                # candidate i is pruned when another, j, has x_j >= x_i and beats it (higher score, or the same
+                # and a lower index): whenever i survives, so does j. The winner is never pruned.
+                c = tl.arange(0, CAP)
+                valid = c < n
+                at = row * CAP + c
+                ci = tl.load(cand_i_ptr + at, mask=valid, other=V, cache_modifier=".cg")
+                cx = tl.load(cand_x_ptr + at, mask=valid, other=float("-inf"), cache_modifier=".cg")
+                cz = tl.load(cand_z_ptr + at, mask=valid, other=float("-inf"), cache_modifier=".cg")
+                pruned = tl.zeros([CAP], tl.int32)
+                for jb in range(0, CAP, _JB):
+                    jj = jb + tl.arange(0, _JB)
+                    jv = jj < n
+                    ji = tl.load(cand_i_ptr + row * CAP + jj, mask=jv, other=V, cache_modifier=".cg")
+                    jx = tl.load(cand_x_ptr + row * CAP + jj, mask=jv, other=float("-inf"), cache_modifier=".cg")
+                    jz = tl.load(cand_z_ptr + row * CAP + jj, mask=jv, other=float("-inf"), cache_modifier=".cg")
+                    beats = (jz[None, :] > cz[:, None]) | ((jz[None, :] == cz[:, None]) & (ji[None, :] < ci[:, None]))
+                    beats &= (jx[None, :] >= cx[:, None]) & jv[None, :]
+                    pruned = tl.maximum(pruned, tl.max(beats.to(tl.int32), axis=1))
+                front = valid & (pruned == 0)
+                nf = tl.sum(front.to(tl.int32), axis=0)
+                if nf <= NT:
+                    slot = row * NT + tl.cumsum(front.to(tl.int32), axis=0) - 1
+                    tl.store(front_i_ptr + slot, ci, mask=front)
+                    tl.store(front_z_ptr + slot, cz, mask=front)
+                    tl.store(front_k_ptr + slot, _key(cx), mask=front)
+                    tl.store(si + 9, nf)
+                    if (nf == 0) | (tl.load(si + 7) == 0):  # nothing beats the top token, or nothing to check
+                        best = tl.max(tl.where(front, cz, float("-inf")), axis=0)
+                        token = tl.min(tl.where(front & (cz == best), ci, V), axis=0)
+                        token = tl.where(nf == 0, top, token)
+                        _finish(base, tok_ptr, logprob_ptr, sf, si, row, token, WANT_LP)
+
+
+@triton.jit
+def _verify_kernel(
+    logits_ptr, stride_row, temp_ptr, part_f_ptr, part_i_ptr, front_i_ptr, front_z_ptr, front_k_ptr,
+    state_f_ptr, state_i_ptr, ticket_ptr, tok_ptr, logprob_ptr,
+    V, CHUNK, SPLITS,
+    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, NT: tl.constexpr, SPLITS_P2: tl.constexpr,
+    WANT_LP: tl.constexpr,
+):
+    """The shortcut, part 2. Program (row, chunk): count and mass above each front token (its scaled logit as a
+    pivot); the row's last program applies the survivor condition to each and draws the best survivor by race
+    score (the top token, which always survives, when none does)."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    si = state_i_ptr + row * _SI
+    sf = state_f_ptr + row * _SF
+    nf = tl.load(si + 9)
+    if (tl.load(si + 8) == 0) & (nf > 0):
+        base = logits_ptr + row.to(tl.int64) * stride_row
+        temp = tl.load(temp_ptr + row)
+        t = tl.where(temp <= 0.0, 1.0, temp)
+        j = tl.arange(0, NT)
+        valid = j < nf
+        piv = tl.load(front_k_ptr + row * NT + j, mask=valid, other=_INT_MAX)
+        begin = split * CHUNK
+        end = tl.minimum(begin + CHUNK, V)
+        # only tokens above the lowest pivot are above any
+        cnt, mass, _, _ = _pivot_sums(base, t, tl.load(sf), piv, tl.min(piv, axis=0), _INT_MAX, begin, end,
+                                      BLOCK, SBLOCK, NT, NEAREST=False, SKIP_EMPTY=True)
+        slot = row * SPLITS + split
+        tl.store(part_i_ptr + slot * (1 + 3 * NT) + 1 + j, cnt)
+        tl.store(part_f_ptr + slot * (6 + NT) + 6 + j, mass)
+        tl.debug_barrier()  # as in _stats_kernel
+        if tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel") == SPLITS - 1:
+            sp = tl.arange(0, SPLITS_P2)
+            in_row = (sp < SPLITS)[:, None]
+            at = (row * SPLITS + sp)[:, None] * (1 + 3 * NT) + 1 + j[None, :]
+            c = tl.sum(tl.load(part_i_ptr + at, mask=in_row, other=0, cache_modifier=".cg"), axis=0).to(tl.int64)
+            atf = (row * SPLITS + sp)[:, None] * (6 + NT) + 6 + j[None, :]
+            mm = tl.sum(tl.load(part_f_ptr + atf, mask=in_row, other=0.0, cache_modifier=".cg"), axis=0)
+            survives = valid & (c < tl.load(si + 5)) & (mm < tl.load(sf + 4))
+            fz = tl.load(front_z_ptr + row * NT + j, mask=survives, other=float("-inf"))
+            fi = tl.load(front_i_ptr + row * NT + j, mask=survives, other=V)
+            best = tl.max(fz, axis=0)
+            token = tl.min(tl.where(survives & (fz == best), fi, V), axis=0)
+            token = tl.where(tl.max(survives.to(tl.int32), axis=0) > 0, token, tl.load(si + 6).to(tl.int32))
+            _finish(base, tok_ptr, logprob_ptr, sf, si, row, token, WANT_LP)
+
+
+@triton.jit
+def _finish(base, tok_ptr, logprob_ptr, sf, si, row, token, WANT_LP: tl.constexpr):
+    """The shortcut's draw: store the token (and its raw logprob) and mark the row done (and not to search)."""
+    tl.store(tok_ptr + row, token.to(tl.int64))
+    if WANT_LP:
+        tl.store(logprob_ptr + row, tl.load(base + token).to(tl.float32) - tl.load(sf + 2))
+    tl.store(si + 7, 0)
+    tl.store(si + 8, 2)
+
+
+@triton.jit
 def _draw_kernel(
     logits_ptr, stride_row, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, step_ptr,
     race_v_ptr, race_i_ptr, state_f_ptr, state_i_ptr, ticket_ptr, tok_ptr, logprob_ptr, debug_ptr,
@@ -380,11 +578,13 @@ def _draw_kernel(
     greedy, t, k, top_p, min_p, p_off, need, fuse = _row_params(temp_ptr, topk_ptr, topp_ptr, minp_ptr, row, V, FUSE)
     si = state_i_ptr + row * _SI
     cut = tl.where(need, tl.load(si), _INT_MIN).to(tl.int32)  # survivors: key(x) > cut (and min-p)
-    if DEBUG:  # for tests: the survivor cut (key) and how many search passes ran
+    done = tl.load(si + 8)
+    if DEBUG:  # for tests: the survivor cut (key), how many search passes ran, and whether the shortcut drew
         if split == 0:
-            tl.store(debug_ptr + 2 * row, cut.to(tl.int64))
-            tl.store(debug_ptr + 2 * row + 1, tl.load(si + 4))
-    if (~greedy) & (~fuse):
+            tl.store(debug_ptr + 3 * row, cut.to(tl.int64))
+            tl.store(debug_ptr + 3 * row + 1, tl.load(si + 4))
+            tl.store(debug_ptr + 3 * row + 2, (done == 2).to(tl.int64))
+    if done == 0:
         base = logits_ptr + row.to(tl.int64) * stride_row
         seed = tl.load(seed_ptr + row)
         step = tl.load(step_ptr + row)
@@ -422,12 +622,20 @@ def _draw_kernel(
 # rows with only a temperature draw during the statistics pass (223 registers in that kernel instead of 78, yet
 # faster in one H200 sweep at 256 x 152k: 1.27 against 1.44 ms with top-k 50 + top-p 0.9, 2.34 against 2.31 with
 # top-p 0.95, 0.69 against 1.46 with a temperature only; benchmarks/results/h200-2026-11-28-b/sweep_sampling.txt).
+# SHORTCUT: whether rows try the race shortcut (stats, candidates, verify) before the threshold search; CAP: the
+# candidates a row may gather for it; SYNC: whether the host asks the GPU, after the shortcut, if any row is left
+# for the search (one sync; without it the 13 search and draw launches always go out, and return at once).
+# FUSE is off with the shortcut on: the shortcut draws temperature-only rows in its second launch, and FUSE's race
+# code takes the statistics kernel from 80 to 189 registers (fp32 logits, sm_90), one block per SM instead of 3,
+# for every row. These defaults are reasoned, not timed: no GPU has run the shortcut yet (--sweep compares).
 # `python benchmarks/kernels_sampling.py --sweep` compares alternatives on a GPU.
-GPU_CONFIG = dict(BLOCK=2048, SBLOCK=256, NT=16, PROGRAMS_PER_SM=8, FUSE=True, num_warps=8)
+GPU_CONFIG = dict(BLOCK=2048, SBLOCK=256, NT=16, PROGRAMS_PER_SM=8, FUSE=False, SHORTCUT=True, CAP=128, SYNC=True,
+                  num_warps=8)
 
 
-# Under the interpreter (tests): block sizes follow the vocabulary; FUSE on saves interpreted passes.
-INTERPRETER_CONFIG = dict(NT=16, FUSE=True, num_warps=4)
+# Under the interpreter (tests): block sizes follow the vocabulary; FUSE on saves interpreted passes, SYNC skips
+# the search launches when the shortcut drew every row.
+INTERPRETER_CONFIG = dict(NT=16, FUSE=True, SHORTCUT=True, CAP=64, SYNC=True, num_warps=4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -461,7 +669,7 @@ def _config(logits: torch.Tensor, draws: int, splits: int | None) -> dict:
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, want_logprobs: bool = False, *,
-                 _draws: int = 1, _splits: int | None = None,
+                 _draws: int = 1, _splits: int | None = None, _shortcut: bool | None = None,
                  _debug: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token per row of `logits` [rows, vocab] (fp32/bf16/fp16), and optionally its raw logprob.
 
@@ -473,8 +681,10 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
 
     Test hooks: `_draws` = D > 1 (a power of two) draws D tokens per row, for steps step .. step + D - 1, from one
     threshold search (tokens [rows, D], each the token a call with that step would draw); `_splits` sets how many
-    chunks each row is cut into (the result must not depend on it); `_debug`, an int64 [rows, 2] tensor, receives
-    each row's survivor cut (survivors: `float_key(logits / T) > cut` and min-p) and the number of search passes.
+    chunks each row is cut into (the result must not depend on it); `_shortcut=False` sends every row to the
+    threshold search (the config's SHORTCUT otherwise; `_draws` > 1 always searches); `_debug`, an int64 [rows, 3]
+    tensor, receives each row's survivor cut (survivors: `float_key(logits / T) > cut` and min-p; searched rows
+    only), the number of search passes, and 1 where the shortcut drew the token.
     """
     if logits.dim() != 2:
         raise ValueError(f"fused_sample: logits must be [rows, vocab], got {tuple(logits.shape)}")
@@ -499,6 +709,8 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     steps = per_row(steps, torch.int64)
     cfg = _config(logits, _draws, _splits)
     group, splits, nt = cfg["group"], cfg["SPLITS"], cfg["NT"]
+    shortcut = cfg["SHORTCUT"] if _shortcut is None else _shortcut
+    shortcut = shortcut and group == 1  # the tests' many draws per row search once for all of them
     tokens = torch.empty(_draws // group, rows, group, dtype=torch.int64, device=device)
     logprobs = torch.empty(_draws // group, rows, group, dtype=torch.float32, device=device) if want_logprobs else None
     if rows:
@@ -510,7 +722,16 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
         race_i = torch.empty(rows * splits * group, dtype=torch.int32, device=device)
         state_f = torch.empty(rows * _SF, dtype=torch.float32, device=device)
         state_i = torch.empty(rows * _SI, dtype=torch.int64, device=device)
-        tickets = torch.zeros(_draws // group, MAX_PASSES + 2, rows, dtype=torch.int32, device=device)
+        tickets = torch.zeros(_draws // group, MAX_PASSES + 4, rows, dtype=torch.int32, device=device)
+        if shortcut:
+            cap = cfg["CAP"]
+            cand_n = torch.zeros(rows, dtype=torch.int32, device=device)
+            cand_i = torch.empty(rows * cap, dtype=torch.int32, device=device)
+            cand_x = torch.empty(rows * cap, dtype=torch.float32, device=device)
+            cand_z = torch.empty(rows * cap, dtype=torch.float32, device=device)
+            front_i = torch.empty(rows * nt, dtype=torch.int32, device=device)
+            front_z = torch.empty(rows * nt, dtype=torch.float32, device=device)
+            front_k = torch.empty(rows * nt, dtype=torch.int32, device=device)
     grid = (rows, splits)
     shape = dict(V=vocab, CHUNK=cfg["CHUNK"], SPLITS=splits)
     common = dict(BLOCK=cfg["BLOCK"], SPLITS_P2=triton.next_power_of_2(splits), num_warps=cfg["num_warps"])
@@ -520,6 +741,16 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
         _stats_kernel[grid](logits, logits.stride(0), temperature, top_k, top_p, min_p, seeds, step_i, part_f,
                             part_i, race_v, race_i, state_f, state_i, tickets[i, 0], tokens[i], lp, **shape,
                             NT=nt, DRAWS=group, WANT_LP=want_logprobs, FUSE=cfg["FUSE"], **common)
+        if shortcut:
+            _candidates_kernel[grid](logits, logits.stride(0), temperature, min_p, seeds, step_i, cand_n, cand_i,
+                                     cand_x, cand_z, front_i, front_z, front_k, state_f, state_i,
+                                     tickets[i, MAX_PASSES + 2], tokens[i], lp, **shape, CAP=cfg["CAP"], NT=nt,
+                                     WANT_LP=want_logprobs, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+            _verify_kernel[grid](logits, logits.stride(0), temperature, part_f, part_i, front_i, front_z, front_k,
+                                 state_f, state_i, tickets[i, MAX_PASSES + 3], tokens[i], lp, **shape,
+                                 SBLOCK=cfg["SBLOCK"], NT=nt, WANT_LP=want_logprobs, **common)
+            if cfg["SYNC"] and _debug is None and bool((state_i.view(rows, _SI)[:, 8] != 0).all()):
+                continue  # the shortcut drew every row
         # Every pass is launched; rows that are done return at once. Asking the GPU whether any row still searched
         # (a sync after the statistics and after every 3 passes) measured slower on an H200 at 256 x 152k with
         # top-k 50 + top-p 0.9: 1.68 ms with FUSE on (results/h200-2026-11-28-c), against 1.27 with FUSE on and

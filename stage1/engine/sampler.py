@@ -145,7 +145,7 @@ _CHUNK = 1 << 16  # Philox calls per pass: the round's temporaries stay in cache
 
 
 # The largest Gumbel noise a 23-bit uniform gives: -log(-log(1 - 2**-24)) = 16.64 (rounded up).
-_GUMBEL_MAX = 16.7
+GUMBEL_MAX = 16.7
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -160,7 +160,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     top_x, top_tokens = x.topk(min(64, x.shape[-1]), dim=-1)
     top_rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(top_tokens)
     top_scores = top_x + gumbel_noise(batch.seeds[top_rows], batch.steps[top_rows], top_tokens)
-    floor = top_scores.max(dim=-1, keepdim=True).values - _GUMBEL_MAX
+    floor = top_scores.max(dim=-1, keepdim=True).values - GUMBEL_MAX
     rows, tokens = (x > floor).nonzero(as_tuple=True)
     scores = torch.full_like(x, float("-inf"))
     scores[rows, tokens] = x[rows, tokens] + gumbel_noise(batch.seeds[rows], batch.steps[rows], tokens)

@@ -193,7 +193,8 @@ def test_multi_draw_hook_equals_separate_calls():
 
 def test_split_rows_give_the_same_tokens(monkeypatch):
     """Rows cut into several chunks (as on a GPU) give exactly the tokens, logprobs, cut and search passes of one
-    chunk per row, with temperature-only rows drawn in the statistics pass (FUSE) or in the draw pass."""
+    chunk per row, with temperature-only rows drawn in the statistics pass (FUSE) or later, and with the race
+    shortcut on or off (every row searched)."""
     from stage1.kernels import sampling as S
 
     g = torch.Generator().manual_seed(9)
@@ -209,20 +210,63 @@ def test_split_rows_give_the_same_tokens(monkeypatch):
     rows = rows_of([0, 0.8, 1.0, 0.9, 1.1, 0.7, 1.3, 1.0, 5.0, 1.0], [0, 40, 0, 0, 0, 7, 0, 1, 0, 0],
                    [1, 0.9, 0.95, 1, 1, 1, 0.5, 1, 1e-6, 1], [0, 0, 0, 0.05, 0, 0, 0.02, 0, 0, 1.0],
                    seeds=[3, 1, 4, 1, 5, 9, 2, 6, 5, 3], steps=[0, 6, 5, 3, 5, 8, 9, 7, 9, 3])
-    results = []
-    for fuse, splits in ((True, 1), (True, 3), (False, 1), (False, 4)):
-        monkeypatch.setitem(S.INTERPRETER_CONFIG, "FUSE", fuse)
-        debug = torch.zeros(n, 2, dtype=torch.int64, device=DEVICE)
-        tokens, logprobs = sample(logits, rows, want_logprobs=True, _splits=splits, _debug=debug)
-        results.append((tokens, logprobs, debug))
-    for tokens, logprobs, debug in results[1:]:
-        assert torch.equal(tokens, results[0][0])
-        torch.testing.assert_close(logprobs, results[0][1], atol=1e-5, rtol=0)
-        assert torch.equal(debug, results[0][2])
-    tokens = results[0][0]
+    results = {}
+    for fuse in (True, False):
+        for shortcut in (True, False):
+            for splits in (1, 3 if fuse else 4):
+                monkeypatch.setitem(S.INTERPRETER_CONFIG, "FUSE", fuse)
+                debug = torch.zeros(n, 3, dtype=torch.int64, device=DEVICE)
+                tokens, logprobs = sample(logits, rows, want_logprobs=True, _splits=splits, _shortcut=shortcut,
+                                          _debug=debug)
+                results[fuse, shortcut, splits] = (tokens, logprobs, debug)
+    tokens, logprobs, _ = results[True, True, 1]
+    for (fuse, shortcut, splits), (other_tokens, other_logprobs, debug) in results.items():
+        assert torch.equal(other_tokens, tokens), (fuse, shortcut, splits)
+        torch.testing.assert_close(other_logprobs, logprobs, atol=1e-5, rtol=0)
+        assert torch.equal(debug, results[fuse, shortcut, 1][2]), (fuse, shortcut, splits)
+    drew = results[True, True, 1][2][:, 2]
+    # the shortcut drew the sampled rows, except row 8: at T = 5 the flat row has more candidates than CAP, so it
+    # went on to the search (3 passes)
+    assert drew.tolist() == [0, 1, 1, 1, 0, 1, 1, 1, 0, 1]
+    assert results[True, True, 1][2][8, 1].item() == 3
+    assert not results[True, False, 1][2][:, 2].any()
     assert tokens[0].item() == 10 and tokens[3].item() == 2500
     assert torch.equal(tokens[7:], logits[7:].argmax(-1))
     assert len(set(tokens[1:7].tolist())) > 3  # the sampled rows drew from their own distributions
+
+
+def test_shortcut_checks_its_front_and_hands_longer_ones_to_the_search():
+    """Tokens lined up so that each beats the top token's race score and no more likely one beats it: the whole
+    line is the shortcut's front, so the filters decide which of them wins. Up to NT the shortcut checks each
+    one; a longer line goes to the threshold search. Both draw the reference's token."""
+    from stage1.engine.sampler import SamplingBatch, gumbel_noise
+    from stage1.engine.sampler import sample as reference_sample
+    from stage1.kernels import sampling as S
+
+    vocab, seed, step = 4000, 77, 3
+    noise = gumbel_noise(torch.full((vocab,), seed), torch.full((vocab,), step), torch.arange(vocab))
+    by_noise = noise.argsort()
+
+    def line(length):
+        """x falls by 1e-3 along the line while the noise rises by far more: each token outscores the previous."""
+        picks = by_noise[torch.linspace(vocab // 2, vocab - 1, length).long()]
+        x = torch.full((vocab,), -20.0)
+        x[picks] = 10.0 - 1e-3 * torch.arange(length, dtype=torch.float32)
+        return x, picks
+
+    long_line, _ = line(S.INTERPRETER_CONFIG["NT"] + 4)
+    short_line, picks = line(10)
+    logits = torch.stack([long_line, short_line, short_line, short_line]).to(DEVICE)
+    # the line's tokens hold nearly equal mass (0.1 each): top-p 0.35 keeps four of them, top-k 5 five
+    params = [SamplingParams(max_tokens=1, temperature=1.0, top_k=k, top_p=p, min_p=m)
+              for k, p, m in ((50, 0.9, 0.0), (5, 1.0, 0.0), (0, 1.0, 0.5), (0, 0.35, 0.0))]
+    batch = SamplingBatch.build(params, DEVICE, seeds=[seed] * 4, steps=[step] * 4)
+    debug = torch.zeros(4, 3, dtype=torch.int64, device=DEVICE)
+    tokens, _ = fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds,
+                             batch.steps, _debug=debug)
+    assert debug[:, 2].tolist() == [0, 1, 1, 1]  # the long line was searched
+    assert tokens[1:].tolist() == [picks[4].item(), picks[9].item(), picks[3].item()]
+    assert torch.equal(tokens, reference_sample(logits, batch))
 
 
 @pytest.mark.parametrize("vocab, temperature, top_k, top_p, min_p", [
@@ -272,8 +316,12 @@ def test_survivors_match_the_reference_filters():
     min_p = [p if p < 0.15 else 0.0 for p in (0.3 * torch.rand(n, generator=g)).tolist()]
     top_p[4:8] = [1.0] * 4  # top-k or min-p alone
     rows = rows_of(temperature, top_k, top_p, min_p)
-    debug = torch.zeros(n, 2, dtype=torch.int64, device=DEVICE)
-    tokens, _ = sample(logits, rows, _debug=debug)
+    debug = torch.zeros(n, 3, dtype=torch.int64, device=DEVICE)
+    tokens, _ = sample(logits, rows, _shortcut=False, _debug=debug)
+    # the shortcut checks the survivor condition only at a few tokens' values, and draws the same tokens
+    shortcut_debug = torch.zeros(n, 3, dtype=torch.int64, device=DEVICE)
+    assert torch.equal(sample(logits, rows, _debug=shortcut_debug)[0], tokens)
+    assert shortcut_debug[:, 2].sum() > n // 2
     kept = kernel_survivors(logits, rows, debug[:, 0])
     assert torch.equal(kept, survivors(logits, rows))
     reference = reference_probs(logits, rows) > 0
@@ -291,8 +339,9 @@ def test_ties_at_the_cut_all_survive():
     logits = (torch.randn(n, vocab, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
     rows = rows_of([1.0] * n, [5, 17, 40, 100, 0, 0, 0, 0, 8, 300, 2, 0],
                    [1, 1, 1, 1, 0.3, 0.5, 0.7, 0.9, 0.6, 0.95, 1, 0.05], [0.0] * n)
-    debug = torch.zeros(n, 2, dtype=torch.int64, device=DEVICE)
-    sample(logits, rows, _debug=debug)
+    debug = torch.zeros(n, 3, dtype=torch.int64, device=DEVICE)
+    tokens, _ = sample(logits, rows, _shortcut=False, _debug=debug)
+    assert torch.equal(sample(logits, rows)[0], tokens)  # the shortcut's condition treats ties alike
     kept = kernel_survivors(logits, rows, debug[:, 0])
     assert torch.equal(kept, survivors(logits, rows))
     reference = reference_probs(logits, rows) > 0
@@ -316,13 +365,17 @@ def test_full_vocabulary_draws_only_survivors():
     logits[2, 1000:2000] = float("-inf")  # masked tokens
     logits = logits.to(DEVICE)
     rows = rows_of([0.8, 1.0, 1.5], [50, 0, 2000], [0.9, 0.95, 0.99], [0.0, 0.01, 0.0])
-    debug = torch.zeros(3, 2, dtype=torch.int64, device=DEVICE)
+    debug = torch.zeros(3, 3, dtype=torch.int64, device=DEVICE)
     tokens, _ = sample(logits, rows, _draws=16, _debug=debug)
     kept = kernel_survivors(logits, rows, debug[:, 0])
     assert torch.equal(kept, survivors(logits, rows))
     assert torch.equal(kept, reference_probs(logits, rows) > 0)
     assert kept.gather(1, tokens.cpu()).all()
     assert (debug[:, 1] <= 8).all(), debug[:, 1].tolist()  # search passes over the row
+    # the shortcut draws the first of those tokens (the same step) without a search
+    debug = torch.zeros(3, 3, dtype=torch.int64, device=DEVICE)
+    first, _ = sample(logits, rows, _debug=debug)
+    assert torch.equal(first, tokens[:, 0]) and debug[:, 2].all()
 
 
 def test_chosen_token_logprob_is_the_raw_log_softmax():
@@ -366,12 +419,14 @@ COMPILE_SM90 = textwrap.dedent("""
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     cfg = dict(S.GPU_CONFIG)
-    floats = {"temp_ptr", "topp_ptr", "minp_ptr", "logprob_ptr", "part_f_ptr", "race_v_ptr", "state_f_ptr"}
-    ints = {"part_i_ptr", "race_i_ptr", "ticket_ptr"}
-    for kernel in (S._stats_kernel, S._search_kernel, S._draw_kernel):
+    floats = {"temp_ptr", "topp_ptr", "minp_ptr", "logprob_ptr", "part_f_ptr", "race_v_ptr", "state_f_ptr",
+              "cand_x_ptr", "cand_z_ptr", "front_z_ptr"}
+    ints = {"part_i_ptr", "race_i_ptr", "ticket_ptr", "cand_n_ptr", "cand_i_ptr", "front_i_ptr", "front_k_ptr"}
+    for kernel in (S._stats_kernel, S._candidates_kernel, S._verify_kernel, S._search_kernel, S._draw_kernel):
         for dtype, lp, debug in (("bf16", False, False), ("fp32", True, True)):
             meta = dict(BLOCK=cfg["BLOCK"], SBLOCK=cfg["SBLOCK"], NT=cfg["NT"], SPLITS_P2=8, DRAWS=1,
-                        VALUE_PASSES=S.VALUE_PASSES, MAX_PASSES=S.MAX_PASSES, WANT_LP=lp, DEBUG=debug, FUSE=lp)
+                        VALUE_PASSES=S.VALUE_PASSES, MAX_PASSES=S.MAX_PASSES, WANT_LP=lp, DEBUG=debug, FUSE=lp,
+                        CAP=cfg["CAP"])
             meta = {name: value for name, value in meta.items() if name in kernel.arg_names}
             signature = {name: "constexpr" if name in meta else
                          ("*" + dtype if name == "logits_ptr" else "*fp32" if name in floats else "*i32" if name in ints

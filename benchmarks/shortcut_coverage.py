@@ -1,0 +1,115 @@
+"""How often the Triton sampler's race shortcut can draw a row, on a real model's logits (no GPU needed).
+
+    python benchmarks/shortcut_coverage.py                     # the default model (cached), float32, on the CPU
+    python benchmarks/shortcut_coverage.py --model DIR --json
+
+The shortcut (kernels/sampling.py) gathers the tokens whose race score x + noise beats the most likely token's,
+keeps those no more likely token outscores (the front) and checks the filters at them in one pass. A row with
+more than CAP candidates or NT front tokens falls back to the threshold search, and every candidate's block needs
+Philox noise. This script runs the model teacher-forced over a few texts (every position is one next-token
+distribution), draws the sampler's very noise (the reference's Philox) and counts, per temperature: candidates,
+front sizes, the rows the shortcut would hand to the search, and the share of tokens that need noise. The same for
+the benchmark's synthetic LLM-like logits (benchmarks/kernels_sampling.py), for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels_sampling import llm_like_logits  # noqa: E402
+
+TEXTS = [
+    "Here are examples of prompts and their completions:\n\nThe answer to \"What is 2+2?\" is:\n4\n\n"
+    "Write a short sentence about winter:\nSnow blankets the quiet landscape in pristine white.\n\n"
+    "What is gravity?\nGravity is the force by which a planet or other body draws objects toward its center. It "
+    "keeps the moon in orbit around the earth and makes things fall to the ground when dropped.",
+    "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n    pivot = xs[0]\n"
+    "    left = [x for x in xs[1:] if x < pivot]\n    right = [x for x in xs[1:] if x >= pivot]\n"
+    "    return quicksort(left) + [pivot] + quicksort(right)\n",
+    "The history of the Roman Empire spans many centuries, from the founding of the city to the fall of "
+    "Constantinople. Historians often divide it into periods, each with its own emperors, wars and reforms.",
+]
+TEMPERATURES = (0.7, 1.0, 1.5)
+
+
+def model_logits(model_dir: Path) -> torch.Tensor:
+    """Next-token logits at every position of TEXTS, [positions, vocab] fp32 (one forward per text, no cache)."""
+    from stage1.engine.attention import AttentionContext
+    from stage1.engine.config import ModelConfig
+    from stage1.engine.tokenizer import Tokenizer
+    from stage1.engine.weights import load_model
+
+    config = ModelConfig.from_dir(model_dir)
+    model = load_model(model_dir, config, torch.float32, torch.device("cpu"))
+    tokenizer = Tokenizer(model_dir)
+    rows = []
+    with torch.inference_mode():
+        for text in TEXTS:
+            ids = tokenizer.encode(text)
+            n = len(ids)
+            ctx = AttentionContext(is_prefill=True, kv_cache=None, slot_mapping=None, block_tables=None,
+                                   context_lens=torch.tensor([n]), cu_seqlens_q_host=[0, n], context_lens_host=[n])
+            hidden = model(torch.tensor(ids), torch.arange(n), ctx)
+            rows.append(model.compute_logits(hidden).float())
+    return torch.cat(rows)
+
+
+def coverage(logits: torch.Tensor, temperature: float, cap: int, front_limit: int, step: int = 3) -> dict:
+    """The shortcut's candidates and fronts for each row of `logits` at `temperature` (seed = row)."""
+    from stage1.engine.sampler import GUMBEL_MAX, gumbel_noise
+
+    rows, vocab = logits.shape
+    x = logits / temperature
+    seeds = torch.arange(rows)[:, None].expand(rows, vocab)
+    z = x + gumbel_noise(seeds, torch.full((rows, vocab), step), torch.arange(vocab)[None].expand(rows, vocab))
+    z_top = z.gather(1, x.argmax(-1, keepdim=True))
+    candidates = z > z_top
+    counts = candidates.sum(-1)
+    fronts = []
+    for r in range(rows):
+        idx = candidates[r].nonzero().flatten()
+        cx, cz = x[r, idx], z[r, idx]
+        outscored = (cx[None, :] >= cx[:, None]) & (cz[None, :] > cz[:, None])
+        fronts.append(int((~outscored.any(1)).sum()))
+    fronts = torch.tensor(fronts)
+    fallback = (counts > cap) | (fronts > front_limit)
+    return dict(temperature=temperature, rows=rows, candidates_median=counts.median().item(),
+                candidates_p99=counts.float().quantile(0.99).item(), candidates_max=counts.max().item(),
+                front_max=fronts.max().item(), fallback_rows=fallback.float().mean().item(),
+                tokens_needing_noise=(x + GUMBEL_MAX >= z_top).float().mean().item())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="a checkpoint directory (default: the default model)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from stage1.kernels.sampling import GPU_CONFIG
+    from stage1.models.fetch import default_model_dir
+
+    model_dir = args.model or default_model_dir()
+    sources = {f"{model_dir.name} (teacher-forced)": model_logits(model_dir),
+               "kernels_sampling.py llm_like_logits": llm_like_logits(64, 152_064, torch.float32,
+                                                                      torch.device("cpu"))}
+    results = []
+    print(f"CAP {GPU_CONFIG['CAP']}, front limit NT {GPU_CONFIG['NT']} (GPU_CONFIG)")
+    for name, logits in sources.items():
+        print(f"{name}: {logits.shape[0]} rows x {logits.shape[1]}")
+        for t in TEMPERATURES:
+            r = dict(coverage(logits, t, GPU_CONFIG["CAP"], GPU_CONFIG["NT"]), source=name)
+            results.append(r)
+            print(f"  T {t}: candidates median {r['candidates_median']}, p99 {r['candidates_p99']:.0f}, max "
+                  f"{r['candidates_max']}; front max {r['front_max']}; rows left to the search "
+                  f"{r['fallback_rows']:.1%}; tokens needing noise {r['tokens_needing_noise']:.1%}")
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -44,12 +44,14 @@ def sync(device: torch.device) -> None:
 
 
 def run_ours(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, device: str, temperature: float,
-             top_p: float) -> tuple[float, LLM]:
+             top_p: float, enforce_eager: bool = False) -> tuple[float, LLM]:
     llm = LLM(model_dir, dtype=dtype, device=device, skip_tokenizer_init=True,
-              max_num_seqs=max(len(prompts), 1))
+              max_num_seqs=max(len(prompts), 1), enforce_eager=enforce_eager)
     params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=0, ignore_eos=True)
     warm = SamplingParams(max_tokens=2, temperature=temperature, top_p=top_p, seed=1, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], warm, use_tqdm=False)  # compiles what it runs
+    # compiles what it runs; on a GPU the whole batch, so the decode graph of its size is captured here too
+    warm_prompts = prompts if llm.device.type == "cuda" else prompts[:2]
+    llm.generate([{"prompt_token_ids": p} for p in warm_prompts], warm, use_tqdm=False)
     llm.stats.__init__()  # count the timed run only
     sync(llm.device)
     start = time.perf_counter()
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else sampled, both")
     parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling, both")
     parser.add_argument("--skip-reference", action="store_true", help="time ours only")
+    parser.add_argument("--enforce-eager", action="store_true", help="ours without CUDA graphs for decode steps")
     args = parser.parse_args()
 
     dtype = parse_dtype(args.dtype)
@@ -131,7 +134,8 @@ def main() -> None:
           f"{'greedy' if args.temperature == 0 else f'sampled (T {args.temperature}, top-p {args.top_p})'}",
           flush=True)
 
-    ours_s, llm = run_ours(model_dir, prompts, args.new_tokens, dtype, args.device, args.temperature, args.top_p)
+    ours_s, llm = run_ours(model_dir, prompts, args.new_tokens, dtype, args.device, args.temperature, args.top_p,
+                           args.enforce_eager)
     generated = args.batch * args.new_tokens
     ours = generated / ours_s
     s = llm.stats
@@ -146,6 +150,7 @@ def main() -> None:
               "temperature": args.temperature, "top_p": args.top_p,
               "model": args.config if args.model is None else str(args.model),
               "decode_step_ms": round(step * 1e3, 2), "matmul_only_step_ms": round(matmul * 1e3, 2),
+              "cuda_graphs": llm.runner.graphs is not None and llm.runner.graphs.capture,
               "prefill_s": round(s.prefill_seconds, 2), "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "commit": git_commit()}
     if not args.skip_reference:

@@ -37,8 +37,10 @@ want tests && step 120 kernel_tests.txt env TRITON_INTERPRET=0 $PY -m pytest -q 
 # 2. each kernel against SDPA / FlexAttention / sort-based torch sampling at the issue's target shapes
 want kernels && step 120 bench_kernels.txt $PY benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json"
 # 3. end to end against transformers generate, random bf16 weights of the 0.5B and 7B shapes
-want generate && step 60 bench_generate_0.5b.txt $PY benchmarks/bench_generate.py --config qwen2.5-0.5b --batch 64 \
-    --new-tokens 128 --dtype bfloat16
+#    (the 0.5B greedy file also holds ours with --enforce-eager: decode steps with and without CUDA graphs)
+want generate && step 90 bench_generate_0.5b.txt bash -c "$PY benchmarks/bench_generate.py --config qwen2.5-0.5b \
+    --batch 64 --new-tokens 128 --dtype bfloat16; $PY benchmarks/bench_generate.py --config qwen2.5-0.5b --batch 64 \
+    --new-tokens 128 --dtype bfloat16 --enforce-eager --skip-reference"
 want generate && step 60 bench_generate_0.5b_sampled.txt $PY benchmarks/bench_generate.py --config qwen2.5-0.5b \
     --batch 64 --new-tokens 128 --dtype bfloat16 --temperature 0.7 --top-p 0.9
 want generate && step 120 bench_generate_7b.txt $PY benchmarks/bench_generate.py --config qwen2.5-7b --batch 32 \

@@ -13,8 +13,9 @@ from typing import Sequence as SequenceT
 
 import torch
 
-from .backends import select_kernels
+from .backends import Kernels, select_kernels
 from .config import ModelConfig, parse_dtype, read_eos_token_ids
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import BlockManager, allocate_kv_cache, bytes_per_block, num_blocks_for_budget
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, Logprob, RequestOutput
@@ -36,7 +37,7 @@ class LLM:
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "auto",
                  block_size: int = 16, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
-                 skip_tokenizer_init: bool = False, kernels: str = "auto"):
+                 skip_tokenizer_init: bool = False, kernels: str = "auto", enforce_eager: bool = False):
         self.model_dir = Path(model)
         self.config = ModelConfig.from_dir(self.model_dir)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -53,9 +54,16 @@ class LLM:
         budget = kv_cache_memory if kv_cache_memory is not None else self._default_kv_budget(
             block_size, max_num_seqs)
         num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, budget)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        graph_mode = self._decode_graph_mode(self.device, self.kernels, enforce_eager)
+        # with decode graphs the pool's last block is their padding rows' sink, owned by no sequence
+        self.block_manager = BlockManager(num_blocks - (graph_mode is not None), block_size)
         kv_cache = allocate_kv_cache(self.config, num_blocks, block_size, self.dtype, self.device)
-        self.runner = ModelRunner(model_obj, kv_cache, block_size, self.kernels, self.device)
+        graphs = None
+        if graph_mode is not None:
+            graphs = DecodeGraphs(model_obj, kv_cache, self.kernels, max_num_seqs,
+                                  -(-self.max_model_len // block_size), num_blocks - 1, block_size, self.device,
+                                  capture=graph_mode == "capture")
+        self.runner = ModelRunner(model_obj, kv_cache, block_size, self.kernels, self.device, graphs)
         self.max_num_seqs = max_num_seqs
         # Tokens per prefill step. On the CPU, ~1k keeps a layer's activations in the last-level cache while the
         # weights are still read once per 1k tokens (measured best on the 0.5B shape); a GPU wants bigger steps.
@@ -66,9 +74,19 @@ class LLM:
         self._request_counter, self._seq_counter = itertools.count(), itertools.count()
         self._last_step_tokens = 0
         self.stats = StepStats()
-        logger.info("stage1: %s on %s in %s, kernels %s, KV cache %d blocks x %d tokens (%.2f GiB)",
-                    self.model_dir, self.device, str(self.dtype).removeprefix("torch."), self.kernels.name, num_blocks,
-                    block_size, num_blocks * bytes_per_block(self.config, block_size, self.dtype) / 2**30)
+        logger.info("stage1: %s on %s in %s, kernels %s, decode %s, KV cache %d blocks x %d tokens (%.2f GiB)",
+                    self.model_dir, self.device, str(self.dtype).removeprefix("torch."), self.kernels.name,
+                    "through CUDA graphs" if graph_mode == "capture" else "eager", num_blocks, block_size,
+                    num_blocks * bytes_per_block(self.config, block_size, self.dtype) / 2**30)
+
+    @staticmethod
+    def _decode_graph_mode(device: torch.device, kernels: Kernels, enforce_eager: bool) -> str | None:
+        """How decode steps run: "capture" replays CUDA graphs (on a GPU with the Triton kernels: the reference
+        attention would gather every row's full-width block table, max_model_len tokens); None runs them eagerly.
+        Tests patch in "padded": the graphs' padded step, run eagerly, which needs no GPU."""
+        if enforce_eager or device.type != "cuda" or kernels.name != "triton":
+            return None
+        return "capture"
 
     def _default_kv_budget(self, block_size: int, max_num_seqs: int) -> int:
         """On a GPU most of what the weights leave free, on the CPU a fixed share; never more than the most

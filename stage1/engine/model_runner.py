@@ -10,6 +10,7 @@ import torch
 
 from .attention import AttentionContext
 from .backends import Kernels
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import slot_index
 from .model import Qwen2ForCausalLM
 from .sampler import SamplingBatch, token_logprobs
@@ -24,12 +25,13 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: Qwen2ForCausalLM, kv_cache: list[torch.Tensor], block_size: int, kernels: Kernels,
-                 device: torch.device):
+                 device: torch.device, graphs: DecodeGraphs | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.kernels = kernels
         self.device = device
+        self.graphs = graphs  # decode steps through CUDA graphs (cuda_graphs.py), or None: every step eager
 
     def _block_tables(self, batch: ScheduledBatch) -> torch.Tensor:
         width = max(len(seq.block_table) for seq in batch.seqs)
@@ -65,7 +67,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, sampling: SamplingBatch | None) -> StepResult:
         input_ids, positions, ctx, sample_rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, ctx)
+        if self.graphs is not None and not batch.is_prefill and self.graphs.fits(len(batch.seqs)):
+            hidden = self.graphs.run(input_ids, positions, ctx)
+        else:
+            hidden = self.model(input_ids, positions, ctx)
         if not sample_rows:
             return StepResult([])
         # Only the rows that get a new token go through the LM head (the vocab-wide matmul is the step's largest).

@@ -52,3 +52,22 @@ def test_sampled_output_identical_to_torch_kernels(checkpoint):
         llm = LLM(path, dtype="float32", kernels=kernels, seed=1)
         outputs[kernels] = [[o.token_ids for o in r.outputs] for r in llm.generate(prompts, params, use_tqdm=False)]
     assert outputs["triton"] == outputs["torch"]
+
+
+def test_decode_graphs_give_the_eager_tokens(checkpoint, monkeypatch):
+    """On a GPU, decode steps replay CUDA graphs (captured per batch bucket) and must give the eager engine's
+    tokens; on the CPU the interpreted kernels run the same padded step eagerly (capturing needs a GPU)."""
+    path = checkpoint("gqa2-d128-untied")
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(LLM, "_decode_graph_mode", staticmethod(
+            lambda device, kernels, enforce_eager: None if enforce_eager else "padded"))
+    g = torch.Generator().manual_seed(2)
+    prompts = [{"prompt_token_ids": torch.randint(3, 400, (n,), generator=g).tolist()} for n in (3, 30, 17, 9, 1)]
+    params = [SamplingParams(max_tokens=m, temperature=t, top_p=0.9, seed=i, ignore_eos=True)
+              for i, (m, t) in enumerate([(6, 0), (3, 0.9), (8, 0), (2, 1.0), (5, 0.7)])]
+    outputs = {}
+    for eager in (True, False):
+        llm = LLM(path, dtype="float32", kernels="triton", max_model_len=128, enforce_eager=eager)
+        assert (llm.runner.graphs is None) == eager
+        outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs[False] == outputs[True]

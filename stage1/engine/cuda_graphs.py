@@ -1,0 +1,102 @@
+"""Decode steps replayed from CUDA graphs: a step's hundreds of kernel launches issued by one call.
+
+On a GPU a decode step of a small model is bound by the host: every op and Triton launch of every layer costs
+microseconds of Python and driver time, far more than the GPU needs for it. A decode step's shapes depend only on
+its batch size, so the model's forward is captured once per batch-size bucket into a graph that reads fixed input
+buffers; each step copies its ids, positions, slots, context lengths and block tables into those buffers and
+replays the smallest graph that holds the batch.
+
+Rows past the batch are padding. Each writes its K/V into a sink block that no sequence owns and attends to that
+one slot, so it computes finite numbers nobody reads; every op of the decoder is row-wise, so padding never
+touches the real rows. Attention sizes its split-K from the block tables' width (the longest context the engine
+allows), not from this step's lengths, so one graph serves every context length.
+
+`capture=False` runs the same padded step eagerly: how the CPU tests check the padding without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionContext
+from .backends import Kernels
+from .model import Qwen2ForCausalLM
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to max_batch (and max_batch itself)."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8)) + [max_batch]
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(self, model: Qwen2ForCausalLM, kv_cache: list[torch.Tensor], kernels: Kernels, max_batch: int,
+                 max_blocks_per_seq: int, sink_block: int, block_size: int, device: torch.device,
+                 capture: bool = True):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.kernels = kernels
+        self.buckets = batch_buckets(max_batch)
+        self.sink_block = sink_block
+        self.sink_slot = sink_block * block_size
+        self.capture = capture
+        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((max_batch,), self.sink_slot, dtype=torch.long, device=device)
+        self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((max_batch, max_blocks_per_seq), sink_block, dtype=torch.int32, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def fits(self, num_seqs: int) -> bool:
+        return 0 < num_seqs <= self.buckets[-1]
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The hidden states of a decode step's `len(input_ids)` sequences, [seqs, hidden]."""
+        n = input_ids.shape[0]
+        size = next(b for b in self.buckets if b >= n)
+        width = ctx.block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(ctx.slot_mapping)
+        self.context_lens[:n].copy_(ctx.context_lens)
+        self.block_tables[:n, :width].copy_(ctx.block_tables)
+        # the rows this step leaves empty may hold a sequence of an earlier step: back to padding
+        self.input_ids[n:size] = 0
+        self.positions[n:size] = 0
+        self.slot_mapping[n:size] = self.sink_slot
+        self.context_lens[n:size] = 1
+        self.block_tables[n:size, 0] = self.sink_block
+        if not self.capture:
+            return self._forward(size)[:n]
+        if size not in self._graphs:
+            self._graphs[size] = self._capture(size)
+        graph, hidden = self._graphs[size]
+        graph.replay()
+        return hidden[:n]
+
+    def _context(self, size: int) -> AttentionContext:
+        # no host copies of the lengths: attention then sizes its splits from the block tables' width
+        return AttentionContext(is_prefill=False, kv_cache=self.kv_cache, slot_mapping=self.slot_mapping[:size],
+                                block_tables=self.block_tables[:size], context_lens=self.context_lens[:size],
+                                backend=self.kernels.attention)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        return self.model(self.input_ids[:size], self.positions[:size], self._context(size))
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Captures the forward for `size` rows. The buffers already hold this step's inputs: the warm-up runs
+        (which compile the Triton kernels and settle the allocator outside the graph) compute this very step, and
+        writing a token's K/V again writes the same values."""
+        stream = torch.cuda.Stream(self.input_ids.device)
+        stream.wait_stream(torch.cuda.current_stream(self.input_ids.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(size)
+        torch.cuda.current_stream(self.input_ids.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # one memory pool for all sizes: a step replays one graph and reads its output before the next replay
+        with torch.cuda.graph(graph, pool=self._pool):
+            hidden = self._forward(size)
+        self._pool = graph.pool()
+        return graph, hidden

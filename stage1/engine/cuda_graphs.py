@@ -11,16 +11,21 @@ one slot, so it computes finite numbers nobody reads; every op of the decoder is
 touches the real rows. Attention sizes its split-K from the block tables' width (the longest context the engine
 allows), not from this step's lengths, so one graph serves every context length.
 
-`capture=False` runs the same padded step eagerly: how the CPU tests check the padding without a GPU.
+`capture=False` runs the same padded step eagerly: how the CPU tests check the padding without a GPU. A capture
+that fails logs a warning and leaves every later step eager, so a job never dies of it.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from .attention import AttentionContext
 from .backends import Kernels
 from .model import Qwen2ForCausalLM
+
+logger = logging.getLogger("stage1")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -48,6 +53,11 @@ class DecodeGraphs:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
+    @property
+    def captured(self) -> list[int]:
+        """The batch sizes captured so far."""
+        return sorted(self._graphs)
+
     def fits(self, num_seqs: int) -> bool:
         return 0 < num_seqs <= self.buckets[-1]
 
@@ -70,7 +80,15 @@ class DecodeGraphs:
         if not self.capture:
             return self._forward(size)[:n]
         if size not in self._graphs:
-            self._graphs[size] = self._capture(size)
+            try:
+                self._graphs[size] = self._capture(size)
+            except Exception as error:  # noqa: BLE001 - any failure to capture: run on, eagerly
+                logger.warning("stage1: capturing the decode step for %d rows in a CUDA graph failed (%s: %s); "
+                               "decode steps run eagerly from now on (pass enforce_eager=True to skip the attempt)",
+                               size, type(error).__name__, error)
+                self.capture = False
+                torch.cuda.synchronize(self.input_ids.device)
+                return self._forward(size)[:n]
         graph, hidden = self._graphs[size]
         graph.replay()
         return hidden[:n]

@@ -70,4 +70,6 @@ def test_decode_graphs_give_the_eager_tokens(checkpoint, monkeypatch):
         llm = LLM(path, dtype="float32", kernels="triton", max_model_len=128, enforce_eager=eager)
         assert (llm.runner.graphs is None) == eager
         outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if not eager and torch.cuda.is_available():  # graphs were captured (no silent fall back to eager)
+            assert llm.runner.graphs.capture and 8 in llm.runner.graphs.captured  # 5 rows: bucket 8
     assert outputs[False] == outputs[True]

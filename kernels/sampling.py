@@ -714,24 +714,18 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     tokens = torch.empty(_draws // group, rows, group, dtype=torch.int64, device=device)
     logprobs = torch.empty(_draws // group, rows, group, dtype=torch.float32, device=device) if want_logprobs else None
     if rows:
-        # scratch: the chunks' partial results, each row's state between launches, and one ticket counter per
-        # row and launch
-        part_f = torch.empty(rows * splits * (6 + nt), dtype=torch.float32, device=device)
-        part_i = torch.empty(rows * splits * (1 + 3 * nt), dtype=torch.int32, device=device)
-        race_v = torch.empty(rows * splits * group, dtype=torch.float32, device=device)
-        race_i = torch.empty(rows * splits * group, dtype=torch.int32, device=device)
-        state_f = torch.empty(rows * _SF, dtype=torch.float32, device=device)
+        # scratch, in three allocations (a GPU call's host time counts): one ticket counter per row and launch and
+        # the shortcut's candidate counts (zeroed), the chunks' partial results, the race winners, each row's state
+        # between launches, the shortcut's candidates and fronts
+        cap = cfg["CAP"] if shortcut else 0
+        tickets, cand_n, part_i, race_i, cand_i, front_i, front_k = _scratch(
+            torch.int32, device, (_draws // group) * (MAX_PASSES + 4) * rows, rows, rows * splits * (1 + 3 * nt),
+            rows * splits * group, rows * cap, rows * nt, rows * nt, zeroed=2)
+        tickets = tickets.view(_draws // group, MAX_PASSES + 4, rows)
+        part_f, race_v, state_f, cand_x, cand_z, front_z = _scratch(
+            torch.float32, device, rows * splits * (6 + nt), rows * splits * group, rows * _SF, rows * cap,
+            rows * cap, rows * nt)
         state_i = torch.empty(rows * _SI, dtype=torch.int64, device=device)
-        tickets = torch.zeros(_draws // group, MAX_PASSES + 4, rows, dtype=torch.int32, device=device)
-        if shortcut:
-            cap = cfg["CAP"]
-            cand_n = torch.zeros(rows, dtype=torch.int32, device=device)
-            cand_i = torch.empty(rows * cap, dtype=torch.int32, device=device)
-            cand_x = torch.empty(rows * cap, dtype=torch.float32, device=device)
-            cand_z = torch.empty(rows * cap, dtype=torch.float32, device=device)
-            front_i = torch.empty(rows * nt, dtype=torch.int32, device=device)
-            front_z = torch.empty(rows * nt, dtype=torch.float32, device=device)
-            front_k = torch.empty(rows * nt, dtype=torch.int32, device=device)
     grid = (rows, splits)
     shape = dict(V=vocab, CHUNK=cfg["CHUNK"], SPLITS=splits)
     common = dict(BLOCK=cfg["BLOCK"], SPLITS_P2=triton.next_power_of_2(splits), num_warps=cfg["num_warps"])
@@ -769,6 +763,17 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
         tokens = tokens[:, 0]
         logprobs = None if logprobs is None else logprobs[:, 0]
     return tokens, logprobs
+
+
+def _scratch(dtype: torch.dtype, device: torch.device, *sizes: int, zeroed: int = 0) -> list[torch.Tensor]:
+    """Flat views of `sizes` elements carved from one allocation, each starting 128 bytes apart at least (the
+    kernels are compiled for 16-byte-aligned pointers); the first `zeroed` of them zero-filled in one fill."""
+    padded = [triton.cdiv(n, 32) * 32 for n in sizes]
+    buffer = torch.empty(max(sum(padded), 1), dtype=dtype, device=device)
+    if zeroed:
+        buffer[:sum(padded[:zeroed])].zero_()
+    starts = [sum(padded[:i]) for i in range(len(sizes))]
+    return [buffer[start:start + n] for start, n in zip(starts, sizes)]
 
 
 def float_key(x: torch.Tensor) -> torch.Tensor:

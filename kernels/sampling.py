@@ -531,8 +531,9 @@ def _verify_kernel(
         begin = split * CHUNK
         end = tl.minimum(begin + CHUNK, V)
         # only tokens above the lowest pivot are above any
-        cnt, mass, _, _ = _pivot_sums(base, t, tl.load(sf), piv, tl.min(piv, axis=0), _INT_MAX, begin, end,
-                                      BLOCK, SBLOCK, NT, NEAREST=False, SKIP_EMPTY=True)
+        cnt, mass, _unused_min, _unused_max = _pivot_sums(base, t, tl.load(sf), piv, tl.min(piv, axis=0), _INT_MAX,
+                                                          begin, end, BLOCK, SBLOCK, NT, NEAREST=False,
+                                                          SKIP_EMPTY=True)
         slot = row * SPLITS + split
         tl.store(part_i_ptr + slot * (1 + 3 * NT) + 1 + j, cnt)
         tl.store(part_f_ptr + slot * (6 + NT) + 6 + j, mass)

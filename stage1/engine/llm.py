@@ -37,7 +37,8 @@ class LLM:
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "auto",
                  block_size: int = 16, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
-                 skip_tokenizer_init: bool = False, kernels: str = "auto", enforce_eager: bool = False):
+                 skip_tokenizer_init: bool = False, kernels: str = "auto", enforce_eager: bool = False,
+                 enable_prefix_caching: bool = True):
         self.model_dir = Path(model)
         self.config = ModelConfig.from_dir(self.model_dir)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -56,7 +57,7 @@ class LLM:
         num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, budget)
         graph_mode = self._decode_graph_mode(self.device, self.kernels, enforce_eager)
         # with decode graphs the pool's last block is their padding rows' sink, owned by no sequence
-        self.block_manager = BlockManager(num_blocks - (graph_mode is not None), block_size)
+        self.block_manager = BlockManager(num_blocks - (graph_mode is not None), block_size, enable_prefix_caching)
         kv_cache = allocate_kv_cache(self.config, num_blocks, block_size, self.dtype, self.device)
         graphs = None
         if graph_mode is not None:
@@ -150,6 +151,7 @@ class LLM:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step (a prefill or a decode); returns the requests that finished in it."""
+        cached_before = self.scheduler.num_cached_tokens
         batch = self.scheduler.schedule()
         self._last_step_tokens = 0
         if not batch.seqs:
@@ -162,9 +164,13 @@ class LLM:
                                        seeds=[s.seed for s in sampling_seqs],
                                        steps=[s.num_output_tokens for s in sampling_seqs])
         started = time.perf_counter()
-        result = self.runner.run(batch, sampling)
+        try:
+            result = self.runner.run(batch, sampling)
+        except BaseException:
+            self.scheduler.discard_step()  # its blocks were registered for prefix caching, but never filled
+            raise
         self.stats.record(batch.is_prefill, sum(batch.num_new_tokens), len(result.tokens),
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, self.scheduler.num_cached_tokens - cached_before)
         self.scheduler.update(batch)
         self._last_step_tokens = len(result.tokens)
         done = []
@@ -327,8 +333,10 @@ class StepStats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     generated_tokens: int = 0
+    prefix_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
 
-    def record(self, is_prefill: bool, computed: int, sampled: int, seconds: float) -> None:
+    def record(self, is_prefill: bool, computed: int, sampled: int, seconds: float, cached: int = 0) -> None:
+        self.prefix_cached_tokens += cached
         if is_prefill:
             self.prefill_steps += 1
             self.prefill_tokens += computed

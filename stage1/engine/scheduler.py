@@ -4,7 +4,8 @@ A step is either a prefill step (prompts, possibly in chunks, packed without pad
 token for every running sequence). New requests join as soon as blocks and the token budget allow; finished
 sequences leave at once. When a decoding sequence needs a block and none is free, the most recently admitted
 sequence is preempted: its blocks are freed and it is later recomputed from its tokens, which gives the same
-output as if it had never been interrupted.
+output as if it had never been interrupted. A sequence that starts, or restarts, first takes the longest prefix
+of its tokens that the block manager has cached (kv_cache.py) and computes only the rest.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt (or recomputed) tokens taken from the prefix cache, not computed
+        self._registered_this_step: list[int] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -44,6 +47,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        self._registered_this_step = []
         batch = self._schedule_prefill()
         if batch.seqs:
             return batch
@@ -58,16 +62,21 @@ class Scheduler:
                 n = min(seq.num_uncomputed_tokens, budget)
                 if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
                     continue
-                self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
+                self._allocate_prefill(seq, n)
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            # start from the longest cached prefix (leaving at least the last token to compute: its logits)
+            seq.prefix_ids = self.blocks.match_prefix(seq.block_table, seq.token_ids, seq.num_tokens - 1)
+            seq.num_computed_tokens = len(seq.prefix_ids) * self.blocks.block_size
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
+                self._release(seq)
                 break
-            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
+            self.num_cached_tokens += seq.num_computed_tokens
+            self._allocate_prefill(seq, n)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -93,10 +102,28 @@ class Scheduler:
                 batch.num_new_tokens.append(1)
         return batch
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+    def _allocate_prefill(self, seq: Sequence, n: int) -> None:
+        """Blocks for the sequence's next n tokens. The full blocks this step will compute are registered at
+        once: a sequence admitted after it in the same step can share them, since each layer writes the whole
+        step's K/V before any sequence attends (undone by discard_step if the step fails)."""
+        self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
+        self._registered_this_step += self.blocks.register(seq.block_table, seq.token_ids, seq.prefix_ids,
+                                                           seq.num_computed_tokens + n)
+
+    def discard_step(self) -> None:
+        """The scheduled step did not run to the end: the blocks it was to fill hold no valid K/V."""
+        self.blocks.unregister(self._registered_this_step)
+        self._registered_this_step = []
+
+    def _release(self, seq: Sequence) -> None:
+        """Gives the sequence's blocks back: it has no K/V in the cache any more."""
         self.blocks.free(seq.block_table)
         seq.num_computed_tokens = 0
+        seq.prefix_ids = []
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -105,6 +132,7 @@ class Scheduler:
         """After the model ran the batch: the computed tokens are in the cache now."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            self.blocks.register(seq.block_table, seq.token_ids, seq.prefix_ids, seq.num_computed_tokens)
 
     def finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED

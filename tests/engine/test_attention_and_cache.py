@@ -87,6 +87,80 @@ def test_block_manager_allocates_grows_and_frees():
     assert a == [] and blocks.num_free_blocks == 2
 
 
+def test_prefix_cache_shares_full_blocks_of_equal_prefixes():
+    blocks = BlockManager(6, 4)
+    a_tokens = list(range(10))  # blocks [0..3], [4..7], then 2 tokens
+    a, a_ids = [], []
+    blocks.allocate(a, 10)
+    blocks.register(a, a_tokens, a_ids, 10)  # two full blocks registered, the partial one not
+    assert len(a_ids) == 2
+    # the same first 8 tokens: both full blocks are shared, and referenced twice
+    b_tokens = list(range(8)) + [99, 98, 97]
+    b = []
+    b_ids = blocks.match_prefix(b, b_tokens, len(b_tokens) - 1)
+    assert b == a[:2] and b_ids == a_ids and blocks.num_free_blocks == 3
+    # a prefix that differs inside the second block shares only the first; one that differs in the first nothing
+    c = []
+    assert len(blocks.match_prefix(c, [0, 1, 2, 3, 4, 5, 0, 7, 8], 8)) == 1 and c == a[:1]
+    assert blocks.match_prefix([], [1, 1, 2, 3, 4], 4) == []
+    # at most max_tokens: a prompt of exactly two cached blocks keeps its last token to compute
+    d = []
+    assert len(blocks.match_prefix(d, list(range(8)), 7)) == 1
+    for table in (b, c, d):
+        blocks.free(table)
+    # a's blocks outlive a: nobody holds them, yet they keep their K/V and can be found again
+    a_blocks = list(a)
+    blocks.free(a)
+    assert blocks.num_free_blocks == 6
+    e = []
+    assert blocks.match_prefix(e, a_tokens, 9) == a_ids and e == a_blocks[:2] and blocks.num_free_blocks == 4
+    blocks.free(e)
+
+
+def test_prefix_cache_reuses_idle_blocks_last_and_forgets_them():
+    blocks = BlockManager(3, 2)
+    a, ids = [], []
+    blocks.allocate(a, 4)
+    blocks.register(a, [5, 6, 7, 8], ids, 4)
+    cached = list(a)
+    blocks.free(a)
+    other = []
+    blocks.allocate(other, 2)  # the never-registered block goes first
+    assert other[0] not in cached and blocks.num_free_blocks == 2
+    blocks.allocate(other, 4)  # then the least recently used cached block: its prefix is forgotten
+    assert other[1] == cached[0]
+    assert blocks.match_prefix([], [5, 6, 7, 8, 9], 4) == []  # the chain starts with the evicted block
+    blocks.free(other)
+
+
+def test_prefix_cache_registers_one_block_per_content():
+    """Two sequences that computed the same prefix in the same step: the first registers it, the second goes on
+    from the first's prefix id (so its later blocks chain to the cached prefix) and frees its own copy."""
+    blocks = BlockManager(8, 2)
+    tokens = [1, 2, 3, 4, 5]
+    a, b, a_ids, b_ids = [], [], [], []
+    blocks.allocate(a, 5)
+    blocks.allocate(b, 5)
+    blocks.register(a, tokens, a_ids, 4)
+    blocks.register(b, tokens, b_ids, 4)
+    assert a_ids == b_ids
+    tokens_b = tokens + [6]
+    blocks.register(b, tokens_b, b_ids, 6)  # b's third block, chained to a's registered prefix
+    a_blocks, b_blocks = list(a), list(b)
+    blocks.free(a)
+    blocks.free(b)
+    found = []
+    assert len(blocks.match_prefix(found, tokens_b + [7], 6)) == 3 and found == a_blocks[:2] + b_blocks[2:3]
+    assert blocks.num_free_blocks == 5
+    blocks.free(found)
+    assert blocks.num_free_blocks == 8
+    off = BlockManager(4, 2, prefix_caching=False)
+    t, t_ids = [], []
+    off.allocate(t, 4)
+    off.register(t, [1, 2, 3, 4], t_ids, 4)
+    assert t_ids == [] and off.match_prefix([], [1, 2, 3, 4, 5], 4) == []
+
+
 def test_pool_sized_from_memory_budget():
     config = ModelConfig.from_dict({"model_type": "qwen2", "vocab_size": 10, "hidden_size": 896,
                                     "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,

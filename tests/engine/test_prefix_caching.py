@@ -1,0 +1,42 @@
+"""Prefix caching in the engine: prompts that share a few-shot prefix compute it once, and every output is the one
+the engine gives with the cache off (greedy and seeded sampling, with a KV cache small enough that cached blocks
+get evicted and sequences preempted)."""
+
+from __future__ import annotations
+
+import torch
+
+from stage1 import LLM, SamplingParams
+
+
+def run(path, prompts, params, **kwargs):
+    llm = LLM(path, dtype="float32", kernels="torch", seed=3, **kwargs)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return llm, [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+def test_shared_prefixes_are_computed_once_with_the_same_outputs(checkpoint):
+    path = checkpoint("gqa2-d128-untied")
+    g = torch.Generator().manual_seed(0)
+    shots = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (45, 70)]  # two few-shot prefixes
+    prompts = [{"prompt_token_ids": shots[i % 2] + torch.randint(3, 400, (int(n),), generator=g).tolist()}
+               for i, n in enumerate(torch.randint(1, 12, (10,), generator=g))]
+    prompts.append({"prompt_token_ids": list(shots[0][:32])})  # a prompt that is all cached blocks
+    params = [SamplingParams(max_tokens=6 + (i % 3), temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True)
+              for i in range(len(prompts))]
+    params[3] = SamplingParams(max_tokens=5, temperature=1.0, n=3, seed=9, ignore_eos=True)
+    for budget in ({}, dict(kv_cache_memory=14 * 2 * 2 * 2 * 128 * 16 * 4, max_num_batched_tokens=64)):
+        off_llm, off = run(path, prompts, params, enable_prefix_caching=False, **budget)
+        on_llm, on = run(path, prompts, params, **budget)
+        assert on == off, budget
+        assert off_llm.stats.prefix_cached_tokens == 0
+        assert on_llm.stats.prefix_cached_tokens > 0
+        if budget:  # 14 blocks of 16 tokens: cached blocks were handed out again, and sequences preempted
+            assert on_llm.scheduler.num_preemptions > 0
+        else:
+            # one prefill step: the later sequences of each prefix shared the blocks the first computes in that
+            # very step (45 tokens -> 2 full blocks, for 4 more prompts; 70 -> 4, for 4 more prompts and the
+            # 2 more samples of request 3), and the prompt of two whole blocks took the first of them
+            assert on_llm.stats.prefill_steps == off_llm.stats.prefill_steps == 1
+            assert on_llm.stats.prefix_cached_tokens == 4 * 2 * 16 + 6 * 4 * 16 + 16
+            assert on_llm.stats.prefill_tokens + on_llm.stats.prefix_cached_tokens == off_llm.stats.prefill_tokens

@@ -40,3 +40,28 @@ def test_shared_prefixes_are_computed_once_with_the_same_outputs(checkpoint):
             assert on_llm.stats.prefill_steps == off_llm.stats.prefill_steps == 1
             assert on_llm.stats.prefix_cached_tokens == 4 * 2 * 16 + 6 * 4 * 16 + 16
             assert on_llm.stats.prefill_tokens + on_llm.stats.prefix_cached_tokens == off_llm.stats.prefill_tokens
+
+
+def test_a_failed_step_leaves_no_cached_prefix_behind(checkpoint, monkeypatch):
+    """Blocks are registered when their prefill step is scheduled; if that step fails, a later request must not
+    find them (they hold no valid K/V), and the engine goes on giving the right tokens."""
+    path = checkpoint("gqa2-d128-untied")
+    prompt = {"prompt_token_ids": list(range(3, 60))}
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    llm = LLM(path, dtype="float32", kernels="torch")
+    expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    fresh = LLM(path, dtype="float32", kernels="torch")
+    real_run = fresh.runner.run
+
+    def failing(batch, sampling):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(fresh.runner, "run", failing)
+    try:
+        fresh.generate([prompt], params, use_tqdm=False)
+    except RuntimeError:
+        pass
+    assert fresh.block_manager.match_prefix([], prompt["prompt_token_ids"], 56) == []
+    assert fresh.block_manager.num_free_blocks == fresh.block_manager.num_blocks
+    monkeypatch.setattr(fresh.runner, "run", real_run)
+    assert fresh.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == expected

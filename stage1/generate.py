@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--dtype", default="auto", metavar="DTYPE", help="model dtype: auto, bfloat16, float16, float32")
     eng.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     eng.add_argument("--max-model-len", type=int, metavar="N", help="context limit in tokens (default: the model's)")
+    eng.add_argument("--no-prefix-caching", action="store_true",
+                     help="compute every prompt in full (by default prompts that share a few-shot prefix compute it "
+                          "once)")
     eng.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -185,7 +188,8 @@ def _load_llm(model_dir: Path, args: argparse.Namespace):
     except ImportError as e:
         raise DataError(f"the stage1 engine can't be imported ({e}); reinstall stage1 (pip install -e .)") from None
     try:
-        return LLM(str(model_dir), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+        return LLM(str(model_dir), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                   enable_prefix_caching=not args.no_prefix_caching)
     except (OSError, ValueError) as e:
         raise DataError(f"could not load the model in {model_dir}: {e}") from None
 

@@ -56,6 +56,7 @@ class SessionStats:
     kept: int = 0
     rejected: int = 0
     prompt_tokens: int = 0
+    prompt_tokens_cached: int = 0  # of those, taken from the engine's prefix cache (the shared few-shot prefix)
     generated_tokens: int = 0
     generate_seconds: float = 0.0
     repaired_bytes: int = 0  # a partial last line cut off the files on resume
@@ -66,6 +67,11 @@ class SessionStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+def _prefix_cached_tokens(llm) -> int:
+    stats = getattr(llm, "stats", None)  # an engine without prefix-cache stats counts none
+    return getattr(stats, "prefix_cached_tokens", 0)
 
 
 def vocab_size(llm) -> int | None:
@@ -151,9 +157,10 @@ class Pipeline:
                   for p in requests]
         outputs = {}
         if requests:
-            t0 = time.perf_counter()
+            t0, cached = time.perf_counter(), _prefix_cached_tokens(self.llm)
             results = self.llm.generate([p.prompt.text for p in requests], params, use_tqdm=self.engine_progress)
             self.stats.generate_seconds += time.perf_counter() - t0
+            self.stats.prompt_tokens_cached += _prefix_cached_tokens(self.llm) - cached
             if len(results) != len(requests):
                 raise PromptMismatchError(f"the engine returned {len(results)} outputs for {len(requests)} prompts")
             for plan, out in zip(requests, results):

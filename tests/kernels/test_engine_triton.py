@@ -73,3 +73,18 @@ def test_decode_graphs_give_the_eager_tokens(checkpoint, monkeypatch):
         if not eager and torch.cuda.is_available():  # graphs were captured (no silent fall back to eager)
             assert llm.runner.graphs.capture and 8 in llm.runner.graphs.captured  # 5 rows: bucket 8
     assert outputs[False] == outputs[True]
+
+
+def test_prefix_caching_with_triton_kernels(checkpoint):
+    """Prompts sharing a prefix: the Triton prefill kernel reads the shared blocks (some written earlier in the
+    same step by another prompt's tokens) and gives the tokens of the reference engine without the cache."""
+    path = checkpoint("gqa2-d128-untied")
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 400, (40,), generator=g).tolist()
+    prompts = [{"prompt_token_ids": shared + torch.randint(3, 400, (n,), generator=g).tolist()} for n in (2, 9, 5)]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    ref = LLM(path, dtype="float32", kernels="torch", enable_prefix_caching=False)
+    tri = LLM(path, dtype="float32", kernels="triton")
+    expected = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in tri.generate(prompts, params, use_tqdm=False)] == expected
+    assert tri.stats.prefix_cached_tokens == 2 * 32  # two later prompts x two full blocks of the shared 40 tokens

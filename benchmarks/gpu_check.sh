@@ -31,9 +31,10 @@ step() { local limit=$1 name=$2; shift 2; local t0=$SECONDS
          timeout "$limit" "$@" > "$OUT/$name" 2>&1; local rc=$?
          echo "== $name: rc=$rc in $((SECONDS - t0)) s (limit $limit s)"; tail -n 4 "$OUT/$name"; }
 
-# 1. correctness: the kernels compiled (not interpreted), bf16 included, and the engine with kernels='triton'
+# 1. correctness: the kernels compiled (not interpreted), bf16 included, and the engine with kernels='triton'; decode through CUDA graphs
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-want tests && step 120 kernel_tests.txt env TRITON_INTERPRET=0 $PY -m pytest -q $XDIST tests/kernels tests/engine/test_backends.py
+want tests && step 120 kernel_tests.txt env TRITON_INTERPRET=0 $PY -m pytest -q $XDIST tests/kernels tests/engine/test_backends.py \
+    tests/engine/test_cuda_graphs.py tests/engine/test_prefix_caching.py
 # 2. each kernel against SDPA / FlexAttention / sort-based torch sampling at the target shapes
 want kernels && step 120 bench_kernels.txt $PY benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json"
 # 3. end to end against transformers generate, random bf16 weights of the 0.5B and 7B shapes

@@ -167,7 +167,7 @@ class LLM:
         try:
             result = self.runner.run(batch, sampling)
         except BaseException:
-            self.scheduler.discard_step()  # its blocks were registered for prefix caching, but never filled
+            self.scheduler.discard_step(batch)  # its blocks were registered for prefix caching, never filled
             raise
         self.stats.record(batch.is_prefill, sum(batch.num_new_tokens), len(result.tokens),
                           time.perf_counter() - started, self.scheduler.num_cached_tokens - cached_before)

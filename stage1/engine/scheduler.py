@@ -110,10 +110,14 @@ class Scheduler:
         self._registered_this_step += self.blocks.register(seq.block_table, seq.token_ids, seq.prefix_ids,
                                                            seq.num_computed_tokens + n)
 
-    def discard_step(self) -> None:
-        """The scheduled step did not run to the end: the blocks it was to fill hold no valid K/V."""
+    def discard_step(self, batch: ScheduledBatch) -> None:
+        """The scheduled batch did not run to the end: the blocks it was to fill hold no valid K/V. They are
+        unregistered, and its sequences start over (a caller that goes on stepping gets right tokens)."""
         self.blocks.unregister(self._registered_this_step)
         self._registered_this_step = []
+        for seq in batch.seqs:
+            if seq in self.running:
+                self._preempt(seq)
 
     def _release(self, seq: Sequence) -> None:
         """Gives the sequence's blocks back: it has no K/V in the cache any more."""

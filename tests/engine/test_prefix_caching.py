@@ -65,3 +65,19 @@ def test_a_failed_step_leaves_no_cached_prefix_behind(checkpoint, monkeypatch):
     assert fresh.block_manager.num_free_blocks == fresh.block_manager.num_blocks
     monkeypatch.setattr(fresh.runner, "run", real_run)
     assert fresh.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == expected
+    # through the step API, a caller that catches the failure and steps on: two requests sharing the prefix were
+    # scheduled in the failed step, the second on blocks the first was to fill; the first is then aborted, so
+    # nobody fills them: the second must start over, not attend to them
+    stepper = LLM(path, dtype="float32", kernels="torch")
+    first, second = [stepper.add_request(prompt, params) for _ in range(2)]
+    monkeypatch.setattr(stepper.runner, "run", failing)
+    try:
+        stepper.step()
+    except RuntimeError:
+        pass
+    monkeypatch.setattr(stepper.runner, "run", real_run)
+    stepper.abort([first])
+    done = {}
+    while stepper.has_unfinished_requests():
+        done.update({out.request_id: out for out in stepper.step()})
+    assert list(done) == [second] and done[second].outputs[0].token_ids == expected

@@ -570,13 +570,15 @@ def _draw_kernel(
     race_v_ptr, race_i_ptr, state_f_ptr, state_i_ptr, ticket_ptr, tok_ptr, logprob_ptr, debug_ptr,
     V, CHUNK, SPLITS,
     BLOCK: tl.constexpr, SPLITS_P2: tl.constexpr, DRAWS: tl.constexpr, WANT_LP: tl.constexpr,
-    DEBUG: tl.constexpr, FUSE: tl.constexpr,
+    DEBUG: tl.constexpr,
 ):
     """Program (row, chunk): the race among the chunk's survivors; the row's last program picks the winner.
-    Greedy and unfiltered rows were finished by _stats_kernel."""
+    Rows already drawn (greedy, and with FUSE temperature-only, in _stats_kernel; others by the shortcut) return."""
     row = tl.program_id(0)
     split = tl.program_id(1)
-    greedy, t, k, top_p, min_p, p_off, need, fuse = _row_params(temp_ptr, topk_ptr, topp_ptr, minp_ptr, row, V, FUSE)
+    # rows the statistics pass or the shortcut drew are done (state); the parameters give the rest their filters
+    _greedy, t, _k, _top_p, min_p, _p_off, need, _fuse = _row_params(temp_ptr, topk_ptr, topp_ptr, minp_ptr, row, V,
+                                                                     False)
     si = state_i_ptr + row * _SI
     cut = tl.where(need, tl.load(si), _INT_MIN).to(tl.int32)  # survivors: key(x) > cut (and min-p)
     done = tl.load(si + 8)
@@ -757,7 +759,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
         _draw_kernel[grid](logits, logits.stride(0), temperature, top_k, top_p, min_p, seeds, step_i, race_v,
                            race_i, state_f, state_i, tickets[i, MAX_PASSES + 1], tokens[i], lp,
                            tokens if _debug is None else _debug, **shape, DRAWS=group, WANT_LP=want_logprobs,
-                           DEBUG=_debug is not None, FUSE=cfg["FUSE"], **common)
+                           DEBUG=_debug is not None, **common)
     tokens = tokens.permute(1, 0, 2).reshape(rows, _draws)
     logprobs = None if logprobs is None else logprobs.permute(1, 0, 2).reshape(rows, _draws)
     if _draws == 1:

@@ -21,8 +21,7 @@ import logging
 
 import torch
 
-from .attention import AttentionContext
-from .backends import Kernels
+from .attention import AttentionBackend, AttentionContext
 from .model import Qwen2ForCausalLM
 
 logger = logging.getLogger("stage1")
@@ -35,12 +34,12 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Qwen2ForCausalLM, kv_cache: list[torch.Tensor], kernels: Kernels, max_batch: int,
-                 max_blocks_per_seq: int, sink_block: int, block_size: int, device: torch.device,
+    def __init__(self, model: Qwen2ForCausalLM, kv_cache: list[torch.Tensor], attention: AttentionBackend | None,
+                 max_batch: int, max_blocks_per_seq: int, sink_block: int, block_size: int, device: torch.device,
                  capture: bool = True):
         self.model = model
         self.kv_cache = kv_cache
-        self.kernels = kernels
+        self.attention = attention
         self.buckets = batch_buckets(max_batch)
         self.sink_block = sink_block
         self.sink_slot = sink_block * block_size
@@ -97,7 +96,7 @@ class DecodeGraphs:
         # no host copies of the lengths: attention then sizes its splits from the block tables' width
         return AttentionContext(is_prefill=False, kv_cache=self.kv_cache, slot_mapping=self.slot_mapping[:size],
                                 block_tables=self.block_tables[:size], context_lens=self.context_lens[:size],
-                                backend=self.kernels.attention)
+                                backend=self.attention)
 
     def _forward(self, size: int) -> torch.Tensor:
         return self.model(self.input_ids[:size], self.positions[:size], self._context(size))

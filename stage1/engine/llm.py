@@ -61,9 +61,9 @@ class LLM:
         kv_cache = allocate_kv_cache(self.config, num_blocks, block_size, self.dtype, self.device)
         graphs = None
         if graph_mode is not None:
-            graphs = DecodeGraphs(model_obj, kv_cache, self.kernels, max_num_seqs,
-                                  -(-self.max_model_len // block_size), num_blocks - 1, block_size, self.device,
-                                  capture=graph_mode == "capture")
+            graphs = DecodeGraphs(model_obj, kv_cache, self.kernels.attention, max_num_seqs,
+                                  self.block_manager.blocks_needed(self.max_model_len), num_blocks - 1, block_size,
+                                  self.device, capture=graph_mode == "capture")
         self.runner = ModelRunner(model_obj, kv_cache, block_size, self.kernels, self.device, graphs)
         self.max_num_seqs = max_num_seqs
         # Tokens per prefill step. On the CPU, ~1k keeps a layer's activations in the last-level cache while the

@@ -5,8 +5,6 @@ tests/kernels/test_engine_triton.py does that there.)"""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -82,7 +80,7 @@ def test_rows_past_the_batch_always_point_at_the_sink():
         seen.append((ids.clone(), ctx.slot_mapping.clone(), ctx.context_lens.clone(), ctx.block_tables.clone()))
         return torch.zeros(ids.shape[0], 3)
 
-    graphs = DecodeGraphs(model, [], SimpleNamespace(attention=None), max_batch=8, max_blocks_per_seq=4, sink_block=9, block_size=16,
+    graphs = DecodeGraphs(model, [], None, max_batch=8, max_blocks_per_seq=4, sink_block=9, block_size=16,
                           device=torch.device("cpu"), capture=False)
 
     def step(n):

@@ -694,6 +694,9 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     if _draws < 1 or _draws & (_draws - 1):
         raise ValueError(f"fused_sample: _draws must be a power of two, got {_draws}")
     rows, vocab = logits.shape
+    if _debug is not None and (_debug.shape != (rows, 3) or _debug.dtype != torch.int64):
+        raise ValueError(f"fused_sample: _debug must be an int64 [{rows}, 3] tensor (cut, passes, shortcut), got "
+                         f"{_debug.dtype} {tuple(_debug.shape)}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     device = logits.device

@@ -405,9 +405,11 @@ def test_edge_parameters():
     tokens, _ = sample(masked, rows_of([3.0] * 5, [0, 50, 0, 0, 0], [1, 1, 0.99, 1, 1], [0, 0, 0, 1e-4, 0]),
                        _draws=64)
     assert (tokens < 100).all()
-    # rejects misshapen inputs
+    # rejects misshapen inputs (a debug tensor of the old [rows, 2] shape would be written past its end)
     with pytest.raises(ValueError, match="per-row"):
         fused_sample(logits, torch.ones(4), *[torch.zeros(5)] * 5)
+    with pytest.raises(ValueError, match=r"_debug must be an int64 \[5, 3\]"):
+        sample(logits, rows, _debug=torch.zeros(5, 2, dtype=torch.int64, device=DEVICE))
 
 
 COMPILE_SM90 = textwrap.dedent("""

@@ -94,7 +94,11 @@ def main() -> None:
     from stage1.models.fetch import default_model_dir
 
     model_dir = args.model or default_model_dir()
-    sources = {f"{model_dir.name} (teacher-forced)": model_logits(model_dir),
+    try:
+        real = model_logits(model_dir)
+    except (OSError, ValueError) as e:  # a missing or broken checkpoint: its message says what to pass
+        raise SystemExit(f"shortcut_coverage: {e}") from None
+    sources = {f"{model_dir.name} (teacher-forced)": real,
                "kernels_sampling.py llm_like_logits": llm_like_logits(64, 152_064, torch.float32,
                                                                       torch.device("cpu"))}
     results = []

@@ -64,7 +64,7 @@ def test_padded_decode_gives_the_eager_tokens(checkpoint, monkeypatch, max_num_s
 
 def test_eager_unless_a_gpu_runs_the_triton_kernels(tiny_model_dir):
     llm = LLM(tiny_model_dir, dtype="float32", kernels="torch")
-    assert llm.runner.graphs is None  # the CPU: no CUDA graphs
+    assert llm.runner.graphs is None  # the CPU (and, on a GPU, the reference kernels): no CUDA graphs
     assert LLM._decode_graph_mode(torch.device("cuda"), llm.kernels, enforce_eager=False) is None  # reference kernels
 
 

@@ -49,8 +49,12 @@ def run_ours(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, devi
               max_num_seqs=max(len(prompts), 1), enforce_eager=enforce_eager)
     params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=0, ignore_eos=True)
     warm = SamplingParams(max_tokens=2, temperature=temperature, top_p=top_p, seed=1, ignore_eos=True)
-    # compiles what it runs; on a GPU the whole batch, so the decode graph of its size is captured here too
-    warm_prompts = prompts if llm.device.type == "cuda" else prompts[:2]
+    # compiles what it runs; on a GPU the whole batch, so the decode graph of its size is captured here too. Other
+    # prompts of the same lengths: the timed ones must not find their blocks in the prefix cache.
+    warm_prompts = mixed_prompts(len(prompts), llm.config.vocab_size, min(map(len, prompts)), max(map(len, prompts)),
+                                 seed=1)
+    if llm.device.type != "cuda":
+        warm_prompts = warm_prompts[:2]
     llm.generate([{"prompt_token_ids": p} for p in warm_prompts], warm, use_tqdm=False)
     llm.stats.__init__()  # count the timed run only
     sync(llm.device)
@@ -59,6 +63,7 @@ def run_ours(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, devi
     sync(llm.device)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    assert llm.stats.prefix_cached_tokens == 0, "the timed prompts reused cached blocks: not the peer's work"
     return elapsed, llm
 
 

@@ -40,7 +40,7 @@ TEMPERATURES = (0.7, 1.0, 1.5)
 
 def model_logits(model_dir: Path) -> torch.Tensor:
     """Next-token logits at every position of TEXTS, [positions, vocab] fp32 (one forward per text, no cache)."""
-    from stage1.engine.attention import AttentionContext
+    from stage1.contract import AttentionContext
     from stage1.engine.config import ModelConfig
     from stage1.engine.tokenizer import Tokenizer
     from stage1.engine.weights import load_model
@@ -62,7 +62,7 @@ def model_logits(model_dir: Path) -> torch.Tensor:
 
 def coverage(logits: torch.Tensor, temperature: float, cap: int, front_limit: int, step: int = 3) -> dict:
     """The shortcut's candidates and fronts for each row of `logits` at `temperature` (seed = row)."""
-    from stage1.engine.sampler import GUMBEL_MAX, gumbel_noise
+    from stage1.contract import GUMBEL_MAX, gumbel_noise
 
     rows, vocab = logits.shape
     x = logits / temperature

@@ -1,7 +1,7 @@
 """Triton kernels for attention over the paged KV cache, and the backend that puts them behind the engine.
 
-The cache layout, the step's context and the plain-PyTorch references are in stage1/engine/attention.py: per layer
-one tensor `[2, num_blocks, block_size, num_kv_heads, head_dim]` (K at 0, V at 1); the token at position p of a
+The backend interface, the step's context and the cache layout are in stage1/contract.py, the plain-PyTorch
+references in stage1/engine/attention.py: per layer one tensor `[2, num_blocks, block_size, num_kv_heads, head_dim]` (K at 0, V at 1); the token at position p of a
 sequence lives in slot `block_table[p // block_size] * block_size + p % block_size`.
 
 Every kernel reads K/V through the block table one token row at a time (a vector of page ids per tile), so any
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stage1.engine.attention import AttentionBackend, AttentionContext
+from stage1.contract import AttentionBackend, AttentionContext
 
 from .rotary import rotary
 
@@ -417,8 +417,8 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Te
 # ----------------------------------------------------------------------------------------------------------------
 
 class TritonAttentionBackend(AttentionBackend):
-    """The reference backend with rotary (kernels/rotary.py), write_kv, prefill and decode on Triton kernels.
-    Prefill without a cache (a few unit tests run the model so) falls back to the reference."""
+    """Rotary (kernels/rotary.py), write_kv, prefill and decode on Triton kernels; their plain-PyTorch references
+    are `stage1.engine.attention`'s."""
 
     name = "triton"
 
@@ -430,7 +430,8 @@ class TritonAttentionBackend(AttentionBackend):
 
     def prefill(self, q, k, v, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
         if cache is None or ctx.block_tables is None:
-            return super().prefill(q, k, v, cache, ctx, scale)
+            raise ValueError("TritonAttentionBackend.prefill reads the context through the paged KV cache: pass the "
+                             "layer's cache and the block tables (a prefill without a cache runs the reference)")
         cu = ctx.cu_seqlens_q
         if cu is None:
             cu = torch.tensor(ctx.cu_seqlens_q_host, dtype=torch.int32, device=q.device)

@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stage1.engine.sampler import GUMBEL_MAX
+from stage1.contract import GUMBEL_MAX
 
 _NEG_BIG = tl.constexpr(-3.0e38)  # a finite -inf for running maxima: exp(m_old - m_new) never sees inf - inf
 _FLOOR = tl.constexpr(110.0)  # exp(-110) underflows to 0 in fp32: tokens this far below the max can never be drawn

@@ -1,36 +1,17 @@
-"""Attention over the paged KV cache: the step's context, the plain-PyTorch reference, and the backend choice.
+"""Attention over the paged KV cache: the model's `PagedAttention` and the plain-PyTorch reference kernels.
 
-Cache layout (one tensor per layer, see kv_cache.py): `[2, num_blocks, block_size, num_kv_heads, head_dim]`,
-K at index 0 and V at index 1. A token at position p of a sequence lives in slot
-`block_table[p // block_size] * block_size + p % block_size`.
-
-The reference functions here are the CPU path and the ground truth the Triton kernels are tested against.
+The step's context and the backend interface are in `stage1/contract.py` (cache layout: one tensor per layer,
+`[2, num_blocks, block_size, num_kv_heads, head_dim]`, K at index 0 and V at index 1; see kv_cache.py). The
+reference functions here are the CPU path and the ground truth the Triton kernels are tested against.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class AttentionContext:
-    """Everything attention needs to know about one step; built by the model runner, read-only for the model."""
-
-    is_prefill: bool
-    # Per layer `[2, num_blocks, block_size, kv_heads, head_dim]`, or None to run without a cache (prefill only).
-    kv_cache: list[torch.Tensor] | None
-    slot_mapping: torch.Tensor | None  # [tokens]: the cache slot each new token's K/V goes to
-    block_tables: torch.Tensor | None  # [seqs, max_blocks] int32, padded with 0 (masked by context_lens)
-    context_lens: torch.Tensor  # [seqs]: tokens each sequence attends to after this step (cached + new)
-    # Prefill: where each sequence's new tokens start in the packed batch, [seqs + 1]; host copies for loops.
-    cu_seqlens_q: torch.Tensor | None = None
-    cu_seqlens_q_host: list[int] | None = None
-    context_lens_host: list[int] | None = None
-    backend: "AttentionBackend | None" = None
+from stage1.contract import AttentionBackend, AttentionContext
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -41,8 +22,8 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-class AttentionBackend:
-    """The plain-PyTorch reference. A fast backend subclasses it and overrides what it accelerates."""
+class ReferenceAttentionBackend(AttentionBackend):
+    """The plain-PyTorch reference kernels: the CPU path, and what every fast backend is tested against."""
 
     name = "torch"
 
@@ -72,10 +53,11 @@ class PagedAttention(nn.Module):
         return (ctx.backend or _REFERENCE).rotary(x, rope)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if ctx.kv_cache is None:  # a prefill with no cache (tests, benchmarks): this step's K/V is the context
+            return _REFERENCE.prefill(q, k, v, None, ctx, self.scale)
         backend = ctx.backend or _REFERENCE
-        cache = ctx.kv_cache[self.layer_index] if ctx.kv_cache is not None else None
-        if cache is not None:
-            backend.write_kv(cache, k, v, ctx.slot_mapping)
+        cache = ctx.kv_cache[self.layer_index]
+        backend.write_kv(cache, k, v, ctx.slot_mapping)
         if ctx.is_prefill:
             return backend.prefill(q, k, v, cache, ctx, self.scale)
         return backend.decode(q, cache, ctx, self.scale)
@@ -146,4 +128,4 @@ def _sdpa(q, k, v, mask, scale: float, causal: bool) -> torch.Tensor:
     return out.transpose(0, 1)
 
 
-_REFERENCE = AttentionBackend()
+_REFERENCE = ReferenceAttentionBackend()

@@ -14,7 +14,9 @@ import torch
 
 from stage1.kernels import triton_available
 
-from .attention import AttentionBackend
+from stage1.contract import AttentionBackend
+
+from .attention import ReferenceAttentionBackend
 from .sampler import SamplingBatch, sample
 
 CHOICES = ("auto", "torch", "triton")
@@ -33,7 +35,7 @@ def select_kernels(choice: str, device: torch.device) -> Kernels:
     if choice == "auto":
         choice = "triton" if device.type == "cuda" and triton_available() else "torch"
     if choice == "torch":
-        return Kernels("torch", AttentionBackend(), sample)
+        return Kernels("torch", ReferenceAttentionBackend(), sample)
     if not triton_available():
         raise ValueError("kernels='triton' needs the triton package (pip install triton), or use kernels='torch'")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -21,7 +21,8 @@ import logging
 
 import torch
 
-from .attention import AttentionBackend, AttentionContext
+from stage1.contract import AttentionBackend, AttentionContext
+
 from .model import Qwen2ForCausalLM
 
 logger = logging.getLogger("stage1")

@@ -2,10 +2,10 @@
 
 The draw is an exponential race written as Gumbel-max: argmax over the surviving tokens of x_i + g_i, with
 x = logits / T and g_i = -log(-log(U_i)), which picks token i with probability proportional to exp(x_i) and needs
-no cumulative sum. U_i is counter-based: Philox4x32-10 keyed by the row's 64-bit seed, counter
-(i // 4, step), output i % 4, top 23 bits (the numbers `tl.randint4x` gives the Triton sampler in
-stage1/kernels/sampling.py). So a row's token depends on its logits, parameters, seed and step only: never on its
-neighbours, and not on which sampler ran: the Triton kernel draws the same token from the same survivors.
+no cumulative sum. U_i is counter-based, as `stage1/contract.py` specifies (Philox4x32-10 keyed by the row's seed
+at (token, step): the numbers `tl.randint4x` gives the Triton sampler). So a row's token depends on its logits,
+parameters, seed and step only: never on its neighbours, and not on which sampler ran: the Triton kernel draws the
+same token from the same survivors.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from stage1.contract import GUMBEL_MAX, gumbel_noise
 
 from .params import SamplingParams
 
@@ -85,67 +87,6 @@ def _prefix_keep(probs: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor,
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, ~drop)
     reached = (candidates >= probs.shape[-1]) | (k <= candidates) | ((top_p < 1) & (top.sum(dim=-1) >= top_p))
     return keep, reached
-
-
-# Philox4x32-10 (Salmon et al., SC 2011), as Random123 and triton.language.randint4x define it.
-_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
-_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key increments (golden ratio, sqrt(3) - 1)
-_MASK32 = 0xFFFFFFFF
-
-
-def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The high and low 32 bits of a * b for a uint32 constant and uint32 values held in int64: int64
-    multiplication wraps modulo 2**64, so the product's 64 bits are exact even where it overflows the sign."""
-    product = b * a
-    return (product >> 32) & _MASK32, product & _MASK32
-
-
-def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[torch.Tensor, torch.Tensor],
-               rounds: int = 10) -> tuple[torch.Tensor, ...]:
-    """Philox4x32 on uint32 values held in int64 tensors (broadcast together); returns the four output words."""
-    c0, c1, c2, c3 = counter
-    k0, k1 = key
-    for _ in range(rounds):
-        hi_b, lo_b = _mulhilo32(_PHILOX_M1, c2)
-        hi_a, lo_a = _mulhilo32(_PHILOX_M0, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
-    return c0, c1, c2, c3
-
-
-def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """-log(-log(U)) in fp32 for each (seed, step, token) triple (int64 tensors of one shape): U from Philox keyed
-    by the seed with counter (token // 4, step), output token % 4, as (top 23 bits + 0.5) / 2**23.
-
-    Neighbouring tokens share a Philox call (4 words each): triples that follow each other with the same seed,
-    step and token // 4 (as nonzero() lists a row's tokens) are computed once, in cache-sized chunks."""
-    flat = [t.reshape(-1) for t in (seeds, steps, tokens)]
-    counters = flat[2] >> 2
-    if counters.numel() > 1:
-        same = (counters[1:] == counters[:-1]) & (flat[0][1:] == flat[0][:-1]) & (flat[1][1:] == flat[1][:-1])
-        first = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])
-    else:
-        first = torch.ones_like(counters, dtype=torch.bool)
-    call = first.cumsum(0) - 1  # which Philox call each triple reads
-    key_seed, key_step, key_counter = flat[0][first], flat[1][first], counters[first]
-    words = torch.empty(4, key_counter.numel(), dtype=torch.int64, device=counters.device)
-    for start in range(0, key_counter.numel(), _CHUNK):
-        part = slice(start, start + _CHUNK)
-        zero = torch.zeros_like(key_counter[part])
-        out = philox4x32((key_counter[part] & _MASK32, key_step[part] & _MASK32, zero, zero),
-                         (key_seed[part] & _MASK32, (key_seed[part] >> 32) & _MASK32))
-        for i, word in enumerate(out):
-            words[i, part] = word
-    r = words[flat[2] & 3, call]
-    u = ((r >> 9).float() + 0.5) * 2.0 ** -23
-    return (-torch.log(-torch.log(u))).view(tokens.shape)
-
-
-_CHUNK = 1 << 16  # Philox calls per pass: the round's temporaries stay in cache
-
-
-# The largest Gumbel noise a 23-bit uniform gives: -log(-log(1 - 2**-24)) = 16.64 (rounded up).
-GUMBEL_MAX = 16.7
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stage1 import LLM, SamplingParams
-from stage1.engine.sampler import SamplingBatch, filtered_probs, gumbel_noise, philox4x32, sample
+from stage1.contract import gumbel_noise, philox4x32
+from stage1.engine.sampler import SamplingBatch, filtered_probs, sample
 
 
 def batch_of(params, seeds=None, steps=None):

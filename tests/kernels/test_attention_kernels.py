@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from stage1.engine.attention import (AttentionBackend, AttentionContext, PagedAttention,  # noqa: E402
+from stage1.engine.attention import (AttentionContext, PagedAttention, ReferenceAttentionBackend,  # noqa: E402
                                      decode_attention_reference, prefill_attention_reference, write_kv_reference)
 from stage1.engine.kv_cache import BlockManager, slot_index  # noqa: E402
 from stage1.kernels.attention import (TritonAttentionBackend, paged_decode_attention,  # noqa: E402
@@ -220,7 +220,7 @@ def test_backend_steps_match_the_reference_backend():
     k, v = 2 * k, v - 1  # different from what the cache holds: the step must write them
     ref_cache = cache.clone()
     got = attn(q, k, v, ctx_with(ctx, [cache], TritonAttentionBackend()))
-    expected = attn(q, k, v, ctx_with(ctx, [ref_cache], AttentionBackend()))
+    expected = attn(q, k, v, ctx_with(ctx, [ref_cache], ReferenceAttentionBackend()))
     torch.testing.assert_close(got, expected, **FP32)
     assert torch.equal(cache, ref_cache)
 
@@ -234,7 +234,7 @@ def test_backend_steps_match_the_reference_backend():
                             context_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                             context_lens_host=lens)
     got = attn(dq, dk, dv, ctx_with(dctx, [cache], TritonAttentionBackend()))
-    expected = attn(dq, dk, dv, ctx_with(dctx, [ref_cache], AttentionBackend()))
+    expected = attn(dq, dk, dv, ctx_with(dctx, [ref_cache], ReferenceAttentionBackend()))
     torch.testing.assert_close(got, expected, **FP32)
     assert torch.equal(cache, ref_cache)
 
@@ -243,12 +243,14 @@ def ctx_with(ctx: AttentionContext, kv_cache, backend) -> AttentionContext:
     return AttentionContext(**{**ctx.__dict__, "kv_cache": kv_cache, "backend": backend})
 
 
-def test_backend_prefill_without_cache_falls_back_to_the_reference():
+def test_prefill_without_cache_runs_the_reference_whatever_the_backend():
     lengths = [5, 9]
     q, k, v, _, ctx, _ = prefill_case(lengths, lengths, 4, 2, 64, 16)
-    ctx.kv_cache = None
-    out = TritonAttentionBackend().prefill(q, k, v, None, ctx, 0.125)
-    torch.testing.assert_close(out, AttentionBackend().prefill(q, k, v, None, ctx, 0.125), **FP32)
+    attn = PagedAttention(0, 0.125)
+    out = attn(q, k, v, ctx_with(ctx, None, TritonAttentionBackend()))
+    torch.testing.assert_close(out, ReferenceAttentionBackend().prefill(q, k, v, None, ctx, 0.125), **FP32)
+    with pytest.raises(ValueError, match="paged KV cache"):
+        TritonAttentionBackend().prefill(q, k, v, None, ctx, 0.125)
 
 
 # ---------------------------------------------------------------------------------------------- bf16 and import

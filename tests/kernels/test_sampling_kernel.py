@@ -239,7 +239,8 @@ def test_shortcut_checks_its_front_and_hands_longer_ones_to_the_search():
     """Tokens lined up so that each beats the top token's race score and no more likely one beats it: the whole
     line is the shortcut's front, so the filters decide which of them wins. Up to NT the shortcut checks each
     one; a longer line goes to the threshold search. Both draw the reference's token."""
-    from stage1.engine.sampler import SamplingBatch, gumbel_noise
+    from stage1.contract import gumbel_noise
+    from stage1.engine.sampler import SamplingBatch
     from stage1.engine.sampler import sample as reference_sample
     from stage1.kernels import sampling as S
 

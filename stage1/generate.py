@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stage1.data.engine import Engine
 from stage1.data.errors import DataError, PromptMismatchError
 from stage1.data.filters import COPY_THRESHOLD, NEAR_DUP_THRESHOLD
 from stage1.data.manifest import (
@@ -26,9 +27,10 @@ from stage1.data.manifest import (
     prepare_out_dir,
     write_manifest,
 )
-from stage1.data.pipeline import GenerationConfig, Pipeline, vocab_size
+from stage1.data.pipeline import Pipeline
 from stage1.data.prompts import load_styles, pool_fingerprint
 from stage1.data.readers import instructions_fingerprint, read_instructions
+from stage1.data.settings import GenerationConfig, add_sampling_flags, from_args
 from stage1.data.writer import DatasetWriter, read_jsonl
 
 DEFAULT_OUT = "out/stage1-sft"
@@ -88,12 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--style", choices=sorted(load_styles()), default="completion",
                      help="prompt style: completion (header + prompt/completion examples, the default) or qa "
                           "(Q: ... / A: ... pairs)")
-    gen.add_argument("--n", type=int, default=1, metavar="N", help="completions per instruction (default: %(default)s)")
-    gen.add_argument("--max-tokens", type=int, default=256, metavar="N",
-                     help="most new tokens per completion; longer ones are rejected as run_on (default: %(default)s)")
-    gen.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 is greedy (default: %(default)s)")
-    gen.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling (default: %(default)s)")
-    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="0 is off (default: %(default)s)")
+    add_sampling_flags(gen)  # --temperature, --top-p, ...: one per sampling field of GenerationConfig
     gen.add_argument("--seed", type=int, default=0, metavar="S",
                      help="run seed; row seeds derive from it (default: %(default)s)")
     gen.add_argument("--batch-size", type=int, default=256, metavar="N",
@@ -121,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, llm_factory: Callable[[Path, argparse.Namespace], Any] | None = None) -> int:
+def main(argv: list[str] | None = None, llm_factory: Callable[[Path, argparse.Namespace], Engine] | None = None) -> int:
     """`llm_factory(model_dir, args)` makes the engine (tests pass a fake one); default: stage1.LLM."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -142,12 +139,8 @@ def main(argv: list[str] | None = None, llm_factory: Callable[[Path, argparse.Na
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    """What is not sampling (SamplingParams checks that, through GenerationConfig.validated)."""
     checks = [
-        (args.n >= 1, "--n must be at least 1"),
-        (args.max_tokens >= 1, "--max-tokens must be at least 1"),
-        (args.temperature >= 0, "--temperature must be >= 0 (0 is greedy)"),
-        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-        (args.top_k >= 0, "--top-k must be >= 0 (0 is off)"),
         (args.batch_size >= 1, "--batch-size must be at least 1"),
         (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
         (0 < args.near_dup_threshold <= 1, "--near-dup-threshold must be in (0, 1]"),
@@ -182,7 +175,7 @@ def resolve_model_dir(model: str | None) -> Path:
                         "python -m stage1.models fetch, or pass --model DIR") from None
 
 
-def _load_llm(model_dir: Path, args: argparse.Namespace):
+def _load_llm(model_dir: Path, args: argparse.Namespace) -> Engine:
     try:
         from stage1 import LLM
     except ImportError as e:
@@ -194,21 +187,19 @@ def _load_llm(model_dir: Path, args: argparse.Namespace):
         raise DataError(f"could not load the model in {model_dir}: {e}") from None
 
 
-def _identity(args: argparse.Namespace, model: dict[str, Any], input_sha: str) -> dict[str, Any]:
+def _identity(config: GenerationConfig, args: argparse.Namespace, model: dict[str, Any], input_sha: str
+              ) -> dict[str, Any]:
     """What decides the rows: two runs with equal identities write the same files."""
     return {
         "model_path": model["path"], "model_config_sha256": model["config_sha256"],
         "model_tokenizer_sha256": model["tokenizer_sha256"], "instructions_sha256": input_sha,
-        "prompt_data_sha256": pool_fingerprint(), "style": args.style, "n": args.n, "max_tokens": args.max_tokens,
-        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-        "allow_run_on": args.allow_run_on, "near_dedup": not args.no_near_dedup,
-        "near_dup_threshold": args.near_dup_threshold, "copy_threshold": args.copy_threshold,
-        "max_model_len": args.max_model_len,
+        "prompt_data_sha256": pool_fingerprint(), **config.identity(), "max_model_len": args.max_model_len,
     }
 
 
 def _run(args: argparse.Namespace, argv: list[str], llm_factory) -> int:
     started, t_wall = now(), time.perf_counter()
+    config = from_args(args)
     _check_args(args)
     instructions = read_instructions(args.instructions, args.format)  # all of it, validated, before anything else
     input_sha = instructions_fingerprint(instructions)
@@ -217,15 +208,11 @@ def _run(args: argparse.Namespace, argv: list[str], llm_factory) -> int:
     model_dir = resolve_model_dir(args.model)
     model = model_fingerprint(model_dir)
     out = Path(args.out)
-    identity = _identity(args, model, input_sha)
-    previous = prepare_out_dir(out, identity, resume=args.resume, overwrite=args.overwrite)
+    identity = _identity(config, args, model, input_sha)
+    previous = prepare_out_dir(out, identity, resume=args.resume, overwrite=args.overwrite,
+                               implicit=GenerationConfig.identity_defaults())
 
     llm = llm_factory(model_dir, args)
-    config = GenerationConfig(
-        style=args.style, n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, allow_run_on=args.allow_run_on,
-        near_dedup=not args.no_near_dedup, near_dup_threshold=args.near_dup_threshold,
-        copy_threshold=args.copy_threshold)
     out.mkdir(parents=True, exist_ok=True)
     with DatasetWriter(out) as writer:
         pipeline = Pipeline(llm, config, writer, engine_progress=not args.no_progress)
@@ -271,7 +258,7 @@ def _initial_manifest(args, argv, identity, model, llm, pipeline, previous, star
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "identity": identity,
         "model": {**model, "max_model_len": llm.max_model_len, "eos_token_ids": list(llm.eos_token_ids),
-                  "vocab_size": vocab_size(llm)},
+                  "vocab_size": llm.vocab_size},
         "code": code_version(),
         "generation": {"style": args.style, "stop": list(pipeline.prompts.style.stop),
                        "stop_token_ids": pipeline.stop_token_ids, **pipeline.config.sampling_fields(),

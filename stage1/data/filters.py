@@ -1,6 +1,7 @@
 """Post-processing and filters: each turns a completion into a kept response or a reject with a reason.
 
-Order of checks (the first that fires is the row's reason): empty, run_on, control_token, scaffolding, repetition,
+Each check takes a `Candidate` and returns a rejection (reason, detail) or None. `checks_in_order` lists them in the
+order they run (the first that fires is the row's reason): empty, run_on, control_token, scaffolding, repetition,
 example_copy, instruction_echo, then across the dataset exact_duplicate and near_duplicate. Thresholds are the named
 constants below.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from stage1.data.errors import DataError
@@ -180,6 +182,37 @@ def instruction_echo_detail(response: str, instruction: str) -> str | None:
     return f"the response ({len(said)} words) is a passage of the instruction"
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """What the checks see of one completion."""
+    instruction: str
+    response: str  # post-processed
+    finish_reason: str | None
+    example_completions: dict[str, str]  # the completions of its few-shot examples, by example id
+
+
+Check = Callable[[Candidate], Rejection | None]  # each named after the reason it gives
+
+
+def checks_in_order(quality: QualityFilter, dedup: Deduplicator) -> list[Check]:
+    """Every check a completion goes through, in the order they run: the first that fires is its reason. Each is
+    named after the reason it gives."""
+    return [quality.empty, quality.run_on, quality.control_token, quality.scaffolding, quality.repetition,
+            quality.example_copy, quality.instruction_echo, dedup.exact_duplicate, dedup.near_duplicate]
+
+
+def first_rejection(checks: list[Check], candidate: Candidate) -> Rejection | None:
+    for check in checks:
+        verdict = check(candidate)
+        if verdict:
+            return verdict
+    return None
+
+
+def _fires(reason: str, detail: str | None) -> Rejection | None:
+    return (reason, detail) if detail else None
+
+
 @dataclass
 class QualityFilter:
     """The per-row checks: they depend on the row alone, never on the rest of the dataset."""
@@ -190,22 +223,28 @@ class QualityFilter:
     def post_process(self, raw: str) -> str:
         return post_process(raw, self.style.stop)
 
-    def check(self, response: str, finish_reason: str | None, example_completions: dict[str, str],
-              instruction: str = "") -> Rejection | None:
-        if not response:
-            return EMPTY, None
-        if finish_reason == "length" and not self.allow_run_on:
+    def empty(self, c: Candidate) -> Rejection | None:
+        return None if c.response else (EMPTY, None)
+
+    def run_on(self, c: Candidate) -> Rejection | None:
+        if c.finish_reason == "length" and not self.allow_run_on:
             return RUN_ON, "hit max_tokens before the stop marker (pass --allow-run-on to keep such rows)"
-        for reason, detail in (
-            (CONTROL_TOKEN, control_token_detail(response)),
-            (SCAFFOLDING, scaffolding_detail(response, self.style.scaffold_patterns)),
-            (REPETITION, repetition_detail(response)),
-            (EXAMPLE_COPY, example_copy_detail(response, example_completions, self.copy_threshold)),
-            (INSTRUCTION_ECHO, instruction_echo_detail(response, instruction)),
-        ):
-            if detail:
-                return reason, detail
         return None
+
+    def control_token(self, c: Candidate) -> Rejection | None:
+        return _fires(CONTROL_TOKEN, control_token_detail(c.response))
+
+    def scaffolding(self, c: Candidate) -> Rejection | None:
+        return _fires(SCAFFOLDING, scaffolding_detail(c.response, self.style.scaffold_patterns))
+
+    def repetition(self, c: Candidate) -> Rejection | None:
+        return _fires(REPETITION, repetition_detail(c.response))
+
+    def example_copy(self, c: Candidate) -> Rejection | None:
+        return _fires(EXAMPLE_COPY, example_copy_detail(c.response, c.example_completions, self.copy_threshold))
+
+    def instruction_echo(self, c: Candidate) -> Rejection | None:
+        return _fires(INSTRUCTION_ECHO, instruction_echo_detail(c.response, c.instruction))
 
 
 class Deduplicator:
@@ -244,19 +283,21 @@ class Deduplicator:
                          for i in range(len(ws) - NEAR_DUP_SHINGLE + 1)])
         return mh
 
-    def check(self, instruction: str, response: str) -> Rejection | None:
-        first = self._exact.get(self._exact_key(instruction, response))
-        if first is not None:
-            return EXACT_DUPLICATE, f"same instruction and response as {first}"
-        mh = self._minhash(response)
-        if mh is not None:
-            # LSH gives candidates; the MinHash estimate confirms them (fewer false positives).
-            scores = {k: self._minhashes[k].jaccard(mh) for k in self._lsh.query(mh)}
-            matches = [k for k, score in scores.items() if score >= self.threshold]
-            if matches:
-                first = min(matches, key=self._order.__getitem__)
-                return NEAR_DUPLICATE, f"estimated Jaccard {scores[first]:.2f} >= {self.threshold} with {first}"
-        return None
+    def exact_duplicate(self, c: Candidate) -> Rejection | None:
+        first = self._exact.get(self._exact_key(c.instruction, c.response))
+        return None if first is None else (EXACT_DUPLICATE, f"same instruction and response as {first}")
+
+    def near_duplicate(self, c: Candidate) -> Rejection | None:
+        mh = self._minhash(c.response)
+        if mh is None:
+            return None
+        # LSH gives candidates; the MinHash estimate confirms them (fewer false positives).
+        scores = {k: self._minhashes[k].jaccard(mh) for k in self._lsh.query(mh)}
+        matches = [k for k, score in scores.items() if score >= self.threshold]
+        if not matches:
+            return None
+        first = min(matches, key=self._order.__getitem__)
+        return NEAR_DUPLICATE, f"estimated Jaccard {scores[first]:.2f} >= {self.threshold} with {first}"
 
     def add(self, key: str, instruction: str, response: str) -> None:
         self._order[key] = len(self._order)

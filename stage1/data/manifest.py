@@ -88,9 +88,11 @@ def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def prepare_out_dir(out_dir: str | Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> dict | None:
+def prepare_out_dir(out_dir: str | Path, identity: dict[str, Any], *, resume: bool, overwrite: bool,
+                    implicit: dict[str, Any] | None = None) -> dict | None:
     """Checks that `out_dir` is free, or holds this very run when resuming; --overwrite clears our files.
-    Returns the existing manifest when resuming one."""
+    Returns the existing manifest when resuming one. `implicit`: what an identity entry stands for where a manifest
+    lacks it (one written before that setting existed)."""
     out_dir = Path(out_dir)
     if resume and overwrite:
         raise DataError("--resume and --overwrite contradict each other; pass one of them")
@@ -107,7 +109,7 @@ def prepare_out_dir(out_dir: str | Path, identity: dict[str, Any], *, resume: bo
     if manifest is None:
         raise DataError(f"{out_dir} holds {DATA_FILE}/{REJECTS_FILE} but no {MANIFEST_FILE}, so it can't be resumed; "
                         "pass --overwrite to replace it, or choose another --out")
-    diff = identity_diff(manifest.get("identity", {}), identity)
+    diff = identity_diff(manifest.get("identity", {}), identity, implicit)
     if diff:
         raise DataError(f"{out_dir} holds a different run ({diff}); pass --overwrite to replace it, or choose "
                         "another --out")
@@ -117,7 +119,11 @@ def prepare_out_dir(out_dir: str | Path, identity: dict[str, Any], *, resume: bo
     return manifest
 
 
-def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+def identity_diff(old: dict[str, Any], new: dict[str, Any], implicit: dict[str, Any] | None = None) -> str:
+    """The entries that differ, as one line ('' if none); an entry missing from either side is its `implicit`
+    value (None if it has none)."""
+    implicit = implicit or {}
+    old, new = {**implicit, **old}, {**implicit, **new}
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
 

@@ -1,5 +1,5 @@
-"""A fake engine with the `LLM` interface the data pipeline uses (stage1.engine's RequestOutput/SamplingParams), so the
-pipeline's tests run in milliseconds and without a model.
+"""A fake engine implementing `stage1.data.engine.Engine`, what the data pipeline uses of `LLM` (with stage1.engine's
+RequestOutput/SamplingParams), so the pipeline's tests run in milliseconds and without a model.
 
 Its completions depend only on (prompt, seed, completion index), like a batch-invariant engine's, and it can be told
 what to answer (`respond`), to raise after some calls (a crash), or to feed the model other ids than the prompt's.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,14 @@ class FakeTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def token_to_id(self, token: str) -> int | None:
+        return None  # no control tokens in a byte vocabulary
+
+
+@dataclass
+class FakeStats:
+    prefix_cached_tokens: int = 0  # the fake has no prefix cache
 
 
 def instruction_of(prompt: str) -> str:
@@ -73,13 +82,16 @@ class FakeLLM:
         """respond(prompt, seed, index) -> the completion text; fail_after_calls: raise on the call after that many;
         corrupt_ids_from_call: from that call on (0-based), report prompt ids that differ from the prompt's."""
         self.tokenizer = FakeTokenizer()
+        self.vocab_size = FakeTokenizer.vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = [0]
+        self.stats = FakeStats()
         self.respond = respond
         self.fail_after_calls = fail_after_calls
         self.corrupt_ids_from_call = corrupt_ids_from_call
         self.calls: list[int] = []  # prompts per generate call
         self.seen_prompts: list[str] = []
+        self.seen_params: list = []  # the SamplingParams of each prompt
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         if self.fail_after_calls is not None and len(self.calls) >= self.fail_after_calls:
@@ -95,6 +107,7 @@ class FakeLLM:
             if self.corrupt_ids_from_call is not None and len(self.calls) > self.corrupt_ids_from_call:
                 ids = ids[:-1] + [1]
             self.seen_prompts.append(prompt)
+            self.seen_params.append(sp)
             outs = [self._complete(self.respond(prompt, sp.seed, k), sp, k) for k in range(sp.n)]
             results.append(RequestOutput(request_id=str(i), prompt=prompt, prompt_token_ids=ids, outputs=outs))
         return results
@@ -130,6 +143,22 @@ def fake_model_dir(tmp_path: Path) -> Path:
     (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 256}))
     (d / "tokenizer.json").write_text("{}")
     return d
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "out"
+
+
+@pytest.fixture
+def gen(fake_model_dir, out):
+    """gen(*args, llm=FakeLLM, out=dir) -> exit code of `python -m stage1.generate args` with that engine."""
+    from stage1.generate import main
+
+    def run(*argv, llm, out=out):
+        return main(["--model", str(fake_model_dir), "--out", str(out), "--no-progress", *map(str, argv)],
+                    llm_factory=lambda model_dir, args: llm)
+    return run
 
 
 def _read_rows(path: Path) -> list[dict]:

@@ -17,7 +17,14 @@ def test_post_process_cuts_at_the_first_stop_marker_only_and_strips():
 
 
 def check(text, style=COMPLETION, finish="stop", examples=None, instruction="", **kw):
-    return F.QualityFilter(style, **kw).check(text, finish, examples or {}, instruction)
+    """The first rejection of `text` by all checks in order, with nothing kept yet (no duplicates possible)."""
+    checks = F.checks_in_order(F.QualityFilter(style, **kw), F.Deduplicator(near=False))
+    return F.first_rejection(checks, F.Candidate(instruction, text, finish, examples or {}))
+
+
+def dup_check(d, instruction, response):
+    """The dataset-level checks alone, in their order."""
+    return F.first_rejection([d.exact_duplicate, d.near_duplicate], F.Candidate(instruction, response, "stop", {}))
 
 
 def test_a_good_answer_passes():
@@ -133,10 +140,10 @@ def test_instruction_echo(instruction, response, echo):
 
 def test_exact_duplicates_of_instruction_and_response():
     d = F.Deduplicator(near=False)
-    assert d.check("What is 2+2?", "4") is None
+    assert dup_check(d, "What is 2+2?", "4") is None
     d.add("a#0", "What is 2+2?", "4")
-    assert d.check("what is  2+2?", " 4 ") == (F.EXACT_DUPLICATE, "same instruction and response as a#0")
-    assert d.check("What is 3+1?", "4") is None  # the same short answer to another question is fine
+    assert dup_check(d, "what is  2+2?", " 4 ") == (F.EXACT_DUPLICATE, "same instruction and response as a#0")
+    assert dup_check(d, "What is 3+1?", "4") is None  # the same short answer to another question is fine
 
 
 def test_near_duplicates_across_the_dataset():
@@ -145,12 +152,13 @@ def test_near_duplicates_across_the_dataset():
     d = F.Deduplicator(near=True, threshold=0.7)
     d.add("a#0", "Explain photosynthesis.", base)
     d.add("b#0", "Explain gravity.", "Gravity pulls masses toward each other, which is why apples fall to the ground")
-    reason, detail = d.check("What is photosynthesis?", base.replace("every day", "each day"))
+    reason, detail = dup_check(d, "What is photosynthesis?", base.replace("every day", "each day"))
     assert reason == F.NEAR_DUPLICATE and "a#0" in detail
-    assert d.check("What is gravity?", "Gravity is the curvature of spacetime described by general relativity") is None
+    assert dup_check(d, "What is gravity?",
+                     "Gravity is the curvature of spacetime described by general relativity") is None
     off = F.Deduplicator(near=False)
     off.add("a#0", "Explain photosynthesis.", base)
-    assert off.check("What is photosynthesis?", base.replace("every day", "each day")) is None
+    assert dup_check(off, "What is photosynthesis?", base.replace("every day", "each day")) is None
 
 
 def test_near_duplicate_names_the_earliest_match():
@@ -158,7 +166,7 @@ def test_near_duplicate_names_the_earliest_match():
     d = F.Deduplicator(threshold=0.5)
     d.add("z#0", "q1", text)
     d.add("a#0", "q2", text + " fifteen")
-    assert d.check("q3", text)[1].endswith("z#0")
+    assert dup_check(d, "q3", text)[1].endswith("z#0")
 
 
 def test_order_of_checks_first_reason_wins():

@@ -18,20 +18,6 @@ ROW_KEYS = {"id", "index", "instruction", "type", "source", "prompt", "response"
             "stop_reason", "prompt_tokens", "response_tokens", "example_ids", "style", "seed", "sampling"}
 
 
-@pytest.fixture
-def out(tmp_path):
-    return tmp_path / "out"
-
-
-@pytest.fixture
-def gen(fake_model_dir, out):
-    """gen(*args, llm=FakeLLM, out=dir) -> exit code of main() with that engine."""
-    def run(*argv, llm, out=out):
-        return main(["--model", str(fake_model_dir), "--out", str(out), "--no-progress", *map(str, argv)],
-                    llm_factory=lambda model_dir, args: llm)
-    return run
-
-
 def files(out):
     return {name: (out / name).read_bytes() for name in ("data.jsonl", "rejects.jsonl")}
 
@@ -230,7 +216,7 @@ def test_help_explains_the_tool():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("--n", 0), "--n must be at least 1"),
+    (("--n", 0), "--n must be an int >= 1, got 0"),  # SamplingParams' message, with the flag's name
     (("--top-p", 1.5), r"--top-p must be in \(0, 1\]"),
     (("--resume", "--overwrite"), "--resume and --overwrite contradict"),
 ])

@@ -86,4 +86,11 @@ def test_same_files_across_batch_sizes_and_after_crash_and_resume(llm, tiny_mode
         assert (out / name).read_bytes() == (full / name).read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["completions"] == 12 and manifest["code"]["stage1_version"] == stage1.__version__
-    assert manifest["model"]["eos_token_ids"] == llm.eos_token_ids
+    assert manifest["model"]["eos_token_ids"] == list(llm.eos_token_ids)  # a list in JSON, whatever LLM holds
+
+
+def test_the_engine_implements_the_data_pipelines_engine_protocol(llm):
+    from stage1.data.engine import Engine, EngineStats, EngineTokenizer
+    assert isinstance(llm, Engine)
+    assert isinstance(llm.tokenizer, EngineTokenizer) and isinstance(llm.stats, EngineStats)
+    assert isinstance(llm.vocab_size, int) and isinstance(llm.stats.prefix_cached_tokens, int)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from stage1.data.filters import QualityFilter
+from stage1.data.filters import Candidate, Deduplicator, QualityFilter, checks_in_order, first_rejection
 from stage1.data.prompts import CompletionStylePrompts, Example, PromptStyle, load_examples, load_styles, normalize
 from stage1.data.readers import read_instructions
 
@@ -86,9 +86,9 @@ def test_pool_is_large_tagged_and_well_formed():
 @pytest.mark.parametrize("style", ["completion", "qa"])
 def test_pool_completions_pass_every_quality_filter(style):
     """The filters would reject what the examples teach? Then the filters or the examples are wrong."""
-    quality = QualityFilter(load_styles()[style])
+    checks = checks_in_order(QualityFilter(load_styles()[style]), Deduplicator(near=False))
     for ex in load_examples():
-        assert quality.check(ex.completion, "stop", {}, ex.prompt) is None, ex.id
+        assert first_rejection(checks, Candidate(ex.prompt, ex.completion, "stop", {})) is None, ex.id
 
 
 def test_builtin_instructions_cover_the_pool_types():

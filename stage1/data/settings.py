@@ -45,6 +45,7 @@ class GenerationConfig:
     temperature: float = sampling(0.7, "T", "0 is greedy")
     top_p: float = sampling(0.9, "P", "nucleus sampling")
     top_k: int = sampling(0, "K", "0 is off")
+    min_p: float = sampling(0.0, "P", "drop tokens less likely than P times the most likely one; 0 is off")
     max_tokens: int = sampling(256, "N", "most new tokens per completion; longer ones are rejected as run_on")
     n: int = sampling(1, "N", "completions per instruction")
     seed: int = 0  # the run seed; each row's derives from it and the row's id

@@ -38,7 +38,8 @@ def test_stored_prompt_is_exactly_what_the_engine_tokenized(gen, make_llm, read_
         assert row["style"] == style and 3 <= len(row["example_ids"]) <= 4
         assert all(normalize(pool[i].prompt) != normalize(row["instruction"]) for i in row["example_ids"])
         assert all(f"{pool[i].prompt}\n" in row["prompt"] for i in row["example_ids"])
-        assert row["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_tokens": 256, "n": 2}
+        assert row["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "max_tokens": 256,
+                                   "n": 2}
     assert sorted(llm.calls) == [8, 16, 16]
 
 

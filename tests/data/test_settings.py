@@ -20,7 +20,7 @@ from stage1.generate import build_parser
 
 SAMPLING = [f.name for f in GenerationConfig.sampling_settings()]
 # A valid value other than the default, for every sampling setting (a new setting needs one here).
-OTHER_VALUES = {"temperature": 0.5, "top_p": 0.8, "top_k": 5, "max_tokens": 64, "n": 2}
+OTHER_VALUES = {"temperature": 0.5, "top_p": 0.8, "top_k": 5, "min_p": 0.05, "max_tokens": 64, "n": 2}
 
 
 def test_every_sampling_setting_is_a_flag_a_sampling_param_a_row_field_and_an_identity_entry(gen, make_llm, read_rows,
@@ -49,10 +49,11 @@ def test_sampling_settings_are_sampling_params_arguments_with_the_cli_defaults()
 
 
 def test_identity_is_what_it_was():
-    """The identity entries the settings give: those the CLI wrote before they derived from the settings."""
+    """The identity entries the settings give: those the CLI wrote before they derived from the settings, and
+    min_p."""
     assert set(GenerationConfig().identity()) == {
         "style", "n", "max_tokens", "temperature", "top_p", "top_k", "seed", "allow_run_on", "near_dedup",
-        "near_dup_threshold", "copy_threshold"}
+        "near_dup_threshold", "copy_threshold", "min_p"}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -62,6 +63,8 @@ def test_identity_is_what_it_was():
     (("--top-k", -3), "--top-k must be an int >= 0 (0 or -1 disables it), got -3"),
     (("--max-tokens", 0), "--max-tokens must be an int >= 1"),
     (("--n", 0), "--n must be an int >= 1, got 0"),
+    (("--min-p", 2), "--min-p must be in [0, 1], got 2.0"),
+    (("--min-p", -0.1), "--min-p must be in [0, 1], got -0.1"),
 ])
 def test_a_bad_sampling_value_is_samplingparams_error_naming_the_flag(gen, make_llm, out, capsys, argv, message):
     llm = make_llm()
@@ -113,3 +116,28 @@ def test_pipeline_checks_each_completion_in_the_listed_order(make_llm, tmp_path)
     both = Candidate(instruction, "The chef cooked a delicious meal.", "stop", {})
     assert [check(both)[0] for check in pipeline.checks if check(both)] == ["instruction_echo", "exact_duplicate"]
     assert first_rejection(pipeline.checks, both)[0] == "instruction_echo"
+
+
+def test_min_p_reaches_the_engine_the_rows_and_the_identity(gen, make_llm, read_rows, out):
+    llm = make_llm()
+    assert gen("--limit", 3, "--min-p", 0.1, llm=llm) == 0
+    assert [sp.min_p for sp in llm.seen_params] == [0.1] * 3
+    rows = read_rows(out / "data.jsonl") + read_rows(out / "rejects.jsonl")
+    assert len(rows) == 3 and all(row["sampling"]["min_p"] == 0.1 for row in rows)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["identity"]["min_p"] == 0.1 and manifest["generation"]["min_p"] == 0.1
+
+
+def test_a_run_from_before_min_p_resumes_at_min_p_0(gen, make_llm, read_rows, out, capsys):
+    """Its manifest has no min_p (it sampled with none, i.e. 0): resumed with the default it is the same run."""
+    assert gen("--limit", 4, llm=make_llm()) == 0
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["identity"]["min_p"]
+    path.write_text(json.dumps(manifest))
+    assert gen("--limit", 8, "--min-p", 0.1, "--resume", llm=make_llm()) == 2
+    assert "holds a different run (min_p: 0.0 there, 0.1 now)" in capsys.readouterr().err
+    assert len(read_rows(out / "data.jsonl") + read_rows(out / "rejects.jsonl")) == 4  # untouched
+    resumed = make_llm()
+    assert gen("--limit", 8, "--resume", llm=resumed) == 0 and sum(resumed.calls) == 4
+    assert json.loads(path.read_text())["identity"]["min_p"] == 0.0

@@ -51,16 +51,16 @@ def run_ours(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, devi
     warm = SamplingParams(max_tokens=2, temperature=temperature, top_p=top_p, seed=1, ignore_eos=True)
     # compiles what it runs; on a GPU the whole batch, so the decode graph of its size is captured here too. Other
     # prompts of the same lengths: the timed ones must not find their blocks in the prefix cache.
-    warm_prompts = mixed_prompts(len(prompts), llm.config.vocab_size, min(map(len, prompts)), max(map(len, prompts)),
+    warm_prompts = mixed_prompts(len(prompts), llm.vocab_size, min(map(len, prompts)), max(map(len, prompts)),
                                  seed=1)
-    if llm.device.type != "cuda":
+    if llm.config.device.type != "cuda":
         warm_prompts = warm_prompts[:2]
     llm.generate([{"prompt_token_ids": p} for p in warm_prompts], warm, use_tqdm=False)
-    llm.stats.__init__()  # count the timed run only
-    sync(llm.device)
+    llm.stats.reset()  # count the timed run only
+    sync(llm.config.device)
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    sync(llm.device)
+    sync(llm.config.device)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
     assert llm.stats.prefix_cached_tokens == 0, "the timed prompts reused cached blocks: not the peer's work"
@@ -93,20 +93,20 @@ def run_transformers(model_dir: Path, prompts, new_tokens: int, dtype: torch.dty
 
 def matmul_only_decode_step(llm: LLM, batch: int, repeats: int = 5) -> float:
     """Seconds for one decode step's matrix multiplies alone (every layer's projections and the LM head)."""
-    model = llm.runner.model
-    x = torch.randn(batch, llm.config.hidden_size, dtype=llm.dtype, device=llm.device)
+    model = llm.core.runner.model
+    x = torch.randn(batch, llm.config.model.hidden_size, dtype=llm.config.dtype, device=llm.config.device)
     weights = [w for layer in model.layers for w in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
                                                      layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=llm.dtype, device=llm.device) for w in weights}
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=llm.config.dtype, device=llm.config.device) for w in weights}
     times = []
     with torch.inference_mode():
         for _ in range(repeats):
-            sync(llm.device)
+            sync(llm.config.device)
             start = time.perf_counter()
             for w in weights:
                 F.linear(inputs[w.shape[1]], w)
             F.linear(x, model.lm_head.weight)
-            sync(llm.device)
+            sync(llm.config.device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -150,16 +150,16 @@ def main() -> None:
           f"{s.prefill_tokens} tokens, decode {s.decode_seconds:.1f} s in {s.decode_steps} steps)", flush=True)
     print(f"decode step:  {step * 1e3:.1f} ms; its matmuls alone {matmul * 1e3:.1f} ms "
           f"({matmul / step:.0%} of the step; at most {args.batch / matmul:.0f} tok/s from matmuls)", flush=True)
-    result = {"ours_tok_s": round(ours, 2), "device": device_name(llm.device), "batch": args.batch,
+    result = {"ours_tok_s": round(ours, 2), "device": device_name(llm.config.device), "batch": args.batch,
               "new_tokens": args.new_tokens, "dtype": str(dtype).removeprefix("torch."),
               "temperature": args.temperature, "top_p": args.top_p,
               "model": args.config if args.model is None else str(args.model),
               "decode_step_ms": round(step * 1e3, 2), "matmul_only_step_ms": round(matmul * 1e3, 2),
-              "cuda_graphs": llm.runner.graphs is not None and llm.runner.graphs.capture,
+              "cuda_graphs": llm.core.runner.graphs is not None and llm.core.runner.graphs.capture,
               "prefill_s": round(s.prefill_seconds, 2), "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "commit": git_commit()}
     if not args.skip_reference:
-        device = llm.device
+        device = llm.config.device
         del llm  # frees our weights and KV cache before transformers loads its copy
         gc.collect()
         if device.type == "cuda":

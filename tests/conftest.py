@@ -26,3 +26,21 @@ def checkpoint(tmp_path_factory):
 def tiny_model_dir(checkpoint):
     """The default tiny checkpoint: 2 layers, 4 query / 2 KV heads, head_dim 128, byte-level BPE tokenizer."""
     return checkpoint("gqa2-d128-untied")
+
+
+@pytest.fixture
+def decode_graphs_on_cpu(monkeypatch):
+    """Turns decode graphs on whatever the device (EngineConfig turns them on only on a GPU with the Triton
+    kernels). Off a GPU nothing can be captured, so DecodeGraphs runs its padded step eagerly: how the CPU tests
+    check the padding. `enforce_eager=True` still turns them off."""
+    import dataclasses
+
+    from stage1.engine.engine_config import EngineConfig
+
+    build = EngineConfig.build.__func__
+
+    def forced(cls, *args, **kwargs):
+        config = build(cls, *args, **kwargs)
+        return dataclasses.replace(config, decode_graphs=not kwargs.get("enforce_eager", False))
+
+    monkeypatch.setattr(EngineConfig, "build", classmethod(forced))

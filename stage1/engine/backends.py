@@ -47,8 +47,7 @@ def select_kernels(choice: str, device: torch.device) -> Kernels:
     def triton_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.all_greedy:  # one argmax launch instead of the sampler's passes
             return logits.argmax(dim=-1)
-        tokens, _ = fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds,
-                                 batch.steps, want_logprobs=False)
-        return tokens
+        return fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds,
+                            batch.steps)
 
     return Kernels("triton", TritonAttentionBackend(), triton_sample)

@@ -11,8 +11,8 @@ one slot, so it computes finite numbers nobody reads; every op of the decoder is
 touches the real rows. Attention sizes its split-K from the block tables' width (the longest context the engine
 allows), not from this step's lengths, so one graph serves every context length.
 
-`capture=False` runs the same padded step eagerly: how the CPU tests check the padding without a GPU. A capture
-that fails logs a warning and leaves every later step eager, so a job never dies of it.
+Off a GPU nothing can be captured and the same padded step runs eagerly (how the CPU tests check the padding). A
+capture that fails logs a warning and leaves every later step eager, so a job never dies of it.
 """
 
 from __future__ import annotations
@@ -36,15 +36,14 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: Qwen2ForCausalLM, kv_cache: list[torch.Tensor], attention: AttentionBackend | None,
-                 max_batch: int, max_blocks_per_seq: int, sink_block: int, block_size: int, device: torch.device,
-                 capture: bool = True):
+                 max_batch: int, max_blocks_per_seq: int, sink_block: int, block_size: int, device: torch.device):
         self.model = model
         self.kv_cache = kv_cache
         self.attention = attention
         self.buckets = batch_buckets(max_batch)
         self.sink_block = sink_block
         self.sink_slot = sink_block * block_size
-        self.capture = capture
+        self.capture = device.type == "cuda"  # False also after a failed capture
         self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((max_batch,), self.sink_slot, dtype=torch.long, device=device)

@@ -19,6 +19,10 @@ def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dty
     return int(budget_bytes // bytes_per_block(config, block_size, dtype))
 
 
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
 def slot_index(block_table: list[int], position: int, block_size: int) -> int:
     """Where the K/V of the token at `position` lives in the flattened `[num_blocks * block_size]` slot space."""
     return block_table[position // block_size] * block_size + position % block_size
@@ -62,7 +66,7 @@ class BlockManager:
         return len(self._free) + len(self._idle)
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return (num_tokens + self.block_size - 1) // self.block_size
+        return blocks_for_tokens(num_tokens, self.block_size)
 
     def can_allocate(self, block_table: list[int], num_tokens: int) -> bool:
         """Whether the table can grow to hold `num_tokens` tokens."""

@@ -11,7 +11,7 @@ of its tokens that the block manager has cached (kv_cache.py) and computes only 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .kv_cache import BlockManager
 from .sequence import Sequence, Status
@@ -20,24 +20,31 @@ from .sequence import Sequence, Status
 @dataclass
 class ScheduledBatch:
     is_prefill: bool
-    seqs: list[Sequence]
-    num_new_tokens: list[int]  # tokens each sequence computes in this step
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # tokens each sequence computes in this step
+    # whether each sequence gets a new token after this step (its last prefill chunk, or any decode): decided
+    # here, once, and read by the model runner (which rows to sample) and the postprocess (who gets a token)
+    samples: list[bool] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt (or recomputed) tokens its new sequences took from the prefix cache
 
-    def samples(self, i: int) -> bool:
-        """Whether sequence i gets a new token after this step (its last prefill chunk, or any decode)."""
-        seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new_tokens)
+        self.samples.append(seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        return [seq for seq, sampled in zip(self.seqs, self.samples) if sampled]
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens  # per prefill step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.num_cached_tokens = 0  # prompt (or recomputed) tokens taken from the prefix cache, not computed
         self._registered_this_step: list[int] = []
 
     def add(self, seq: Sequence) -> None:
@@ -54,7 +61,7 @@ class Scheduler:
         return self._schedule_decode()
 
     def _schedule_prefill(self) -> ScheduledBatch:
-        batch = ScheduledBatch(True, [], [])
+        batch = ScheduledBatch(is_prefill=True)
         budget = self.max_num_batched_tokens
         # A sequence whose prompt was cut into chunks goes on first; then new (or preempted) ones join.
         for seq in self.running:
@@ -63,8 +70,7 @@ class Scheduler:
                 if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
                     continue
                 self._allocate_prefill(seq, n)
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(n)
+                batch.add(seq, n)
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -75,18 +81,17 @@ class Scheduler:
             if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
                 self._release(seq)
                 break
-            self.num_cached_tokens += seq.num_computed_tokens
+            batch.num_cached_tokens += seq.num_computed_tokens
             self._allocate_prefill(seq, n)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
+            batch.add(seq, n)
             budget -= n
         return batch
 
     def _schedule_decode(self) -> ScheduledBatch:
-        batch = ScheduledBatch(False, [], [])
+        batch = ScheduledBatch(is_prefill=False)
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.is_prefilling:
                 continue
@@ -98,8 +103,7 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 self.blocks.allocate(seq.block_table, seq.num_tokens)
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(1)
+                batch.add(seq, 1)
         return batch
 
     def _allocate_prefill(self, seq: Sequence, n: int) -> None:

@@ -44,41 +44,36 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text without ever emitting half a UTF-8 character.
+    """Turns a sequence's growing token ids into text without ever emitting half a UTF-8 character.
 
     Byte-level BPE splits multi-byte characters across tokens; decoding such a prefix yields U+FFFD. We hold the
     text back until the bytes complete, decoding only a short window of recent tokens each step (vLLM's
-    prefix/read offsets) so the cost per token stays constant.
+    prefix/read offsets) so the cost per token stays constant. It keeps only those offsets: the tokens and the
+    text are the sequence's, passed in and appended to by the caller.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+    def __init__(self, tokenizer: Tokenizer, start: int = 0, skip_special_tokens: bool = False):
+        """`start`: where the text to decode begins in the token list (a sequence's first output token)."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.token_ids: list[int] = []
-        self.text = ""
-        self._prefix_offset = 0  # start of the window whose decoded text is already in self.text
-        self._read_offset = 0  # end of that window
+        self._prefix_offset = start  # start of the window whose decoded text is already out
+        self._read_offset = start  # end of that window
 
-    def add(self, token_id: int) -> str:
-        """Appends one token; returns the newly completed text (possibly empty)."""
-        self.token_ids.append(token_id)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
-        prefix_text = decode(self.token_ids[self._prefix_offset:self._read_offset])
-        full_text = decode(self.token_ids[self._prefix_offset:])
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def new_text(self, token_ids: list[int]) -> str:
+        """After a token was appended to `token_ids`: the newly completed text (possibly empty)."""
+        prefix_text = self._decode(token_ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(token_ids[self._prefix_offset:])
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            new_text = full_text[len(prefix_text):]
-            self.text += new_text
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self.token_ids)
-            return new_text
+            self._prefix_offset, self._read_offset = self._read_offset, len(token_ids)
+            return full_text[len(prefix_text):]
         return ""
 
-    def flush(self) -> str:
+    def flush(self, token_ids: list[int]) -> str:
         """At the end of generation: whatever is still held back (an incomplete character stays U+FFFD)."""
-        full_text = self.tokenizer.decode(self.token_ids[self._prefix_offset:], skip_special_tokens=self.skip_special_tokens)
-        prefix_text = self.tokenizer.decode(self.token_ids[self._prefix_offset:self._read_offset],
-                                            skip_special_tokens=self.skip_special_tokens)
-        rest = full_text[len(prefix_text):]
-        self.text += rest
-        self._prefix_offset = self._read_offset = len(self.token_ids)
-        return rest
+        full_text = self._decode(token_ids[self._prefix_offset:])
+        prefix_text = self._decode(token_ids[self._prefix_offset:self._read_offset])
+        self._prefix_offset = self._read_offset = len(token_ids)
+        return full_text[len(prefix_text):]

@@ -10,6 +10,7 @@ import torch
 
 from stage1 import LLM, SamplingParams
 from stage1.engine.cuda_graphs import batch_buckets
+from stage1.engine.engine_config import EngineConfig
 
 
 def test_batch_buckets():
@@ -19,14 +20,13 @@ def test_batch_buckets():
     assert batch_buckets(256)[:5] == [1, 2, 4, 8, 16] and batch_buckets(256)[-1] == 256
 
 
-def run(path, prompts, params, monkeypatch, mode, **kwargs):
+def run(path, prompts, params, monkeypatch, graphs: bool, **kwargs):
     """Token ids per request, and the (batch, bucket) sizes of the decode steps the graphs ran."""
-    monkeypatch.setattr(LLM, "_decode_graph_mode", staticmethod(lambda *args: mode))
-    llm = LLM(path, dtype="float32", kernels="torch", max_model_len=96, seed=4, **kwargs)
-    assert (llm.runner.graphs is not None) == (mode is not None)
+    llm = LLM(path, dtype="float32", kernels="torch", max_model_len=96, seed=4, enforce_eager=not graphs, **kwargs)
+    assert (llm.core.runner.graphs is not None) == graphs
     steps = []
-    if mode is not None:
-        graphs, run_step = llm.runner.graphs, llm.runner.graphs.run
+    if graphs:
+        graphs, run_step = llm.core.runner.graphs, llm.core.runner.graphs.run
 
         def spy(input_ids, positions, ctx):
             n = input_ids.shape[0]
@@ -39,7 +39,7 @@ def run(path, prompts, params, monkeypatch, mode, **kwargs):
 
 
 @pytest.mark.parametrize("max_num_seqs", [5, 16])
-def test_padded_decode_gives_the_eager_tokens(checkpoint, monkeypatch, max_num_seqs):
+def test_padded_decode_gives_the_eager_tokens(checkpoint, monkeypatch, decode_graphs_on_cpu, max_num_seqs):
     path = checkpoint("gqa2-d128-untied")
     # a KV cache of 12 blocks: freed blocks soon go to other sequences (and some are preempted), so padding rows
     # that wrote anywhere but their sink, or kept an earlier step's slots, would corrupt a live sequence
@@ -53,19 +53,21 @@ def test_padded_decode_gives_the_eager_tokens(checkpoint, monkeypatch, max_num_s
                              ignore_eos=True) for i in range(9)]
     params[4] = SamplingParams(max_tokens=6, temperature=1.0, n=2, seed=7, ignore_eos=True)
     kwargs = dict(max_num_seqs=max_num_seqs, kv_cache_memory=12 * block_bytes)
-    _, eager, _ = run(path, prompts, params, monkeypatch, None, **kwargs)
-    llm, padded, steps = run(path, prompts, params, monkeypatch, "padded", **kwargs)
+    _, eager, _ = run(path, prompts, params, monkeypatch, False, **kwargs)
+    llm, padded, steps = run(path, prompts, params, monkeypatch, True, **kwargs)
     assert padded == eager
     assert any(n < bucket for n, bucket in steps) and len({n for n, _ in steps}) >= 3  # padded, and shrinking
     # the sink block is the pool's last, and no sequence is ever given it
-    assert llm.runner.graphs.sink_block == llm.block_manager.num_blocks == 11
-    assert max_num_seqs == 5 or llm.scheduler.num_preemptions > 0  # recomputed sequences too
+    assert llm.core.runner.graphs.sink_block == llm.core.block_manager.num_blocks == 11
+    assert max_num_seqs == 5 or llm.core.scheduler.num_preemptions > 0  # recomputed sequences too
 
 
-def test_eager_unless_a_gpu_runs_the_triton_kernels(tiny_model_dir):
+def test_eager_unless_a_gpu_runs_the_triton_kernels(tiny_model_dir, monkeypatch):
     llm = LLM(tiny_model_dir, dtype="float32", kernels="torch")
-    assert llm.runner.graphs is None  # the CPU (and, on a GPU, the reference kernels): no CUDA graphs
-    assert LLM._decode_graph_mode(torch.device("cuda"), llm.kernels, enforce_eager=False) is None  # reference kernels
+    assert llm.core.runner.graphs is None and not llm.config.decode_graphs  # the CPU: no CUDA graphs
+    # on a GPU, only with the Triton kernels (the reference attention would gather full-width block tables)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not EngineConfig.build(tiny_model_dir, kernels="torch").decode_graphs
 
 
 def test_rows_past_the_batch_always_point_at_the_sink():
@@ -81,7 +83,7 @@ def test_rows_past_the_batch_always_point_at_the_sink():
         return torch.zeros(ids.shape[0], 3)
 
     graphs = DecodeGraphs(model, [], None, max_batch=8, max_blocks_per_seq=4, sink_block=9, block_size=16,
-                          device=torch.device("cpu"), capture=False)
+                          device=torch.device("cpu"))  # the CPU: the padded step, eagerly
 
     def step(n):
         ctx = AttentionContext(is_prefill=False, kv_cache=[], slot_mapping=torch.arange(n) + 100,

@@ -46,7 +46,7 @@ def test_stop_string_across_token_boundaries_is_cut(llm):
     assert kept.text == text[:at + len(stop)]
 
 
-def test_stop_token_ids_and_eos(llm):
+def test_stop_token_ids_and_eos(llm, tiny_model_dir, monkeypatch):
     free = llm.generate(["What is 2+2?"], SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)[0].outputs[0]
     stop_id = free.token_ids[5]
     first = free.token_ids.index(stop_id)
@@ -55,11 +55,12 @@ def test_stop_token_ids_and_eos(llm):
     assert c.finish_reason == "stop" and c.stop_reason == stop_id
     assert c.token_ids == free.token_ids[:first + 1]
     # the same id as EOS: stop_reason None, and ignore_eos=False is what makes it stop
-    llm.eos_token_ids = [stop_id]
-    try:
-        e = llm.generate(["What is 2+2?"], SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0].outputs[0]
-    finally:
-        llm.eos_token_ids = [0]
+    from stage1.engine import engine_config
+
+    monkeypatch.setattr(engine_config, "read_eos_token_ids", lambda *args: [stop_id])
+    eos_llm = LLM(tiny_model_dir, dtype="float32", max_model_len=256)
+    assert eos_llm.eos_token_ids == (stop_id,)
+    e = eos_llm.generate(["What is 2+2?"], SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0].outputs[0]
     assert e.finish_reason == "stop" and e.stop_reason is None and e.token_ids[-1] == stop_id
 
 

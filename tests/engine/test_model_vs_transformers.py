@@ -75,7 +75,7 @@ def test_prefill_logits_match_transformers(checkpoint, shape):
 def test_greedy_batch_matches_transformers(checkpoint, hf_greedy, shape):
     path = checkpoint(shape)
     llm = LLM(path, dtype="float32", block_size=16)
-    prompts = prompts_of(PROMPT_LENGTHS, llm.config.vocab_size)
+    prompts = prompts_of(PROMPT_LENGTHS, llm.vocab_size)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True), use_tqdm=False)
     expected = hf_greedy(path, prompts)
@@ -91,20 +91,20 @@ def test_greedy_identical_under_preemption(checkpoint, hf_greedy):
     config = ModelConfig.from_dir(path)
     from stage1.engine.kv_cache import bytes_per_block
     llm = LLM(path, dtype="float32", block_size=16, kv_cache_memory=12 * bytes_per_block(config, 16, torch.float32))
-    assert llm.block_manager.num_blocks == 12
+    assert llm.core.block_manager.num_blocks == 12
     prompts = prompts_of(PROMPT_LENGTHS, config.vocab_size)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True), use_tqdm=False)
-    assert llm.scheduler.num_preemptions > 0
+    assert llm.core.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts)
-    assert llm.block_manager.num_free_blocks == 12  # every block came back
+    assert llm.core.block_manager.num_free_blocks == 12  # every block came back
 
 
 def test_greedy_identical_with_chunked_prefill(checkpoint, hf_greedy):
     """A token budget smaller than the prompts cuts them into chunks whose queries start after cached tokens."""
     path = checkpoint("gqa7-d64-sharded")
     llm = LLM(path, dtype="float32", block_size=16, max_num_batched_tokens=20)
-    prompts = prompts_of(PROMPT_LENGTHS, llm.config.vocab_size)
+    prompts = prompts_of(PROMPT_LENGTHS, llm.vocab_size)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts)
@@ -113,7 +113,7 @@ def test_greedy_identical_with_chunked_prefill(checkpoint, hf_greedy):
 def test_requests_joining_while_others_decode(checkpoint, hf_greedy):
     path = checkpoint("gqa2-d128-untied")
     llm = LLM(path, dtype="float32", block_size=16)
-    prompts = prompts_of(PROMPT_LENGTHS, llm.config.vocab_size)
+    prompts = prompts_of(PROMPT_LENGTHS, llm.vocab_size)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     ids = [llm.add_request({"prompt_token_ids": p}, params) for p in prompts[:4]]
     done = {}

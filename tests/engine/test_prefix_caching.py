@@ -32,7 +32,7 @@ def test_shared_prefixes_are_computed_once_with_the_same_outputs(checkpoint):
         assert off_llm.stats.prefix_cached_tokens == 0
         assert on_llm.stats.prefix_cached_tokens > 0
         if budget:  # 14 blocks of 16 tokens: cached blocks were handed out again, and sequences preempted
-            assert on_llm.scheduler.num_preemptions > 0
+            assert on_llm.core.scheduler.num_preemptions > 0
         else:
             # one prefill step: the later sequences of each prefix shared the blocks the first computes in that
             # very step (45 tokens -> 2 full blocks, for 4 more prompts; 70 -> 4, for 4 more prompts and the
@@ -51,31 +51,30 @@ def test_a_failed_step_leaves_no_cached_prefix_behind(checkpoint, monkeypatch):
     llm = LLM(path, dtype="float32", kernels="torch")
     expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     fresh = LLM(path, dtype="float32", kernels="torch")
-    real_run = fresh.runner.run
 
-    def failing(batch, sampling):
+    def failing(batch):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(fresh.runner, "run", failing)
+    monkeypatch.setattr(fresh.core.runner, "run", failing)
     try:
         fresh.generate([prompt], params, use_tqdm=False)
     except RuntimeError:
         pass
-    assert fresh.block_manager.match_prefix([], prompt["prompt_token_ids"], 56) == []
-    assert fresh.block_manager.num_free_blocks == fresh.block_manager.num_blocks
-    monkeypatch.setattr(fresh.runner, "run", real_run)
+    assert fresh.core.block_manager.match_prefix([], prompt["prompt_token_ids"], 56) == []
+    assert fresh.core.block_manager.num_free_blocks == fresh.core.block_manager.num_blocks
+    monkeypatch.undo()
     assert fresh.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == expected
     # through the step API, a caller that catches the failure and steps on: two requests sharing the prefix were
     # scheduled in the failed step, the second on blocks the first was to fill; the first is then aborted, so
     # nobody fills them: the second must start over, not attend to them
     stepper = LLM(path, dtype="float32", kernels="torch")
     first, second = [stepper.add_request(prompt, params) for _ in range(2)]
-    monkeypatch.setattr(stepper.runner, "run", failing)
+    monkeypatch.setattr(stepper.core.runner, "run", failing)
     try:
         stepper.step()
     except RuntimeError:
         pass
-    monkeypatch.setattr(stepper.runner, "run", real_run)
+    monkeypatch.undo()
     stepper.abort([first])
     done = {}
     while stepper.has_unfinished_requests():

@@ -22,7 +22,7 @@ def test_greedy_output_identical_to_torch_kernels(checkpoint):
     # a small chunk budget: prompts are cut, so the prefill kernel also reads cached prefixes
     ref = LLM(path, dtype="float32", kernels="torch", max_num_batched_tokens=24)
     tri = LLM(path, dtype="float32", kernels="triton", max_num_batched_tokens=24)
-    assert tri.kernels.name == "triton" and ref.kernels.name == "torch"
+    assert tri.config.kernels.name == "triton" and ref.config.kernels.name == "torch"
     expected = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in tri.generate(prompts, params, use_tqdm=False)]
     assert got == expected
@@ -54,13 +54,12 @@ def test_sampled_output_identical_to_torch_kernels(checkpoint):
     assert outputs["triton"] == outputs["torch"]
 
 
-def test_decode_graphs_give_the_eager_tokens(checkpoint, monkeypatch):
+def test_decode_graphs_give_the_eager_tokens(checkpoint, request):
     """On a GPU, decode steps replay CUDA graphs (captured per batch bucket) and must give the eager engine's
     tokens; on the CPU the interpreted kernels run the same padded step eagerly (capturing needs a GPU)."""
     path = checkpoint("gqa2-d128-untied")
     if not torch.cuda.is_available():
-        monkeypatch.setattr(LLM, "_decode_graph_mode", staticmethod(
-            lambda device, kernels, enforce_eager: None if enforce_eager else "padded"))
+        request.getfixturevalue("decode_graphs_on_cpu")
     g = torch.Generator().manual_seed(2)
     prompts = [{"prompt_token_ids": torch.randint(3, 400, (n,), generator=g).tolist()} for n in (3, 30, 17, 9, 1)]
     params = [SamplingParams(max_tokens=m, temperature=t, top_p=0.9, seed=i, ignore_eos=True)
@@ -68,10 +67,10 @@ def test_decode_graphs_give_the_eager_tokens(checkpoint, monkeypatch):
     outputs = {}
     for eager in (True, False):
         llm = LLM(path, dtype="float32", kernels="triton", max_model_len=128, enforce_eager=eager)
-        assert (llm.runner.graphs is None) == eager
+        assert (llm.core.runner.graphs is None) == eager
         outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         if not eager and torch.cuda.is_available():  # graphs were captured (no silent fall back to eager)
-            assert llm.runner.graphs.capture and 8 in llm.runner.graphs.captured  # 5 rows: bucket 8
+            assert llm.core.runner.graphs.capture and 8 in llm.core.runner.graphs.captured  # 5 rows: bucket 8
     assert outputs[False] == outputs[True]
 
 

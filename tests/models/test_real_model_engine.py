@@ -45,7 +45,7 @@ def test_prefill_logits_match_transformers(engines):
         cu.append(cu[-1] + n)
     ctx = AttentionContext(is_prefill=True, kv_cache=None, slot_mapping=None, block_tables=None,
                            context_lens=torch.tensor(lengths), cu_seqlens_q_host=cu, context_lens_host=lengths)
-    model = llm.runner.model
+    model = llm.core.runner.model
     with torch.inference_mode():
         hidden = model(torch.tensor([t for p in prompts for t in p]),
                        torch.cat([torch.arange(n) for n in lengths]), ctx)

@@ -1,0 +1,110 @@
+"""`EngineConfig`: how this engine runs a checkpoint, decided once from the user's arguments and the machine.
+
+Every build decision lives here (device, dtype, kernels, block size, context limit, prefill chunk, decode
+graphs, the KV cache budget); the engine's parts receive this one object and read what they need from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backends import Kernels, select_kernels
+from .config import ModelConfig, parse_dtype, read_eos_token_ids
+from .kv_cache import blocks_for_tokens, bytes_per_block
+
+logger = logging.getLogger("stage1")
+
+_CPU_KV_CACHE_BYTES = 4 << 30
+_GPU_FREE_MEMORY_SHARE = 0.85
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    model: ModelConfig
+    eos_token_ids: tuple[int, ...]
+    device: torch.device
+    dtype: torch.dtype
+    kernels: Kernels
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int  # tokens per prefill step (longer prompts are cut into chunks)
+    kv_cache_memory: int | None  # bytes; None: the default budget (kv_cache_budget)
+    decode_graphs: bool  # decode steps through CUDA graphs (cuda_graphs.py)
+    enable_prefix_caching: bool
+    seed: int  # seeds the requests that set none
+    skip_tokenizer_init: bool
+
+    @classmethod
+    def build(cls, model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "auto",
+              block_size: int = 16, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
+              max_model_len: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
+              skip_tokenizer_init: bool = False, kernels: str = "auto", enforce_eager: bool = False,
+              enable_prefix_caching: bool = True) -> "EngineConfig":
+        model_dir = Path(model)
+        model_config = ModelConfig.from_dir(model_dir)
+        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        chosen = select_kernels(kernels, dev)  # before any loading, so a bad choice fails at once
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        # Tokens per prefill step. On the CPU, ~1k keeps a layer's activations in the last-level cache while the
+        # weights are still read once per 1k tokens (measured best on the 0.5B shape); a GPU wants bigger steps.
+        chunk = max(max_num_batched_tokens or (8192 if dev.type == "cuda" else 1024), 1)
+        return cls(
+            model_dir=model_dir, model=model_config,
+            eos_token_ids=tuple(read_eos_token_ids(model_dir, model_config)), device=dev,
+            dtype=auto_dtype(model_config.torch_dtype, dev) if dtype == "auto" else parse_dtype(dtype),
+            kernels=chosen, block_size=block_size,
+            max_model_len=min(max_model_len or model_config.max_position_embeddings,
+                              model_config.max_position_embeddings),
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=chunk, kv_cache_memory=kv_cache_memory,
+            # CUDA graphs need the Triton kernels: the reference attention would gather every row's full-width
+            # block table (max_model_len tokens) in each replay
+            decode_graphs=not enforce_eager and dev.type == "cuda" and chosen.name == "triton",
+            enable_prefix_caching=enable_prefix_caching, seed=seed, skip_tokenizer_init=skip_tokenizer_init)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return blocks_for_tokens(self.max_model_len, self.block_size)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return bytes_per_block(self.model, self.block_size, self.dtype)
+
+    def kv_cache_budget(self) -> int:
+        """Bytes for the KV cache, asked once the weights are loaded: `kv_cache_memory` if given, else on a GPU
+        most of what the weights leave free, on the CPU a fixed share; never more than `max_num_seqs`
+        full-length sequences could use."""
+        if self.kv_cache_memory is not None:
+            return self.kv_cache_memory
+        most_needed = self.max_num_seqs * self.max_blocks_per_seq * self.bytes_per_block
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return min(int(free * _GPU_FREE_MEMORY_SHARE), most_needed)
+        return min(_CPU_KV_CACHE_BYTES, most_needed)
+
+
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: without them torch's bf16 matmuls on the CPU run an emulated path many times slower
+    than fp32 (0.2 vs 1.8 GB/s of weights measured on an AVX2-only EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The checkpoint's dtype, except half precision on a CPU that cannot compute in it fast: fp32 there."""
+    if device.type == "cpu" and checkpoint_dtype != torch.float32 and not cpu_has_native_bf16():
+        logger.info("stage1: this CPU has no native bf16 (avx512_bf16/AMX): running in float32; "
+                    "pass dtype='bfloat16' to force it")
+        return torch.float32
+    return checkpoint_dtype

@@ -1,0 +1,102 @@
+"""Tensor-parallel state: which rank this process is, how many there are, and the collectives the parallel layers
+call (an all-reduce after a row-parallel matmul, a gather of the vocabulary shards' logits to rank 0).
+
+One engine's ranks form one process group; at size 1 (no tensor parallelism) every collective is a no-op and no
+process group exists. The parallel layers read the rank and size when they are built, so the model is built
+under the state of the rank that runs it (`parallel_state`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    rank: int = 0
+    size: int = 1
+    group: "dist.ProcessGroup | None" = None  # None: the default group (or none at size 1)
+
+
+_STATE = ParallelState()
+
+
+def tp_rank() -> int:
+    return _STATE.rank
+
+
+def tp_size() -> int:
+    return _STATE.size
+
+
+@contextlib.contextmanager
+def parallel_state(rank: int, size: int, group: "dist.ProcessGroup | None" = None):
+    """Sets this process's rank and size while the block runs (the model is built, and runs, inside it)."""
+    global _STATE
+    previous, _STATE = _STATE, ParallelState(rank, size, group)
+    try:
+        yield _STATE
+    finally:
+        _STATE = previous
+
+
+def set_parallel_state(rank: int, size: int, group: "dist.ProcessGroup | None" = None) -> None:
+    """For a worker process, which is one rank for its whole life."""
+    global _STATE
+    _STATE = ParallelState(rank, size, group)
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sums x over the ranks, in place; x itself at size 1."""
+    if _STATE.size > 1:
+        dist.all_reduce(x, group=_STATE.group)
+    return x
+
+
+def gather_to_first(x: torch.Tensor) -> torch.Tensor | None:
+    """The ranks' x concatenated along the last dimension on rank 0 (rank order), None on the others; x itself at
+    size 1. Every rank's x has the same shape."""
+    if _STATE.size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(_STATE.size)] if _STATE.rank == 0 else None
+    dist.gather(x, parts, dst=0, group=_STATE.group)
+    return torch.cat(parts, dim=-1) if parts is not None else None
+
+
+# ---- how a model is split over the ranks ----
+
+
+def kv_heads_per_rank(num_kv_heads: int, size: int) -> int:
+    """KV heads are sharded while there are at least as many as ranks, else each rank keeps one (replicated)."""
+    return num_kv_heads // size if size <= num_kv_heads else 1
+
+
+def first_kv_head(rank: int, num_kv_heads: int, size: int) -> int:
+    """The first KV head rank `rank` keeps: its shard's, or with replication `rank // (size // num_kv_heads)`."""
+    if size <= num_kv_heads:
+        return rank * (num_kv_heads // size)
+    return rank // (size // num_kv_heads)
+
+
+def valid_tensor_parallel_sizes(config: ModelConfig) -> list[int]:
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    return [n for n in range(1, heads + 1)
+            if heads % n == 0 and (kv % n == 0 or n % kv == 0) and config.intermediate_size % n == 0]
+
+
+def check_tensor_parallel_size(config: ModelConfig, size: int) -> None:
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {size!r}")
+    if size not in valid_tensor_parallel_sizes(config):
+        raise ValueError(
+            f"tensor_parallel_size={size} does not split this model: it must divide its {config.num_attention_heads} "
+            f"attention heads and {config.intermediate_size} MLP channels, and divide its "
+            f"{config.num_key_value_heads} KV heads or be a multiple of them. Sizes that work: "
+            f"{', '.join(map(str, valid_tensor_parallel_sizes(config)))}")

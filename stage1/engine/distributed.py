@@ -2,8 +2,8 @@
 call (an all-reduce after a row-parallel matmul, a gather of the vocabulary shards' logits to rank 0).
 
 One engine's ranks form one process group; at size 1 (no tensor parallelism) every collective is a no-op and no
-process group exists. The parallel layers read the rank and size when they are built, so the model is built
-under the state of the rank that runs it (`parallel_state`).
+process group exists. The parallel layers take the current state when they are built (`current()`), so the model
+is built under the state of the rank that runs it (`with parallel_state(rank, size): ...`) and keeps it.
 """
 
 from __future__ import annotations
@@ -19,12 +19,36 @@ from .config import ModelConfig
 
 @dataclass(frozen=True)
 class ParallelState:
+    """The ranks a model is split over. Layers keep the state they were built under and call its collectives, so
+    a model built at size 1 never communicates, whatever else the process runs."""
+
     rank: int = 0
     size: int = 1
     group: "dist.ProcessGroup | None" = None  # None: the default group (or none at size 1)
 
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sums x over the ranks, in place; x itself at size 1."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The ranks' x concatenated along the last dimension on rank 0 (in rank order), None on the others; x
+        itself at size 1. Every rank's x has the same shape."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(x, parts, dst=0, group=self.group)
+        return torch.cat(parts, dim=-1) if parts is not None else None
+
 
 _STATE = ParallelState()
+
+
+def current() -> ParallelState:
+    """The state a layer being built now belongs to."""
+    return _STATE
 
 
 def tp_rank() -> int:
@@ -37,37 +61,13 @@ def tp_size() -> int:
 
 @contextlib.contextmanager
 def parallel_state(rank: int, size: int, group: "dist.ProcessGroup | None" = None):
-    """Sets this process's rank and size while the block runs (the model is built, and runs, inside it)."""
+    """Builds inside the block belong to rank `rank` of `size` (the model is built inside it)."""
     global _STATE
     previous, _STATE = _STATE, ParallelState(rank, size, group)
     try:
         yield _STATE
     finally:
         _STATE = previous
-
-
-def set_parallel_state(rank: int, size: int, group: "dist.ProcessGroup | None" = None) -> None:
-    """For a worker process, which is one rank for its whole life."""
-    global _STATE
-    _STATE = ParallelState(rank, size, group)
-
-
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sums x over the ranks, in place; x itself at size 1."""
-    if _STATE.size > 1:
-        dist.all_reduce(x, group=_STATE.group)
-    return x
-
-
-def gather_to_first(x: torch.Tensor) -> torch.Tensor | None:
-    """The ranks' x concatenated along the last dimension on rank 0 (rank order), None on the others; x itself at
-    size 1. Every rank's x has the same shape."""
-    if _STATE.size == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(_STATE.size)] if _STATE.rank == 0 else None
-    dist.gather(x, parts, dst=0, group=_STATE.group)
-    return torch.cat(parts, dim=-1) if parts is not None else None
 
 
 # ---- how a model is split over the ranks ----

@@ -14,6 +14,7 @@ import torch
 
 from .backends import Kernels, select_kernels
 from .config import ModelConfig, parse_dtype, read_eos_token_ids
+from .distributed import check_tensor_parallel_size, kv_heads_per_rank
 from .kv_cache import blocks_for_tokens, bytes_per_block
 
 logger = logging.getLogger("stage1")
@@ -39,16 +40,21 @@ class EngineConfig:
     enable_prefix_caching: bool
     seed: int  # seeds the requests that set none
     skip_tokenizer_init: bool
+    tensor_parallel_size: int = 1  # ranks the model is split over (tp_workers.py), rank 0 in this process
 
     @classmethod
     def build(cls, model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "auto",
               block_size: int = 16, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
               max_model_len: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
               skip_tokenizer_init: bool = False, kernels: str = "auto", enforce_eager: bool = False,
-              enable_prefix_caching: bool = True) -> "EngineConfig":
+              enable_prefix_caching: bool = True, tensor_parallel_size: int = 1) -> "EngineConfig":
         model_dir = Path(model)
         model_config = ModelConfig.from_dir(model_dir)
+        check_tensor_parallel_size(model_config, tensor_parallel_size)
         dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        if dev.type == "cuda" and tensor_parallel_size > max(1, torch.cuda.device_count()):
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs as many GPUs, but this node shows "
+                             f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES)")
         chosen = select_kernels(kernels, dev)  # before any loading, so a bad choice fails at once
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -68,27 +74,39 @@ class EngineConfig:
             # CUDA graphs need the Triton kernels: the reference attention would gather every row's full-width
             # block table (max_model_len tokens) in each replay
             decode_graphs=not enforce_eager and dev.type == "cuda" and chosen.name == "triton",
-            enable_prefix_caching=enable_prefix_caching, seed=seed, skip_tokenizer_init=skip_tokenizer_init)
+            enable_prefix_caching=enable_prefix_caching, seed=seed, skip_tokenizer_init=skip_tokenizer_init,
+            tensor_parallel_size=tensor_parallel_size)
 
     @property
     def max_blocks_per_seq(self) -> int:
         return blocks_for_tokens(self.max_model_len, self.block_size)
 
     @property
-    def bytes_per_block(self) -> int:
-        return bytes_per_block(self.model, self.block_size, self.dtype)
+    def kv_heads_per_rank(self) -> int:
+        return kv_heads_per_rank(self.model.num_key_value_heads, self.tensor_parallel_size)
 
-    def kv_cache_budget(self) -> int:
-        """Bytes for the KV cache, asked once the weights are loaded: `kv_cache_memory` if given, else on a GPU
-        most of what the weights leave free, on the CPU a fixed share; never more than `max_num_seqs`
-        full-length sequences could use."""
+    @property
+    def bytes_per_block(self) -> int:
+        """One block of one rank's KV cache (its own KV heads)."""
+        return bytes_per_block(self.model, self.block_size, self.dtype, self.kv_heads_per_rank)
+
+    def rank_device(self, rank: int) -> torch.device:
+        """GPU `rank` on a node (counted from the device rank 0 was given), the CPU for every rank on a CPU."""
+        if self.device.type != "cuda":
+            return self.device
+        return torch.device("cuda", (self.device.index or 0) + rank)
+
+    def kv_cache_budget(self, device: torch.device) -> int:
+        """Bytes for one rank's KV cache on `device`, asked once its weights are loaded: `kv_cache_memory` if
+        given (per rank), else on a GPU most of what the weights leave free, on the CPU a fixed share of the
+        host split between the ranks; never more than `max_num_seqs` full-length sequences could use."""
         if self.kv_cache_memory is not None:
             return self.kv_cache_memory
         most_needed = self.max_num_seqs * self.max_blocks_per_seq * self.bytes_per_block
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
             return min(int(free * _GPU_FREE_MEMORY_SHARE), most_needed)
-        return min(_CPU_KV_CACHE_BYTES, most_needed)
+        return min(_CPU_KV_CACHE_BYTES // self.tensor_parallel_size, most_needed)
 
 
 def cpu_has_native_bf16() -> bool:

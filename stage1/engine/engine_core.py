@@ -18,12 +18,13 @@ from .postprocess import Postprocessor
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
+from .tp_workers import TensorParallelRunner
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None):
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config) if config.tensor_parallel_size == 1 else TensorParallelRunner(config)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -39,6 +40,11 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def shutdown(self) -> None:
+        """Ends the tensor-parallel workers, if any (they also end with this process)."""
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.shutdown()
 
     def step(self) -> list[Sequence]:
         """Runs one scheduled step (a prefill or a decode); returns the sequences that finished in it."""

@@ -10,13 +10,16 @@ import torch
 from .config import ModelConfig
 
 
-def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim  # K and V, all layers
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
+    """`num_kv_heads`: the KV heads this rank holds (default: all of them)."""
+    kv_heads = config.num_key_value_heads if num_kv_heads is None else num_kv_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * config.head_dim  # K and V, all layers
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
-def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
-    return int(budget_bytes // bytes_per_block(config, block_size, dtype))
+def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int,
+                          num_kv_heads: int | None = None) -> int:
+    return int(budget_bytes // bytes_per_block(config, block_size, dtype, num_kv_heads))
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
@@ -29,9 +32,10 @@ def slot_index(block_table: list[int], position: int, block_size: int) -> int:
 
 
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> list[torch.Tensor]:
+                      device: torch.device, num_kv_heads: int | None = None) -> list[torch.Tensor]:
     """One `[2, num_blocks, block_size, kv_heads, head_dim]` tensor per layer (K at 0, V at 1)."""
-    shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    kv_heads = config.num_key_value_heads if num_kv_heads is None else num_kv_heads
+    shape = (2, num_blocks, block_size, kv_heads, config.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
 
 

@@ -8,6 +8,7 @@ Writes <out>/data.jsonl (kept rows), <out>/rejects.jsonl (filtered rows, each wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import time
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--dtype", default="auto", metavar="DTYPE", help="model dtype: auto, bfloat16, float16, float32")
     eng.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     eng.add_argument("--max-model-len", type=int, metavar="N", help="context limit in tokens (default: the model's)")
+    eng.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
+                     help="split the model over N GPUs of this node (N processes, started by the engine; on a CPU, N "
+                          "ranks sharing its cores); N must divide the attention heads (Qwen2.5-32B: 1, 2, 4, 8) "
+                          "(default: %(default)s)")
     eng.add_argument("--no-prefix-caching", action="store_true",
                      help="compute every prompt in full (by default prompts that share a few-shot prefix compute it "
                           "once)")
@@ -136,6 +141,12 @@ def main(argv: list[str] | None = None, llm_factory: Callable[[Path, argparse.Na
     except KeyboardInterrupt:
         print("\ninterrupted: the rows written so far are intact; rerun with --resume to continue", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from stage1.engine.tp_workers import WorkerDiedError
+        if not isinstance(e, WorkerDiedError):
+            raise
+        print(f"error: {e}; rows written so far are intact, rerun with --resume", file=sys.stderr)
+        return 1
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -146,6 +157,7 @@ def _check_args(args: argparse.Namespace) -> None:
         (0 < args.near_dup_threshold <= 1, "--near-dup-threshold must be in (0, 1]"),
         (0 < args.copy_threshold <= 1, "--copy-threshold must be in (0, 1]"),
         (args.max_model_len is None or args.max_model_len >= 1, "--max-model-len must be at least 1"),
+        (args.tensor_parallel_size >= 1, "--tensor-parallel-size must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -182,9 +194,19 @@ def _load_llm(model_dir: Path, args: argparse.Namespace) -> Engine:
         raise DataError(f"the stage1 engine can't be imported ({e}); reinstall stage1 (pip install -e .)") from None
     try:
         return LLM(str(model_dir), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                   enable_prefix_caching=not args.no_prefix_caching)
+                   enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size)
     except (OSError, ValueError) as e:
         raise DataError(f"could not load the model in {model_dir}: {e}") from None
+
+
+@contextlib.contextmanager
+def _started_engine(llm_factory, model_dir: Path, args: argparse.Namespace):
+    """The engine for the run, shut down after it (its tensor-parallel workers end with it)."""
+    llm = llm_factory(model_dir, args)
+    try:
+        yield llm
+    finally:
+        llm.shutdown()
 
 
 def _identity(config: GenerationConfig, args: argparse.Namespace, model: dict[str, Any], input_sha: str
@@ -194,6 +216,8 @@ def _identity(config: GenerationConfig, args: argparse.Namespace, model: dict[st
         "model_path": model["path"], "model_config_sha256": model["config_sha256"],
         "model_tokenizer_sha256": model["tokenizer_sha256"], "instructions_sha256": input_sha,
         "prompt_data_sha256": pool_fingerprint(), **config.identity(), "max_model_len": args.max_model_len,
+        # sampled rows can differ with the all-reduce's summation order in bf16
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
 
 
@@ -210,11 +234,10 @@ def _run(args: argparse.Namespace, argv: list[str], llm_factory) -> int:
     out = Path(args.out)
     identity = _identity(config, args, model, input_sha)
     previous = prepare_out_dir(out, identity, resume=args.resume, overwrite=args.overwrite,
-                               implicit=GenerationConfig.identity_defaults())
+                               implicit={**GenerationConfig.identity_defaults(), "tensor_parallel_size": 1})
 
-    llm = llm_factory(model_dir, args)
     out.mkdir(parents=True, exist_ok=True)
-    with DatasetWriter(out) as writer:
+    with _started_engine(llm_factory, model_dir, args) as llm, DatasetWriter(out) as writer:
         pipeline = Pipeline(llm, config, writer, engine_progress=not args.no_progress)
         manifest = _initial_manifest(args, argv, identity, model, llm, pipeline, previous, started)
         write_manifest(out, manifest)  # first, so a crashed run is still recognised (and resumable) later

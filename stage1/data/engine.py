@@ -52,3 +52,6 @@ class Engine(Protocol):
     def generate(self, prompts: list[str], sampling_params: list[SamplingParams],
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order."""
+
+    def shutdown(self) -> None:
+        """Frees what the engine holds beyond this process's memory (its tensor-parallel workers)."""

@@ -92,6 +92,10 @@ class FakeLLM:
         self.calls: list[int] = []  # prompts per generate call
         self.seen_prompts: list[str] = []
         self.seen_params: list = []  # the SamplingParams of each prompt
+        self.shut_down = False
+
+    def shutdown(self):
+        self.shut_down = True
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         if self.fail_after_calls is not None and len(self.calls) >= self.fail_after_calls:

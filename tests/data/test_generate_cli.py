@@ -41,6 +41,7 @@ def test_stored_prompt_is_exactly_what_the_engine_tokenized(gen, make_llm, read_
         assert row["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "max_tokens": 256,
                                    "n": 2}
     assert sorted(llm.calls) == [8, 16, 16]
+    assert llm.shut_down  # the run ends its engine (a tensor-parallel one's workers with it)
 
 
 def test_same_seed_same_files_whatever_the_batch_size(gen, make_llm, respond_mixed, tmp_path):
@@ -80,9 +81,11 @@ def test_rejects_file_gets_every_filtered_row_with_its_reason(gen, make_llm, res
 
 def _crash_then_resume(gen, make_llm, respond, out, crash_after_calls):
     argv = ("--limit", 40, "--n", 2, "--batch-size", 6)
+    crashing = make_llm(respond=respond, fail_after_calls=crash_after_calls)
     with pytest.raises(RuntimeError, match="injected crash"):
-        gen(*argv, llm=make_llm(respond=respond, fail_after_calls=crash_after_calls), out=out)
+        gen(*argv, llm=crashing, out=out)
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    assert crashing.shut_down  # a failed run ends its engine too
     return argv
 
 

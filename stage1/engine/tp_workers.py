@@ -109,9 +109,10 @@ class TensorParallelRunner:
 
     def _dead_worker(self) -> str | None:
         """How the first worker that ended did, waiting a little for one whose connection just broke."""
-        mp.connection.wait([w.process.sentinel for w in self.workers], timeout=_DEATH_GRACE_S)
+        ended = mp.connection.wait([w.process.sentinel for w in self.workers], timeout=_DEATH_GRACE_S)
         for worker in self.workers:
-            if worker.process.exitcode is not None:
+            if worker.process.sentinel in ended:
+                worker.process.join(_DEATH_GRACE_S)  # its pipe closes just before it can be reaped
                 return worker.describe_end()
         return None
 
@@ -128,7 +129,8 @@ class _Worker:
 
     def describe_end(self) -> str:
         code = self.process.exitcode
-        how = (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
+        how = ("closed its connection" if code is None else f"was killed by {signal.Signals(-code).name}"
+               if code < 0 else f"exited with code {code}")
         message = ""
         with contextlib.suppress(OSError, EOFError):
             while self.conn.poll():

@@ -2,7 +2,9 @@
 
 It takes packed token ids (all sequences of a step back to back, no padding), their positions and an attention
 context; it knows shapes and math, not requests. The KV cache and the attention kernel live behind
-`PagedAttention` (attention.py).
+`PagedAttention` (attention.py). Under tensor parallelism the layers in layers/ hold this rank's share (its query and
+KV heads, MLP channels, vocabulary rows) and communicate themselves; the model is built under the parallel
+state of the rank that runs it (distributed.py) and reads the same either way.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from torch import nn
 
 from .attention import AttentionContext, PagedAttention
 from .config import ModelConfig
+from .distributed import check_tensor_parallel_size, current
+from .layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                     VocabParallelEmbedding)
 
 
 class RMSNorm(nn.Module):
@@ -53,13 +58,14 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_size, self.kv_size = config.q_size, config.kv_size
         # q, k and v projections fused into one matmul (with bias); the output projection has no bias.
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=True)
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, bias=False)
+        # this rank's heads (all of them without tensor parallelism)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.attn = PagedAttention(layer_index, self.head_dim ** -0.5)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -77,9 +83,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -103,12 +108,13 @@ class DecoderLayer(nn.Module):
 class Qwen2ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        check_tensor_parallel_size(config, current().size)  # a size that does not split the heads: say which do
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -120,5 +126,6 @@ class Qwen2ForCausalLM(nn.Module):
             x = layer(rope, x, ctx)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of the given rows, [rows, vocab], on rank 0; None on the other ranks (their shards went to it)."""
         return self.lm_head(hidden)

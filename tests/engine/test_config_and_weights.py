@@ -111,3 +111,15 @@ def test_sharded_checkpoint_loads_same_as_single(checkpoint):
     a = load_model(sharded, config, torch.float32, torch.device("cpu")).state_dict()
     b = load_model(single, config, torch.float32, torch.device("cpu")).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_or_foreign_file_is_named(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-1000])
+    with pytest.raises(WeightsError, match="model.safetensors: tensor .* past the end of the file"):
+        LLM(bad)
+    (bad / "model.safetensors").write_bytes(b"PK\x03\x04 a zip, not a safetensors file")
+    with pytest.raises(WeightsError, match="model.safetensors: not a safetensors file"):
+        LLM(bad)

@@ -1,0 +1,15 @@
+"""The layers that are split over tensor-parallel ranks: the model uses them as it would nn.Linear / nn.Embedding
+and stays the architecture, with no parallel branches.
+
+Each layer takes the parallel state it is built under (`distributed.current()`) and keeps it; at size 1 it is the
+plain layer (the same matmul, the same result, bit for bit). Each parameter carries a
+`weight_loader(param, checkpoint_slice, shard_id=None)` that reads only this rank's rows or columns of a
+checkpoint tensor (anything indexable like safetensors' `PySafeSlice`: `s[a:b]` for rows, `s[:, a:b]` for
+columns) and copies them where they go in the local, possibly fused, parameter.
+"""
+
+from .embedding import ParallelLMHead, VocabParallelEmbedding
+from .linear import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+__all__ = ["ColumnParallelLinear", "MergedColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear",
+           "RowParallelLinear", "VocabParallelEmbedding"]

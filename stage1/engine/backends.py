@@ -42,12 +42,15 @@ def select_kernels(choice: str, device: torch.device) -> Kernels:
         raise ValueError("kernels='triton' on the CPU runs only in Triton's interpreter: set TRITON_INTERPRET=1 "
                          "before starting Python (slow, meant for tests), or use kernels='torch'")
     from stage1.kernels.attention import TritonAttentionBackend
-    from stage1.kernels.sampling import fused_sample
-
-    def triton_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        if batch.all_greedy:  # one argmax launch instead of the sampler's passes
-            return logits.argmax(dim=-1)
-        return fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds,
-                            batch.steps)
 
     return Kernels("triton", TritonAttentionBackend(), triton_sample)
+
+
+def triton_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The Triton sampler behind the reference's signature (a module-level function: the tensor-parallel
+    workers receive the kernel choice pickled)."""
+    from stage1.kernels.sampling import fused_sample
+
+    if batch.all_greedy:  # one argmax launch instead of the sampler's passes
+        return logits.argmax(dim=-1)
+    return fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds, batch.steps)

@@ -87,3 +87,16 @@ def test_prefix_caching_with_triton_kernels(checkpoint):
     expected = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
     assert [o.outputs[0].token_ids for o in tri.generate(prompts, params, use_tqdm=False)] == expected
     assert tri.stats.prefix_cached_tokens == 2 * 32  # two later prompts x two full blocks of the shared 40 tokens
+
+
+@pytest.mark.slow
+def test_tensor_parallel_with_triton_kernels(checkpoint):
+    """Two gloo ranks running the Triton kernels (interpreted here) on their own heads: the kernel choice travels
+    to the worker pickled, and the tokens are one rank's."""
+    path = checkpoint("gqa2-d128-untied")
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 21, 2)]
+    params = SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(path, dtype="float32", kernels="triton").generate(
+        prompts, params, use_tqdm=False)]
+    with LLM(path, dtype="float32", kernels="triton", tensor_parallel_size=2) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected

@@ -64,7 +64,7 @@ class EngineCore:
         except BaseException:
             self.scheduler.discard_step(batch)  # its blocks were registered for prefix caching, never filled
             raise
-        self.stats.record(batch, len(result.tokens), time.perf_counter() - started)
+        self.stats.record(batch, len(result.tokens), time.perf_counter() - started, self.config.max_num_seqs)
         return result
 
     def _postprocess(self, batch: ScheduledBatch, result: StepResult) -> list[Sequence]:
@@ -90,8 +90,11 @@ class StepStats:
     decode_seconds: float = 0.0
     generated_tokens: int = 0
     prefix_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
+    # decode steps that ran fewer than half of max_num_seqs sequences (a batch's tail), and their time
+    low_occupancy_decode_steps: int = 0
+    low_occupancy_decode_seconds: float = 0.0
 
-    def record(self, batch: ScheduledBatch, sampled: int, seconds: float) -> None:
+    def record(self, batch: ScheduledBatch, sampled: int, seconds: float, max_num_seqs: int) -> None:
         self.prefix_cached_tokens += batch.num_cached_tokens
         computed = sum(batch.num_new_tokens)
         if batch.is_prefill:
@@ -102,6 +105,9 @@ class StepStats:
             self.decode_steps += 1
             self.decode_tokens += computed
             self.decode_seconds += seconds
+            if 2 * len(batch.seqs) < max_num_seqs:
+                self.low_occupancy_decode_steps += 1
+                self.low_occupancy_decode_seconds += seconds
         self.generated_tokens += sampled
 
     def reset(self) -> None:

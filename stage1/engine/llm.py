@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence as SequenceT
@@ -18,6 +17,7 @@ import torch
 
 from .engine_config import EngineConfig
 from .engine_core import EngineCore, StepStats
+from .progress import RequestProgress
 from .outputs import CompletionOutput, RequestOutput
 from .params import SamplingParams
 from .sequence import Sequence
@@ -58,6 +58,10 @@ class LLM:
         return self.config.max_model_len
 
     @property
+    def max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.config.eos_token_ids
 
@@ -87,7 +91,7 @@ class LLM:
         requests = [self._request_ids(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
         ids = [self._add(token_ids, _prompt_text(p), sp) for token_ids, p, sp in zip(requests, prompts, params)]
         finished: dict[str, RequestOutput] = {}
-        progress = _Progress(len(ids), self.stats, use_tqdm)
+        progress = RequestProgress(len(ids), self.stats, use_tqdm)
         try:
             while len(finished) < len(ids):
                 for out in self.step():
@@ -196,24 +200,3 @@ class _Request:
                    for s in self.seqs]
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=self.prompt_token_ids, outputs=outputs)
-
-
-class _Progress:
-    """A tqdm bar over requests with output tokens/s, or nothing."""
-
-    def __init__(self, total: int, stats: StepStats, enabled: bool):
-        self.bar, self.stats = None, stats
-        self.start, self.tokens_before = time.perf_counter(), stats.generated_tokens
-        if enabled:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, desc="generate", unit="req", dynamic_ncols=True)
-
-    def request_done(self) -> None:
-        if self.bar is not None:
-            rate = (self.stats.generated_tokens - self.tokens_before) / max(time.perf_counter() - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{rate:.1f} tok/s out", refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

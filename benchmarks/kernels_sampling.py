@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (device_and_dtype, kernel_module, kernel_rows, overridden, print_kernel_rows,  # noqa: E402
-                    time_ms, try_timing)
+from common import (device_and_dtype, kernel_module, kernel_rows, print_kernel_rows, time_ms,  # noqa: E402
+                    try_timing)
 
 GPU_SHAPE = dict(batch=256, vocab=152_064)
 CPU_SHAPE = dict(batch=4, vocab=4096)
@@ -95,11 +95,6 @@ def torch_sort_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
     return torch.where(temperature == 0, greedy, order.gather(-1, pick).squeeze(-1))
 
 
-def overridden_call(config: dict, changes: dict, fn):
-    with overridden(config, **changes):
-        return fn()
-
-
 def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=True) -> list[dict]:
     from stage1 import SamplingParams
     from stage1.engine.sampler import SamplingBatch, sample
@@ -108,19 +103,15 @@ def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=Tru
     logits = llm_like_logits(batch, vocab, dtype, device)
     p = mix_params(mix, batch, device)
     args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
-    tokens, _ = sampling.fused_sample(*args)
+    tokens = sampling.fused_sample(*args)
     same = None
     greedy = p["temperature"] == 0
     assert torch.equal(tokens[greedy], logits.argmax(-1)[greedy]), "greedy rows differ from argmax"
 
     impls = {"triton": lambda: sampling.fused_sample(*args)}
-    debug = torch.zeros(batch, 3, dtype=torch.int64, device=device)
-    sampling.fused_sample(*args, _debug=debug)
-    shortcut_rows = debug[:, 2].float().mean().item()  # the share of rows the shortcut drew
+    shortcut_rows = sampling._sample(*args).shortcut_drew.float().mean().item()  # the share of rows it drew
     if mix != "greedy":
-        config = sampling.GPU_CONFIG if device.type == "cuda" else sampling.INTERPRETER_CONFIG
-        impls["triton_search"] = lambda: overridden_call(config, dict(SHORTCUT=False, FUSE=True),
-                                                         lambda: sampling.fused_sample(*args))
+        impls["triton_search"] = lambda: sampling._sample(*args, SHORTCUT=False, FUSE=True).tokens
     if mix == "greedy":
         impls["torch_argmax"] = lambda: logits.argmax(dim=-1)
     else:
@@ -170,14 +161,13 @@ def sweep(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
         dict(SHORTCUT=False, FUSE=not default["FUSE"]))]
     rows = []
     for cfg in configs:
-        with overridden(sampling.GPU_CONFIG, **cfg):
-            for mix in ("topk50_topp0.9", "topp0.95", "temperature"):
-                p = mix_params(mix, dims["batch"], device)
-                args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
-                ms = try_timing(lambda args=args: time_ms(lambda: sampling.fused_sample(*args), device, 3, 20))
-                rows.append(dict(kernel="sampling_sweep", impl="triton", config=dict(cfg), mix=mix, ms=ms,
-                                 device=str(device)))
-                print(f"  {cfg} {mix:16s} {ms if ms is None else round(ms, 4)} ms")
+        for mix in ("topk50_topp0.9", "topp0.95", "temperature"):
+            p = mix_params(mix, dims["batch"], device)
+            args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
+            ms = try_timing(lambda args=args, cfg=cfg: time_ms(lambda: sampling._sample(*args, **cfg), device, 3, 20))
+            rows.append(dict(kernel="sampling_sweep", impl="triton", config=dict(cfg), mix=mix, ms=ms,
+                             device=str(device)))
+            print(f"  {cfg} {mix:16s} {ms if ms is None else round(ms, 4)} ms")
     return rows
 
 

@@ -3,11 +3,12 @@
     python benchmarks/shortcut_coverage.py                     # the default model (cached), float32, on the CPU
     python benchmarks/shortcut_coverage.py --model DIR --json
 
-The shortcut (kernels/sampling.py) gathers the tokens whose race score x + noise beats the most likely token's,
-keeps those no more likely token outscores (the front) and checks the filters at them in one pass. A row with
-more than CAP candidates or NT front tokens falls back to the threshold search, and every candidate's block needs
-Philox noise. This script runs the model teacher-forced over a few texts (every position is one next-token
-distribution), draws the sampler's very noise (the reference's Philox) and counts, per temperature: candidates,
+The shortcut (kernels/sampling_shortcut.py) gathers the tokens whose race score x + noise beats the most likely
+token's, keeps those no more likely token outscores (the front) and checks the filters at them in one pass. A row
+with more than CAP candidates or NT front tokens falls back to the threshold search, and every candidate's block
+needs Philox noise. This script runs the model teacher-forced over a few texts (every position is one next-token
+distribution), draws the sampler's very noise (the reference's Philox) and counts with the kernel's rule
+(`shortcut_fronts`, which tests/kernels/test_sampling_kernel.py ties to the kernel), per temperature: candidates,
 front sizes, the rows the shortcut would hand to the search, and the share of tokens that need noise. The same for
 the benchmark's synthetic LLM-like logits (benchmarks/kernels_sampling.py), for comparison.
 """
@@ -60,6 +61,29 @@ def model_logits(model_dir: Path) -> torch.Tensor:
     return torch.cat(rows)
 
 
+def shortcut_fronts(logits: torch.Tensor, temperature: float,
+                    noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shortcut's rule (kernels/sampling_shortcut.py; rows without min-p, as here), per row of `logits` with
+    the race noise `noise` (same shape): how many candidates there are, the tokens whose race score z = x + noise
+    beats the top token's (the raw argmax, the first index on ties; an equal score beats it from a lower index),
+    and how many of them make the front, those that no candidate at least as likely (x_j >= x_i) beats (a higher
+    score, or the same from a lower index). test_sampling_kernel.py ties this rule to the kernel's."""
+    rows, vocab = logits.shape
+    x = logits.float() / temperature
+    z = x + noise
+    top = logits.argmax(-1, keepdim=True)
+    z_top = z.gather(1, top)
+    idx = torch.arange(vocab)[None, :]
+    candidates = (z > z_top) | ((z == z_top) & (idx < top))
+    fronts = []
+    for r in range(rows):
+        i = candidates[r].nonzero().flatten()
+        cx, cz = x[r, i], z[r, i]
+        beats = (cz[None, :] > cz[:, None]) | ((cz[None, :] == cz[:, None]) & (i[None, :] < i[:, None]))
+        fronts.append(int((~(beats & (cx[None, :] >= cx[:, None])).any(1)).sum()))
+    return candidates.sum(-1), torch.tensor(fronts)
+
+
 def coverage(logits: torch.Tensor, temperature: float, cap: int, front_limit: int, step: int = 3) -> dict:
     """The shortcut's candidates and fronts for each row of `logits` at `temperature` (seed = row)."""
     from stage1.contract import GUMBEL_MAX, gumbel_noise
@@ -67,17 +91,9 @@ def coverage(logits: torch.Tensor, temperature: float, cap: int, front_limit: in
     rows, vocab = logits.shape
     x = logits / temperature
     seeds = torch.arange(rows)[:, None].expand(rows, vocab)
-    z = x + gumbel_noise(seeds, torch.full((rows, vocab), step), torch.arange(vocab)[None].expand(rows, vocab))
-    z_top = z.gather(1, x.argmax(-1, keepdim=True))
-    candidates = z > z_top
-    counts = candidates.sum(-1)
-    fronts = []
-    for r in range(rows):
-        idx = candidates[r].nonzero().flatten()
-        cx, cz = x[r, idx], z[r, idx]
-        outscored = (cx[None, :] >= cx[:, None]) & (cz[None, :] > cz[:, None])
-        fronts.append(int((~outscored.any(1)).sum()))
-    fronts = torch.tensor(fronts)
+    noise = gumbel_noise(seeds, torch.full((rows, vocab), step), torch.arange(vocab)[None].expand(rows, vocab))
+    counts, fronts = shortcut_fronts(logits, temperature, noise)
+    z_top = (x + noise).gather(1, logits.argmax(-1, keepdim=True))
     fallback = (counts > cap) | (fronts > front_limit)
     return dict(temperature=temperature, rows=rows, candidates_median=counts.median().item(),
                 candidates_p99=counts.float().quantile(0.99).item(), candidates_max=counts.max().item(),

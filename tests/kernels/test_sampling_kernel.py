@@ -1,17 +1,19 @@
 """The fused Triton sampler (kernels/sampling.py) against the reference sampler (stage1.engine.sampler).
 
 On a CPU the kernel runs in the Triton interpreter (tests/kernels/conftest.py sets TRITON_INTERPRET=1), where every
-program costs tens of milliseconds, so the distribution tests draw thousands of tokens from one row through the
-kernel's `_draws` hook (the same row at consecutive steps: each is the token a call with that step draws, which
-`test_multi_draw_hook_equals_separate_calls` checks).
+program costs tens of milliseconds, so the distribution tests draw thousands of tokens from one row at once with
+sampling_hooks.many_draws (the same row at consecutive steps: each is the token a call with that step draws, which
+`test_many_draws_equal_separate_calls` checks). `_sample`, fused_sample's launcher, overrides the config and
+returns each row's state: the survivor cut, the search passes and whether the shortcut drew.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,8 @@ pytest.importorskip("triton")
 
 from stage1 import SamplingParams  # noqa: E402
 from stage1.engine.sampler import SamplingBatch, filtered_probs  # noqa: E402
-from stage1.kernels.sampling import float_key, fused_sample  # noqa: E402
+from stage1.kernels.sampling import INTERPRETER_CONFIG, _sample, float_key, fused_sample  # noqa: E402
+from sampling_hooks import kernel_noise, many_draws  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -35,9 +38,22 @@ def rows_of(temperature, top_k, top_p, min_p, seeds=None, steps=None):
                 steps=torch.tensor(steps if steps is not None else [0] * n, dtype=torch.int64, device=DEVICE))
 
 
-def sample(logits, rows, want_logprobs=False, **hooks):
-    return fused_sample(logits, rows["temperature"], rows["top_k"], rows["top_p"], rows["min_p"], rows["seeds"],
-                        rows["steps"], want_logprobs, **hooks)
+def sample(logits, rows):
+    return fused_sample(logits, *params_of(rows))
+
+
+def run(logits, rows, **config):
+    """fused_sample's launches with `config` overrides (`splits`, SHORTCUT, FUSE, ...): tokens and row states."""
+    return _sample(logits, *params_of(rows), **config)
+
+
+def params_of(rows):
+    return [rows[name] for name in ("temperature", "top_k", "top_p", "min_p", "seeds", "steps")]
+
+
+def trace(result):
+    """Per row: the survivor cut, the search passes, 1 where the shortcut drew (int64 [rows, 3])."""
+    return torch.stack([result.cut, result.passes, result.shortcut_drew.long()], dim=1)
 
 
 def reference_probs(logits, rows):
@@ -96,7 +112,7 @@ def test_greedy_rows_are_argmax_in_a_mixed_batch():
     logits[3, [3, 4]] = 7.5
     logits = logits.to(DEVICE)
     rows = rows_of([0, 0, 1.0, 0, 0.7, 0], [0, 0, 20, 0, 0, 5], [1, 1, 0.9, 1, 1, 0.5], [0, 0, 0, 0, 0.1, 0])
-    tokens, _ = sample(logits, rows)
+    tokens = sample(logits, rows)
     greedy = rows["temperature"] == 0
     assert torch.equal(tokens[greedy], logits.argmax(-1)[greedy])
     assert tokens[1].item() == 17 and tokens[3].item() == 3
@@ -106,11 +122,11 @@ def test_greedy_rows_are_argmax_in_a_mixed_batch():
     wide[0, [100, 100 + 8192, 100 + 16384]] = 8.0
     wide[1, [19_999, 2047, 4095]] = 8.0
     wide = wide.to(DEVICE)
-    tokens, _ = sample(wide, rows_of([0, 0], [0, 0], [1, 1], [0, 0]))
+    tokens = sample(wide, rows_of([0, 0], [0, 0], [1, 1], [0, 0]))
     assert tokens.tolist() == [100, 2047]
     # bf16 logits (many exact ties) and an all-greedy batch
     logits16 = (torch.randn(4, 3000, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
-    tokens, _ = sample(logits16, rows_of([0] * 4, [0] * 4, [1] * 4, [0] * 4))
+    tokens = sample(logits16, rows_of([0] * 4, [0] * 4, [1] * 4, [0] * 4))
     assert torch.equal(tokens, logits16.argmax(-1))
 
 
@@ -122,33 +138,33 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     params = dict(temperature=[0.9, 1.0, 0.8, 1.2, 0], top_k=[30, 0, 0, 0, 0], top_p=[0.9, 0.8, 1, 1, 1],
                   min_p=[0.0, 0.0, 0.05, 0.0, 0], seeds=[11, 22, 33, 44, 55], steps=[3, 0, 7, 12, 1])
     rows = rows_of(**params)
-    together, _ = sample(logits, rows)
-    again, _ = sample(logits, rows)
+    together = sample(logits, rows)
+    again = sample(logits, rows)
     assert torch.equal(together, again)
     for i in range(5):
-        alone, _ = sample(logits[i:i + 1], {name: t[i:i + 1] for name, t in rows.items()})
+        alone = sample(logits[i:i + 1], {name: t[i:i + 1] for name, t in rows.items()})
         assert alone.item() == together[i].item()
     order = torch.tensor([3, 0, 4, 2, 1], device=DEVICE)
-    permuted, _ = sample(logits[order], {name: t[order] for name, t in rows.items()})
+    permuted = sample(logits[order], {name: t[order] for name, t in rows.items()})
     assert torch.equal(permuted, together[order])
     # other neighbours (different logits and parameters around it) change nothing for row 0
     others = (torch.randn(3, vocab, generator=g) * 5).to(DEVICE)
     mixed_logits = torch.cat([others[:2], logits[:1], others[2:]])
     mixed = rows_of(temperature=[0.5, 0, 0.9, 2.0], top_k=[3, 0, 30, 0], top_p=[1, 1, 0.9, 0.5],
                     min_p=[0.2, 0, 0.0, 0], seeds=[1, 2, 11, 4], steps=[9, 9, 3, 9])
-    tokens, _ = sample(mixed_logits, mixed)
+    tokens = sample(mixed_logits, mixed)
     assert tokens[2].item() == together[0].item()
     # rows of a wider tensor (row stride > vocab) and a tiny vocabulary
     wide = torch.cat([logits, torch.randn(5, 50, generator=g).to(DEVICE)], dim=1)
-    strided, _ = sample(wide[:, :vocab], rows)
+    strided = sample(wide[:, :vocab], rows)
     assert torch.equal(strided, together)
-    tiny, _ = sample(logits[:, :3], rows)
+    tiny = sample(logits[:, :3], rows)
     assert (tiny < 3).all() and tiny[4].item() == logits[4, :3].argmax().item()
     # the stream moves with the step and the seed
-    draws = {sample(logits[1:2], rows_of([1.0], [0], [0.8], [0.0], seeds=[22], steps=[s]))[0].item()
+    draws = {sample(logits[1:2], rows_of([1.0], [0], [0.8], [0.0], seeds=[22], steps=[s])).item()
              for s in range(12)}
     assert len(draws) > 1
-    seeds = {sample(logits[3:4], rows_of([1.2], [0], [1], [0.0], seeds=[s], steps=[12]))[0].item()
+    seeds = {sample(logits[3:4], rows_of([1.2], [0], [1], [0.0], seeds=[s], steps=[12])).item()
              for s in range(12)}
     assert len(seeds) > 1
 
@@ -170,33 +186,31 @@ def test_same_tokens_as_the_reference_sampler():
     for step in range(4):
         batch = SamplingBatch.build(params, DEVICE, seeds=[1000 + 7 * i for i in range(n)], steps=[step] * n)
         expected = reference_sample(logits, batch)
-        tokens, _ = fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds,
-                                 batch.steps)
+        tokens = fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds,
+                              batch.steps)
         assert torch.equal(tokens, expected), (step, (tokens != expected).nonzero().flatten().tolist())
         drawn |= set(zip(range(n), tokens.tolist()))
     assert len(drawn) > n + 10  # the sampled rows did move with the step
 
 
-def test_multi_draw_hook_equals_separate_calls():
-    """The `_draws` hook (used below for thousands of draws) gives what separate calls with those steps give."""
+def test_many_draws_equal_separate_calls():
+    """many_draws (used below for thousands of draws) gives what separate calls with those steps give."""
     g = torch.Generator().manual_seed(2)
     logits = (torch.randn(1, 200, generator=g) * 2).to(DEVICE)
     for cfg in (dict(temperature=[1.0], top_k=[0], top_p=[1], min_p=[0.0]),  # drawn in the first pass
                 dict(temperature=[0.8], top_k=[40], top_p=[0.95], min_p=[0.01])):  # searched, then drawn
         steps = list(range(5, 13))
         n = len(steps)
-        separate, _ = sample(logits.expand(n, -1), rows_of(**{k: v * n for k, v in cfg.items()},
-                                                            seeds=[7] * n, steps=steps))
-        together, _ = sample(logits, rows_of(**cfg, seeds=[7], steps=[5]), _draws=n)
+        separate = sample(logits.expand(n, -1), rows_of(**{k: v * n for k, v in cfg.items()},
+                                                         seeds=[7] * n, steps=steps))
+        together, _ = many_draws(logits, rows_of(**cfg, seeds=[7], steps=[5]), n)
         assert torch.equal(together[0], separate)
 
 
-def test_split_rows_give_the_same_tokens(monkeypatch):
-    """Rows cut into several chunks (as on a GPU) give exactly the tokens, logprobs, cut and search passes of one
-    chunk per row, with temperature-only rows drawn in the statistics pass (FUSE) or later, and with the race
-    shortcut on or off (every row searched)."""
-    from stage1.kernels import sampling as S
-
+def test_split_rows_give_the_same_tokens():
+    """Rows cut into several chunks (as on a GPU) give exactly the tokens, cut and search passes of one chunk per
+    row, with temperature-only rows drawn in the statistics pass (FUSE) or later, and with the race shortcut on or
+    off (every row searched)."""
     g = torch.Generator().manual_seed(9)
     n, vocab = 10, 5000
     logits = torch.randn(n, vocab, generator=g) * 2
@@ -214,22 +228,18 @@ def test_split_rows_give_the_same_tokens(monkeypatch):
     for fuse in (True, False):
         for shortcut in (True, False):
             for splits in (1, 3 if fuse else 4):
-                monkeypatch.setitem(S.INTERPRETER_CONFIG, "FUSE", fuse)
-                debug = torch.zeros(n, 3, dtype=torch.int64, device=DEVICE)
-                tokens, logprobs = sample(logits, rows, want_logprobs=True, _splits=splits, _shortcut=shortcut,
-                                          _debug=debug)
-                results[fuse, shortcut, splits] = (tokens, logprobs, debug)
-    tokens, logprobs, _ = results[True, True, 1]
-    for (fuse, shortcut, splits), (other_tokens, other_logprobs, debug) in results.items():
+                result = run(logits, rows, splits=splits, SHORTCUT=shortcut, FUSE=fuse)
+                results[fuse, shortcut, splits] = (result.tokens, trace(result))
+    tokens, _ = results[True, True, 1]
+    for (fuse, shortcut, splits), (other_tokens, debug) in results.items():
         assert torch.equal(other_tokens, tokens), (fuse, shortcut, splits)
-        torch.testing.assert_close(other_logprobs, logprobs, atol=1e-5, rtol=0)
-        assert torch.equal(debug, results[fuse, shortcut, 1][2]), (fuse, shortcut, splits)
-    drew = results[True, True, 1][2][:, 2]
+        assert torch.equal(debug, results[fuse, shortcut, 1][1]), (fuse, shortcut, splits)
+    drew = results[True, True, 1][1][:, 2]
     # the shortcut drew the sampled rows, except row 8: at T = 5 the flat row has more candidates than CAP, so it
     # went on to the search (3 passes)
     assert drew.tolist() == [0, 1, 1, 1, 0, 1, 1, 1, 0, 1]
-    assert results[True, True, 1][2][8, 1].item() == 3
-    assert not results[True, False, 1][2][:, 2].any()
+    assert results[True, True, 1][1][8, 1].item() == 3
+    assert not results[True, False, 1][1][:, 2].any()
     assert tokens[0].item() == 10 and tokens[3].item() == 2500
     assert torch.equal(tokens[7:], logits[7:].argmax(-1))
     assert len(set(tokens[1:7].tolist())) > 3  # the sampled rows drew from their own distributions
@@ -242,8 +252,6 @@ def test_shortcut_checks_its_front_and_hands_longer_ones_to_the_search():
     from stage1.contract import gumbel_noise
     from stage1.engine.sampler import SamplingBatch
     from stage1.engine.sampler import sample as reference_sample
-    from stage1.kernels import sampling as S
-
     vocab, seed, step = 4000, 77, 3
     noise = gumbel_noise(torch.full((vocab,), seed), torch.full((vocab,), step), torch.arange(vocab))
     by_noise = noise.argsort()
@@ -255,19 +263,88 @@ def test_shortcut_checks_its_front_and_hands_longer_ones_to_the_search():
         x[picks] = 10.0 - 1e-3 * torch.arange(length, dtype=torch.float32)
         return x, picks
 
-    long_line, _ = line(S.INTERPRETER_CONFIG["NT"] + 4)
+    long_line, _ = line(INTERPRETER_CONFIG["NT"] + 4)
     short_line, picks = line(10)
     logits = torch.stack([long_line, short_line, short_line, short_line]).to(DEVICE)
     # the line's tokens hold nearly equal mass (0.1 each): top-p 0.35 keeps four of them, top-k 5 five
     params = [SamplingParams(max_tokens=1, temperature=1.0, top_k=k, top_p=p, min_p=m)
               for k, p, m in ((50, 0.9, 0.0), (5, 1.0, 0.0), (0, 1.0, 0.5), (0, 0.35, 0.0))]
     batch = SamplingBatch.build(params, DEVICE, seeds=[seed] * 4, steps=[step] * 4)
-    debug = torch.zeros(4, 3, dtype=torch.int64, device=DEVICE)
-    tokens, _ = fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds,
-                             batch.steps, _debug=debug)
-    assert debug[:, 2].tolist() == [0, 1, 1, 1]  # the long line was searched
+    result = _sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds, batch.steps)
+    tokens = result.tokens
+    assert result.shortcut_drew.tolist() == [False, True, True, True]  # the long line was searched
     assert tokens[1:].tolist() == [picks[4].item(), picks[9].item(), picks[3].item()]
     assert torch.equal(tokens, reference_sample(logits, batch))
+
+
+def test_shortcut_coverage_counts_with_the_kernels_rule():
+    """benchmarks/shortcut_coverage.py restates the shortcut's rule in PyTorch; on the same logits and noise it
+    finds the kernel's candidates, fronts and hand-offs to the search, ties included: an equal race score beats the
+    top token, or another candidate at least as likely, only from a lower index."""
+    from stage1.kernels.sampling_common import _FRONT
+
+    spec = importlib.util.spec_from_file_location(
+        "shortcut_coverage", Path(__file__).parents[2] / "benchmarks" / "shortcut_coverage.py")
+    coverage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(coverage)
+
+    g = torch.Generator().manual_seed(12)
+    n, vocab, top = 6, 4096, 500
+    seeds, steps = torch.arange(n, device=DEVICE), torch.full((n,), 3, device=DEVICE)
+    noise = kernel_noise(seeds, steps, vocab).cpu()  # the interpreter's logs are not PyTorch's to the last bit
+    logits = torch.full((n, vocab), -20.0)
+    logits[:, top] = 10.0
+    z_top = logits[:, top] + noise[:, top]
+
+    def tie(row, token, z):
+        """A logit that puts the token's race score exactly at z (at T = 1, x is the logit), or None: fp32 rounding
+        can step over z (x + noise rounds to every other value when the noise's low bits are a half)."""
+        x = z - noise[row, token]
+        for _ in range(4):
+            x = torch.nextafter(x, torch.tensor(float("-inf")))
+        for _ in range(8):
+            if x + noise[row, token] == z:
+                return x
+            x = torch.nextafter(x, torch.tensor(float("inf")))
+        return None
+
+    def tie_first(row, tokens, z):
+        """Puts the first token that can be tied at race score z there."""
+        token, x = next((t, x) for t in tokens if (x := tie(row, t, z)) is not None)
+        logits[row, token] = x
+
+    def less_likely(row, bound):
+        """Tokens whose noise exceeds the top token's by `bound`: tied with it, they are less likely."""
+        return [i for i in (noise[row] > max(noise[row, top] + bound, 0.0)).nonzero().flatten().tolist() if i != top]
+
+    tie_first(0, [i for i in less_likely(0, 1) if i < top], z_top[0])  # a lower index than the top's: a candidate
+    tie_first(1, [i for i in less_likely(1, 1) if i > top], z_top[1])  # a higher one: not
+    # two candidates with one score: the lower index, at least as likely, prunes the other from the front
+    z_pair, tokens = z_top[2] + 1, less_likely(2, 2)
+    for low, high in zip(tokens, tokens[1:]):
+        x_low, x_high = tie(2, low, z_pair), tie(2, high, z_pair)
+        if noise[2, low] < noise[2, high] and x_low is not None and x_high is not None:
+            break
+    logits[2, low], logits[2, high] = x_low, x_high
+    logits[3] = torch.randn(vocab, generator=g) * 2  # LLM-like: a few candidates
+    logits[3].scatter_add_(0, torch.randint(0, vocab, (40,), generator=g), 4 + 8 * torch.rand(40, generator=g))
+    logits[4] = torch.randn(vocab, generator=g) * 0.3  # flat: more than CAP candidates
+    # a line of NT + 4 tokens, each less likely than the last and outscoring it: a front longer than NT
+    line = noise[5].argsort()[torch.linspace(vocab // 2, vocab - 1, INTERPRETER_CONFIG["NT"] + 4).long()]
+    logits[5, line] = 10.0 - 1e-3 * torch.arange(len(line), dtype=torch.float32)
+    logits[5, top] = -20.0
+
+    counts, fronts = coverage.shortcut_fronts(logits, 1.0, noise)
+    cap, nt = INTERPRETER_CONFIG["CAP"], INTERPRETER_CONFIG["NT"]
+    assert counts[:3].tolist() == [1, 0, 2] and fronts[2].item() == 1
+    assert counts[4] > cap and fronts[5] > nt and 0 < counts[3] <= cap
+    logits = logits.to(DEVICE)
+    result = run(logits, rows_of([1.0] * n, [0] * n, [1] * n, [0.0] * n, seeds=seeds.tolist(), steps=[3] * n),
+                 FUSE=False)  # temperature-only rows go through the shortcut, not the statistics pass
+    assert result.candidates.cpu().tolist() == counts.tolist()
+    handed_on = (counts > cap) | (fronts > nt)
+    assert result.shortcut_drew.cpu().tolist() == (~handed_on).tolist()
+    assert result.state_i[:, _FRONT.value].cpu().tolist() == torch.where(handed_on, -1, fronts).tolist()
 
 
 @pytest.mark.parametrize("vocab, temperature, top_k, top_p, min_p", [
@@ -283,7 +360,7 @@ def test_draws_follow_the_filtered_distribution(vocab, temperature, top_k, top_p
     rows = rows_of([temperature], [top_k], [top_p], [min_p], seeds=[1234], steps=[0])
     expected = reference_probs(logits, rows)[0]
     draws = 4096
-    tokens, _ = sample(logits, rows, _draws=draws)
+    tokens, _ = many_draws(logits, rows, draws)
     counts = torch.bincount(tokens[0].cpu(), minlength=vocab)
     assert counts[expected == 0].sum() == 0, "a filtered-out token was drawn"
     ok, stats = chi_square_ok(counts, expected, draws)
@@ -298,7 +375,7 @@ def test_draws_across_seeds_follow_the_filtered_distribution():
     rows = rows_of([0.9] * n, [30] * n, [0.9] * n, [0.01] * n,
                    seeds=torch.randint(0, 2**62, (n,), generator=g).tolist(), steps=[100] * n)
     expected = reference_probs(logits[:1], {name: t[:1] for name, t in rows.items()})[0]
-    tokens, _ = sample(logits.expand(n, -1), rows, _draws=per_row)
+    tokens, _ = many_draws(logits.expand(n, -1), rows, per_row)
     counts = torch.bincount(tokens.flatten().cpu(), minlength=vocab)
     assert counts[expected == 0].sum() == 0, "a filtered-out token was drawn"
     ok, stats = chi_square_ok(counts, expected, n * per_row)
@@ -317,13 +394,13 @@ def test_survivors_match_the_reference_filters():
     min_p = [p if p < 0.15 else 0.0 for p in (0.3 * torch.rand(n, generator=g)).tolist()]
     top_p[4:8] = [1.0] * 4  # top-k or min-p alone
     rows = rows_of(temperature, top_k, top_p, min_p)
-    debug = torch.zeros(n, 3, dtype=torch.int64, device=DEVICE)
-    tokens, _ = sample(logits, rows, _shortcut=False, _debug=debug)
+    searched = run(logits, rows, SHORTCUT=False)
+    tokens = searched.tokens
     # the shortcut checks the survivor condition only at a few tokens' values, and draws the same tokens
-    shortcut_debug = torch.zeros(n, 3, dtype=torch.int64, device=DEVICE)
-    assert torch.equal(sample(logits, rows, _debug=shortcut_debug)[0], tokens)
-    assert shortcut_debug[:, 2].sum() > n // 2
-    kept = kernel_survivors(logits, rows, debug[:, 0])
+    shortcut = run(logits, rows)
+    assert torch.equal(shortcut.tokens, tokens)
+    assert shortcut.shortcut_drew.sum() > n // 2
+    kept = kernel_survivors(logits, rows, searched.cut)
     assert torch.equal(kept, survivors(logits, rows))
     reference = reference_probs(logits, rows) > 0
     # the reference's cumsum can round to 1 before the end and drop a tail of ~1e-7 mass even at top_p = 1
@@ -340,10 +417,10 @@ def test_ties_at_the_cut_all_survive():
     logits = (torch.randn(n, vocab, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
     rows = rows_of([1.0] * n, [5, 17, 40, 100, 0, 0, 0, 0, 8, 300, 2, 0],
                    [1, 1, 1, 1, 0.3, 0.5, 0.7, 0.9, 0.6, 0.95, 1, 0.05], [0.0] * n)
-    debug = torch.zeros(n, 3, dtype=torch.int64, device=DEVICE)
-    tokens, _ = sample(logits, rows, _shortcut=False, _debug=debug)
-    assert torch.equal(sample(logits, rows)[0], tokens)  # the shortcut's condition treats ties alike
-    kept = kernel_survivors(logits, rows, debug[:, 0])
+    searched = run(logits, rows, SHORTCUT=False)
+    tokens = searched.tokens
+    assert torch.equal(sample(logits, rows), tokens)  # the shortcut's condition treats ties alike
+    kept = kernel_survivors(logits, rows, searched.cut)
     assert torch.equal(kept, survivors(logits, rows))
     reference = reference_probs(logits, rows) > 0
     assert (kept | ~reference).all(), "a token the reference keeps was dropped"
@@ -353,7 +430,7 @@ def test_ties_at_the_cut_all_survive():
     assert (x[extra.nonzero(as_tuple=True)] == cut_value.expand_as(x)[extra.nonzero(as_tuple=True)]).all()
     assert extra.any(), "no tie straddled a cut: the test lost its point"
     # the bracket snaps to token values, so ties end the search early instead of bisecting down to one key
-    assert debug[:, 1].max() <= 4, debug[:, 1].tolist()
+    assert searched.passes.max() <= 4, searched.passes.tolist()
 
 
 def test_full_vocabulary_draws_only_survivors():
@@ -366,29 +443,15 @@ def test_full_vocabulary_draws_only_survivors():
     logits[2, 1000:2000] = float("-inf")  # masked tokens
     logits = logits.to(DEVICE)
     rows = rows_of([0.8, 1.0, 1.5], [50, 0, 2000], [0.9, 0.95, 0.99], [0.0, 0.01, 0.0])
-    debug = torch.zeros(3, 3, dtype=torch.int64, device=DEVICE)
-    tokens, _ = sample(logits, rows, _draws=16, _debug=debug)
-    kept = kernel_survivors(logits, rows, debug[:, 0])
+    tokens, searched = many_draws(logits, rows, 16)
+    kept = kernel_survivors(logits, rows, searched.cut)
     assert torch.equal(kept, survivors(logits, rows))
     assert torch.equal(kept, reference_probs(logits, rows) > 0)
     assert kept.gather(1, tokens.cpu()).all()
-    assert (debug[:, 1] <= 8).all(), debug[:, 1].tolist()  # search passes over the row
+    assert (searched.passes <= 8).all(), searched.passes.tolist()  # search passes over the row
     # the shortcut draws the first of those tokens (the same step) without a search
-    debug = torch.zeros(3, 3, dtype=torch.int64, device=DEVICE)
-    first, _ = sample(logits, rows, _debug=debug)
-    assert torch.equal(first, tokens[:, 0]) and debug[:, 2].all()
-
-
-def test_chosen_token_logprob_is_the_raw_log_softmax():
-    g = torch.Generator().manual_seed(6)
-    for dtype in (torch.float32, torch.bfloat16):
-        logits = (torch.randn(4, 5000, generator=g) * 4).to(dtype).to(DEVICE)
-        rows = rows_of([0.0, 0.5, 1.0, 2.0], [0, 10, 0, 0], [1, 0.9, 1, 1], [0, 0, 0.1, 0])
-        tokens, logprobs = sample(logits, rows, want_logprobs=True)
-        expected = logits.cpu().double().log_softmax(-1).gather(1, tokens.cpu()[:, None])[:, 0]
-        torch.testing.assert_close(logprobs.cpu().double(), expected, atol=2e-5, rtol=0)
-        no_lp, none = sample(logits, rows)
-        assert none is None and torch.equal(no_lp, tokens)
+    first = run(logits, rows)
+    assert torch.equal(first.tokens, tokens[:, 0]) and first.shortcut_drew.all()
 
 
 def test_edge_parameters():
@@ -398,63 +461,31 @@ def test_edge_parameters():
     # top_k = 1, a tiny top_p and min_p = 1 leave only the most likely token
     rows = rows_of([1.0, 1.0, 1.0, 1.0, 5.0], [1, 0, 0, 1, 0], [1, 1e-6, 1, 0.5, 1e-6], [0, 0, 1.0, 0, 0],
                    seeds=[9] * 5, steps=[0, 1, 2, 3, 4])
-    tokens, _ = sample(logits, rows, _draws=8)
+    tokens, _ = many_draws(logits, rows, 8)
     assert torch.equal(tokens, argmax[:, None].expand(-1, 8))
     # masked (-inf) tokens are never drawn, even at a high temperature
     masked = logits.clone()
     masked[:, 100:] = float("-inf")
-    tokens, _ = sample(masked, rows_of([3.0] * 5, [0, 50, 0, 0, 0], [1, 1, 0.99, 1, 1], [0, 0, 0, 1e-4, 0]),
-                       _draws=64)
+    tokens, _ = many_draws(masked, rows_of([3.0] * 5, [0, 50, 0, 0, 0], [1, 1, 0.99, 1, 1], [0, 0, 0, 1e-4, 0]),
+                           64)
     assert (tokens < 100).all()
-    # rejects misshapen inputs (a debug tensor of the old [rows, 2] shape would be written past its end)
+    # rejects misshapen inputs, and config entries that do not exist
     with pytest.raises(ValueError, match="per-row"):
         fused_sample(logits, torch.ones(4), *[torch.zeros(5)] * 5)
-    with pytest.raises(ValueError, match=r"_debug must be an int64 \[5, 3\]"):
-        sample(logits, rows, _debug=torch.zeros(5, 2, dtype=torch.int64, device=DEVICE))
-
-
-COMPILE_SM90 = textwrap.dedent("""
-    import os, re, subprocess, sys, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from stage1.kernels import sampling as S
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    cfg = dict(S.GPU_CONFIG)
-    floats = {"temp_ptr", "topp_ptr", "minp_ptr", "logprob_ptr", "part_f_ptr", "race_v_ptr", "state_f_ptr",
-              "cand_x_ptr", "cand_z_ptr", "front_z_ptr"}
-    ints = {"part_i_ptr", "race_i_ptr", "ticket_ptr", "cand_n_ptr", "cand_i_ptr", "front_i_ptr", "front_k_ptr"}
-    for kernel in (S._stats_kernel, S._candidates_kernel, S._verify_kernel, S._search_kernel, S._draw_kernel):
-        for dtype, lp, debug in (("bf16", False, False), ("fp32", True, True)):
-            meta = dict(BLOCK=cfg["BLOCK"], SBLOCK=cfg["SBLOCK"], NT=cfg["NT"], SPLITS_P2=8, DRAWS=1,
-                        VALUE_PASSES=S.VALUE_PASSES, MAX_PASSES=S.MAX_PASSES, WANT_LP=lp, DEBUG=debug, FUSE=lp,
-                        CAP=cfg["CAP"])
-            meta = {name: value for name, value in meta.items() if name in kernel.arg_names}
-            signature = {name: "constexpr" if name in meta else
-                         ("*" + dtype if name == "logits_ptr" else "*fp32" if name in floats else "*i32" if name in ints
-                          else "*i64" if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v
-                                                                                for n, v in meta.items()}),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(compiled.asm["ptx"])
-            info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                                  capture_output=True, text=True, check=True).stderr
-            os.unlink(f.name)
-            print(kernel.__name__, dtype, "regs", re.search(r"Used (\\d+) registers", info).group(1),
-                  "spill_bytes", re.search(r"(\\d+) bytes spill stores", info).group(1))
-""")
+    with pytest.raises(ValueError, match="no config entry"):
+        run(logits, rows, SHORTCUTS=False)
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="a GPU compiles and runs the kernel in the tests above")
 def test_compiles_for_hopper_without_spills():
-    """The interpreter skips Triton's compiler: compile for sm_90 (to the binary, with the bundled ptxas), which
-    catches what it never sees (non-constexpr globals, loop-carried types, layouts) and register spills."""
+    """The interpreter skips Triton's compiler: compile every sampler kernel as GPU_CONFIG configures it for sm_90
+    (to the binary, with the bundled ptxas; compile_sm90.py), which catches what it never sees (non-constexpr
+    globals, loop-carried types, layouts) and register spills."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, "-c", COMPILE_SM90], capture_output=True, text=True, env=env, timeout=300,
-                         check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.split("\n")
-    assert any("spill_bytes" in line for line in lines), out.stdout
-    assert all(line.endswith("spill_bytes 0") for line in lines if "spill_bytes" in line), out.stdout
+    script = Path(__file__).with_name("compile_sm90.py")
+    out = subprocess.run([sys.executable, str(script), "sampling"], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    lines = [line for line in out.stdout.split("\n") if "spill_bytes" in line]
+    assert len(lines) == 2 * 5, out.stdout  # each of the five kernels, for two logit dtypes
+    assert all(line.endswith("spill_bytes=0") for line in lines), out.stdout

@@ -28,7 +28,8 @@ from stage1.data.manifest import (
     prepare_out_dir,
     write_manifest,
 )
-from stage1.data.pipeline import Pipeline
+from stage1.data.pipeline import Pipeline, SessionStats
+from stage1.data.progress import RunProgress
 from stage1.data.prompts import load_styles, pool_fingerprint
 from stage1.data.readers import instructions_fingerprint, read_instructions
 from stage1.data.settings import GenerationConfig, add_sampling_flags, from_args
@@ -47,8 +48,14 @@ Output (in --out): data.jsonl (one row per kept completion), rejects.jsonl (ever
 reason: empty, run_on, control_token, scaffolding, repetition, example_copy, instruction_echo, exact_duplicate,
 near_duplicate, prompt_too_long), manifest.json (model, code version, arguments, counts, tokens/s).
 
-A run is reproducible: each row's seed is derived from --seed and the row's id, so the same arguments give the same
-data file whatever the batch size, and --resume after a crash or Ctrl-C finishes it exactly as an uninterrupted run."""
+Instructions stream through the engine: new ones enter as others finish (up to --max-num-seqs sequences at once),
+and rows are written in input order, every --batch-size instructions. A run is reproducible: each row's seed is
+derived from --seed and the row's id, so the same arguments give the same data file whatever --batch-size and
+--max-num-seqs, and --resume after a crash, a kill or Ctrl-C finishes it exactly as an uninterrupted run (the rows on
+disk say what is done; a line cut short by a kill is dropped).
+
+Progress goes to stderr: a bar on a terminal, one line a minute otherwise (a SLURM log). The manifest's sessions
+report the tail: decode steps that ran below half of --max-num-seqs and their share of the time."""
 
 EPILOG = """\
 examples:
@@ -94,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(gen)  # --temperature, --top-p, ...: one per sampling field of GenerationConfig
     gen.add_argument("--seed", type=int, default=0, metavar="S",
                      help="run seed; row seeds derive from it (default: %(default)s)")
-    gen.add_argument("--batch-size", type=int, default=256, metavar="N",
-                     help="prompts handed to the engine per call; rows are saved after each (default: %(default)s)")
+    gen.add_argument("--batch-size", type=int, default=64, metavar="N",
+                     help="rows are saved (appended and fsynced, in input order) each time N more instructions are "
+                          "done; a kill loses at most those in memory (default: %(default)s)")
 
     flt = p.add_argument_group("filters")
     flt.add_argument("--allow-run-on", action="store_true",
@@ -112,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--dtype", default="auto", metavar="DTYPE", help="model dtype: auto, bfloat16, float16, float32")
     eng.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     eng.add_argument("--max-model-len", type=int, metavar="N", help="context limit in tokens (default: the model's)")
+    eng.add_argument("--max-num-seqs", type=int, default=256, metavar="N",
+                     help="most sequences generating at once (--n samples of an instruction are n); new instructions "
+                          "enter as others finish (default: %(default)s)")
     eng.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
                      help="split the model over N GPUs of this node (N processes, started by the engine; on a CPU, N "
                           "ranks sharing its cores); N must divide the attention heads (Qwen2.5-32B: 1, 2, 4, 8) "
@@ -153,6 +164,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """What is not sampling (SamplingParams checks that, through GenerationConfig.validated)."""
     checks = [
         (args.batch_size >= 1, "--batch-size must be at least 1"),
+        (args.max_num_seqs >= 1, "--max-num-seqs must be at least 1"),
         (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
         (0 < args.near_dup_threshold <= 1, "--near-dup-threshold must be in (0, 1]"),
         (0 < args.copy_threshold <= 1, "--copy-threshold must be in (0, 1]"),
@@ -194,7 +206,7 @@ def _load_llm(model_dir: Path, args: argparse.Namespace) -> Engine:
         raise DataError(f"the stage1 engine can't be imported ({e}); reinstall stage1 (pip install -e .)") from None
     try:
         return LLM(str(model_dir), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                   enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size)
+                   max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size)
     except (OSError, ValueError) as e:
         raise DataError(f"could not load the model in {model_dir}: {e}") from None
 
@@ -237,32 +249,13 @@ def _run(args: argparse.Namespace, argv: list[str], llm_factory) -> int:
                                implicit={**GenerationConfig.identity_defaults(), "tensor_parallel_size": 1})
 
     out.mkdir(parents=True, exist_ok=True)
-    with _started_engine(llm_factory, model_dir, args) as llm, DatasetWriter(out) as writer:
-        pipeline = Pipeline(llm, config, writer, engine_progress=not args.no_progress)
+    with _started_engine(llm_factory, model_dir, args) as llm:
+        writer = DatasetWriter(out)  # its files are opened (created) below, after the manifest
+        pipeline = Pipeline(llm, config, writer)
         manifest = _initial_manifest(args, argv, identity, model, llm, pipeline, previous, started)
-        write_manifest(out, manifest)  # first, so a crashed run is still recognised (and resumable) later
-        if writer.repaired_bytes:
-            print(f"repaired {out}: dropped a partial last line ({writer.repaired_bytes} bytes) left by a crash",
-                  file=sys.stderr)
-            pipeline.stats.repaired_bytes = writer.repaired_bytes
-        if args.resume:
-            pipeline.load_existing()
-        todo, total = pipeline.todo(instructions)
-        _say(args, f"{len(instructions)} instructions, {len(instructions) - len(todo)} already done, "
-                   f"{total} completions to generate -> {out}")
-        bar = _progress_bar(args, total)
-
-        def on_chunk(stats, completions: int) -> None:
-            if bar is not None:
-                bar.update(completions)
-                bar.set_postfix(kept=stats.kept, rejected=stats.rejected, tok_s=f"{stats.tokens_per_s:.1f}")
-
-        pipeline.on_chunk = on_chunk
-        try:
-            stats = pipeline.run(instructions)
-        finally:
-            if bar is not None:
-                bar.close()
+        write_manifest(out, manifest)  # before the data files exist: a crashed run is always recognised, resumable
+        with writer:
+            stats = _generate(args, out, pipeline, instructions)
 
     summary = dataset_summary(read_jsonl(writer.data_path), read_jsonl(writer.rejects_path))
     session = {"started_at": started, "finished_at": now(), "resumed": bool(args.resume and previous),
@@ -271,6 +264,31 @@ def _run(args: argparse.Namespace, argv: list[str], llm_factory) -> int:
     write_manifest(out, manifest)
     _print_summary(out, summary, session)
     return 0
+
+
+def _generate(args: argparse.Namespace, out: Path, pipeline: Pipeline, instructions: list) -> SessionStats:
+    """The rows already on disk taken in (a resumed run), then the streaming loop with its progress display."""
+    writer = pipeline.writer
+    if writer.repaired_bytes:
+        print(f"repaired {out}: dropped a partial last line ({writer.repaired_bytes} bytes) left by a crash",
+              file=sys.stderr)
+        pipeline.stats.repaired_bytes = writer.repaired_bytes
+    if args.resume:
+        pipeline.load_existing()
+    todo, total = pipeline.todo(instructions)
+    _say(args, f"{len(instructions)} instructions, {len(instructions) - len(todo)} already done, "
+               f"{total} completions to generate -> {out}")
+    progress = None
+    if not args.no_progress and total:
+        progress = RunProgress(total, pipeline.llm.stats, tty=sys.stderr.isatty())
+        pipeline.on_step = progress.update
+    stats = None
+    try:
+        stats = pipeline.run(instructions)
+    finally:
+        if progress is not None:
+            progress.close(stats)
+    return stats
 
 
 def _initial_manifest(args, argv, identity, model, llm, pipeline, previous, started) -> dict[str, Any]:
@@ -296,14 +314,6 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def _progress_bar(args: argparse.Namespace, total: int):
-    if args.no_progress or total == 0:
-        return None
-    from tqdm import tqdm
-    # The engine draws its own bar per call beneath this one (requests of the current chunk, tokens/s).
-    return tqdm(total=total, unit="row", desc="rows", dynamic_ncols=True)
-
-
 def _print_summary(out: Path, summary: dict[str, Any], session: dict[str, Any]) -> None:
     c = summary["counts"]
     reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none"
@@ -312,6 +322,9 @@ def _print_summary(out: Path, summary: dict[str, Any], session: dict[str, Any]) 
     print(f"  data:     {out / 'data.jsonl'}\n  rejects:  {out / 'rejects.jsonl'}\n  manifest: {out / 'manifest.json'}")
     print(f"  this session: {session['generated_tokens']} tokens generated in {session['generate_seconds']:.1f} s "
           f"({session['tokens_per_s']:.1f} tokens/s), wall {session['wall_s']:.1f} s")
+    print(f"  tail: {session['low_occupancy_decode_steps']} of {session['decode_steps']} decode steps ran below half "
+          f"of --max-num-seqs, {session['low_occupancy_decode_seconds']:.1f} s "
+          f"({100 * session['low_occupancy_share']:.1f}% of the generation time)")
 
 
 if __name__ == "__main__":

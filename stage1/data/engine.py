@@ -1,7 +1,8 @@
 """`Engine`: what the data pipeline and the CLI use of an inference engine, and nothing more.
 
 `stage1.LLM` implements it; so does the tests' fake engine (tests/data/conftest.py). The pipeline uses these members
-directly: an engine without one of them is not an engine for it.
+directly: an engine without one of them is not an engine for it. Generation goes through the step API
+(`add_request`, `step`, `has_unfinished_requests`, `abort`): requests enter while others run (stream.py).
 """
 
 from __future__ import annotations
@@ -25,9 +26,30 @@ class EngineTokenizer(Protocol):
 
 @runtime_checkable
 class EngineStats(Protocol):
+    """Running totals since the engine started, updated after every step."""
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens computed (not those taken from the prefix cache)."""
+
     @property
     def prefix_cached_tokens(self) -> int:
-        """Prompt tokens taken from the prefix cache so far (a running total)."""
+        """Prompt tokens taken from the prefix cache."""
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens sampled."""
+
+    @property
+    def decode_steps(self) -> int: ...
+
+    @property
+    def low_occupancy_decode_steps(self) -> int:
+        """Decode steps that ran fewer than max_num_seqs / 2 sequences."""
+
+    @property
+    def low_occupancy_decode_seconds(self) -> float:
+        """Their time."""
 
 
 @runtime_checkable
@@ -47,11 +69,22 @@ class Engine(Protocol):
         """Token ids are below it."""
 
     @property
+    def max_num_seqs(self) -> int:
+        """Most sequences that run in one step (a request's n samples are n sequences)."""
+
+    @property
     def stats(self) -> EngineStats: ...
 
-    def generate(self, prompts: list[str], sampling_params: list[SamplingParams],
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order."""
+    def add_request(self, prompt: str, sampling_params: SamplingParams) -> str:
+        """Queues one request (checked first: ValueError for a bad one); returns its id."""
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one engine step; returns the requests that finished in it, in any order, each with all its samples."""
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Drops these requests (finished or unknown ids are ignored)."""
 
     def shutdown(self) -> None:
         """Frees what the engine holds beyond this process's memory (its tensor-parallel workers)."""

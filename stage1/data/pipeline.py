@@ -1,14 +1,17 @@
-"""The generation loop: instructions -> prompts -> `LLM.generate` in large chunks -> filters -> rows on disk.
+"""The generation loop: instructions -> prompts -> the engine's step API, streaming -> filters -> rows on disk.
 
-Everything a row holds derives from the run seed and the row's id, and rows are written in input order, so the data
-file does not depend on batch size, and a resumed run (rebuilt from the rows already written) finishes it exactly as
-an uninterrupted run would.
+Instructions enter the engine as others finish (stream.py: up to max_num_seqs sequences in flight); their outputs come
+back in input order, are judged in that order (dedup decisions depend on it) and written every `batch_size`
+instructions. Everything a row holds derives from the run seed and the row's id, so the data file does not depend on
+how requests were batched, and a resumed run (rebuilt from the rows already written) finishes it exactly as an
+uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -21,6 +24,7 @@ from stage1.data.prompts import CompletionStylePrompts, Prompt
 from stage1.data.readers import Instruction
 from stage1.data.rows import REASON_PROMPT_TOO_LONG, make_row, row_key, with_reason
 from stage1.data.settings import GenerationConfig
+from stage1.data.stream import Job, RequestStream
 from stage1.data.writer import DatasetWriter, read_jsonl
 
 if TYPE_CHECKING:
@@ -37,21 +41,38 @@ Row = dict[str, Any]
 class SessionStats:
     """This session only (a resumed run counts the whole dataset separately, from the files)."""
     instructions_todo: int = 0
+    instructions_done: int = 0  # judged, in input order (written at the next write)
     rows_written: int = 0
-    kept: int = 0
+    kept: int = 0  # rows judged so far
     rejected: int = 0
     prompt_tokens: int = 0
     prompt_tokens_cached: int = 0  # of those, taken from the engine's prefix cache (the shared few-shot prefix)
     generated_tokens: int = 0
-    generate_seconds: float = 0.0
+    generate_seconds: float = 0.0  # the streaming loop's wall time (generation, judging and writing overlap)
+    # the tail: decode steps that ran below half of max_num_seqs and their time (engine deltas over the session);
+    # of those, the steps while instructions were still left to enter (the loop keeps this at 0), and the time from
+    # the last instruction entering to the end
+    decode_steps: int = 0
+    low_occupancy_decode_steps: int = 0
+    low_occupancy_decode_seconds: float = 0.0
+    low_occupancy_decode_steps_while_feeding: int = 0
+    tail_seconds: float = 0.0
     repaired_bytes: int = 0  # a partial last line cut off the files on resume
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
 
+    @property
+    def low_occupancy_share(self) -> float:
+        """The low-occupancy decode time as a share of the loop's wall time."""
+        return self.low_occupancy_decode_seconds / self.generate_seconds if self.generate_seconds else 0.0
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 2)}
+        return {**asdict(self), "generate_seconds": round(self.generate_seconds, 3),
+                "low_occupancy_decode_seconds": round(self.low_occupancy_decode_seconds, 3),
+                "tail_seconds": round(self.tail_seconds, 3), "tokens_per_s": round(self.tokens_per_s, 2),
+                "low_occupancy_share": round(self.low_occupancy_share, 4)}
 
 
 def default_stop_token_ids(llm: Engine) -> list[int]:
@@ -70,18 +91,17 @@ class _Plan(NamedTuple):
 
 
 class Pipeline:
-    """Each chunk of instructions goes through four steps: `plan` (seed, prompt, length check) ->
-    `generate_and_verify` (one engine call; each stored prompt must be what the model saw) -> `judge` (each completion
-    through `self.checks`, in order) -> `write` (one append per file)."""
+    """Each instruction goes through four steps: `plan` (seed, prompt, length check, as it enters) -> the engine
+    (stream.py; each stored prompt must be what the model saw: `_verify`) -> `judge` (each completion through
+    `self.checks`, in input order) -> `write` (one append per file, every `config.batch_size` instructions)."""
 
     def __init__(self, llm: Engine, config: GenerationConfig, writer: DatasetWriter, *,
-                 on_chunk: Callable[[SessionStats, int], None] | None = None, engine_progress: bool = False):
-        """`on_chunk(stats, completions_done)` runs after each chunk is on disk (the progress bar)."""
+                 on_step: Callable[[SessionStats], None] | None = None):
+        """`on_step(stats)` runs after every engine step (the progress display)."""
         self.llm = llm
         self.config = config
         self.writer = writer
-        self.on_chunk = on_chunk
-        self.engine_progress = engine_progress
+        self.on_step = on_step
         self.prompts = CompletionStylePrompts(config.style)
         self.quality = QualityFilter(self.prompts.style, config.allow_run_on, config.copy_threshold)
         self.dedup = Deduplicator(config.near_dedup, config.near_dup_threshold)
@@ -115,67 +135,83 @@ class Pipeline:
     def run(self, instructions: list[Instruction]) -> SessionStats:
         todo, _ = self.todo(instructions)
         self.stats.instructions_todo = len(todo)
-        for start in range(0, len(todo), self.config.batch_size):
-            chunk = todo[start:start + self.config.batch_size]
-            completions = sum(len(self.missing(inst)) for inst in chunk)
-            self.run_chunk(chunk)
-            if self.on_chunk:
-                self.on_chunk(self.stats, completions)
+        stream: RequestStream[_Plan] = RequestStream(self.llm)
+        before, t0 = _engine_totals(self.llm), time.perf_counter()
+        try:
+            with closing(stream.run(self._jobs(todo))) as steps:  # closed at once on an error: aborts what runs
+                self._consume(steps, lambda: self._account(before, t0, stream))
+        finally:
+            self._account(before, t0, stream)
         return self.stats
 
-    def run_chunk(self, chunk: list[Instruction]) -> None:
-        plans = self.plan(chunk)
-        outputs = self.generate_and_verify([p for p in plans if p.fits])
-        kept, rejected = self.judge(plans, outputs)
-        self.write(kept, rejected)
-
-    # -- the steps ---------------------------------------------------------------------------------------------
-    def plan(self, chunk: list[Instruction]) -> list[_Plan]:
-        """Each instruction's seed and prompt, and whether prompt + max_tokens fits the context. The engine raises on
-        an over-long prompt and we never truncate: such a row is rejected in `judge`, never sent."""
-        plans = []
-        for inst in chunk:
-            seed = derive_seed(self.config.seed, inst.id)
-            prompt = self.prompts.build(inst.instruction, seed, inst.type)
-            n_tokens = len(self.llm.tokenizer.encode(prompt.text))
-            fits = n_tokens + self.config.max_tokens <= self.llm.max_model_len
-            plans.append(_Plan(inst, seed, prompt, n_tokens, fits))
-        return plans
-
-    def generate_and_verify(self, requests: list[_Plan]) -> dict[str, RequestOutput]:
-        """One engine call for all of `requests`, each output checked by `_verify`; the outputs by instruction id."""
-        if not requests:
-            return {}
-        stop = self.prompts.style.stop
-        params = [self.config.sampling_params(p.seed, stop, self.stop_token_ids) for p in requests]
-        t0, cached = time.perf_counter(), self.llm.stats.prefix_cached_tokens
-        results = self.llm.generate([p.prompt.text for p in requests], params, use_tqdm=self.engine_progress)
-        self.stats.generate_seconds += time.perf_counter() - t0
-        self.stats.prompt_tokens_cached += self.llm.stats.prefix_cached_tokens - cached
-        if len(results) != len(requests):
-            raise PromptMismatchError(f"the engine returned {len(results)} outputs for {len(requests)} prompts")
-        for plan, out in zip(requests, results):
-            self._verify(plan.prompt.text, out)
-        return {plan.inst.id: out for plan, out in zip(requests, results)}
-
-    def judge(self, plans: list[_Plan], outputs: dict[str, RequestOutput]) -> tuple[list[Row], list[Row]]:
-        """(kept rows, rejected rows), each in input order. A kept row joins the dedup state at once: later rows,
-        of this chunk too, are checked against it."""
+    def _consume(self, steps: Iterator[list[tuple[Job[_Plan], RequestOutput | None]]],
+                 account: Callable[[], None]) -> None:
+        """Judges what each step released, in input order; writes every `batch_size` instructions and at the end.
+        Rows judged but not yet written when something fails are not written: resume regenerates them."""
         kept: list[Row] = []
         rejected: list[Row] = []
-        for plan in plans:
-            if plan.fits:
-                self._judge_completions(plan, outputs[plan.inst.id], kept, rejected)
+        unwritten = 0  # instructions judged since the last write
+        for released in steps:
+            for job, out in released:
+                self.judge(job.item, out, kept, rejected)
+            unwritten += len(released)
+            if unwritten >= self.config.batch_size:
+                self.write(kept, rejected)
+                kept, rejected, unwritten = [], [], 0
+            account()
+            if self.on_step:
+                self.on_step(self.stats)
+        self.write(kept, rejected)
+
+    def _jobs(self, todo: list[Instruction]) -> Iterator[Job[_Plan]]:
+        """Each instruction's job, planned as it enters; a prompt too long for the context is never sent."""
+        stop = self.prompts.style.stop
+        for inst in todo:
+            plan = self.plan(inst)
+            if not plan.fits:
+                yield Job(plan, None)
             else:
-                rejected.append(self._too_long(plan))
-        return kept, rejected
+                yield Job(plan, plan.prompt.text, self.config.sampling_params(plan.seed, stop, self.stop_token_ids))
+
+    def _account(self, before: dict[str, float], t0: float, stream: RequestStream) -> None:
+        """The engine's work over this session, from its running totals."""
+        now = _engine_totals(self.llm)
+        delta = {k: now[k] - before[k] for k in now}
+        s = self.stats
+        s.generate_seconds = time.perf_counter() - t0
+        s.prompt_tokens_cached = int(delta["prefix_cached_tokens"])
+        s.decode_steps = int(delta["decode_steps"])
+        s.low_occupancy_decode_steps = int(delta["low_occupancy_decode_steps"])
+        s.low_occupancy_decode_seconds = delta["low_occupancy_decode_seconds"]
+        fed_until = stream.tail.low_occupancy_decode_steps if stream.tail.at is not None else now[
+            "low_occupancy_decode_steps"]
+        s.low_occupancy_decode_steps_while_feeding = int(fed_until - before["low_occupancy_decode_steps"])
+        s.tail_seconds = time.perf_counter() - stream.tail.at if stream.tail.at is not None else 0.0
+
+    # -- the steps ---------------------------------------------------------------------------------------------
+    def plan(self, inst: Instruction) -> _Plan:
+        """The instruction's seed and prompt, and whether prompt + max_tokens fits the context. The engine raises on
+        an over-long prompt and we never truncate: such a row is rejected in `judge`, never sent."""
+        seed = derive_seed(self.config.seed, inst.id)
+        prompt = self.prompts.build(inst.instruction, seed, inst.type)
+        n_tokens = len(self.llm.tokenizer.encode(prompt.text))
+        fits = n_tokens + self.config.max_tokens <= self.llm.max_model_len
+        return _Plan(inst, seed, prompt, n_tokens, fits)
+
+    def judge(self, plan: _Plan, out: RequestOutput | None, kept: list[Row], rejected: list[Row]) -> None:
+        """Appends the instruction's rows to `kept` / `rejected`. A kept row joins the dedup state at once: later
+        rows are checked against it. `out` is None for a prompt that was never sent (too long)."""
+        if out is None:
+            rejected.append(self._too_long(plan))
+        else:
+            self._verify(plan.prompt.text, out)
+            self._judge_completions(plan, out, kept, rejected)
+        self.stats.instructions_done += 1
 
     def write(self, kept: list[Row], rejected: list[Row]) -> None:
         self.writer.write_chunk(kept, rejected)
         for row in kept + rejected:
             self._done.add(row_key(row))
-        self.stats.kept += len(kept)
-        self.stats.rejected += len(rejected)
         self.stats.rows_written += len(kept) + len(rejected)
 
     # -- inside the steps --------------------------------------------------------------------------------------
@@ -185,6 +221,7 @@ class Pipeline:
                 "sampling": self.config.sampling_fields()}
 
     def _too_long(self, plan: _Plan) -> Row:
+        self.stats.rejected += 1
         row = make_row(plan.inst, prompt=plan.prompt.text, prompt_tokens=plan.n_tokens, **self._row_fields(plan))
         return with_reason(row, REASON_PROMPT_TOO_LONG,
                            f"{plan.n_tokens} prompt tokens + max_tokens {self.config.max_tokens} > max_model_len "
@@ -204,9 +241,11 @@ class Pipeline:
             verdict = first_rejection(self.checks, Candidate(inst.instruction, response, comp.finish_reason, examples))
             if verdict:
                 rejected.append(with_reason(row, *verdict))
+                self.stats.rejected += 1
             else:
                 self.dedup.add(_dedup_key(inst.id, comp.index), inst.instruction, response)
                 kept.append(row)
+                self.stats.kept += 1
 
     def _verify(self, sent: str, out: RequestOutput) -> None:
         """The stored prompt must be what the engine tokenized, and re-tokenize to the ids the model received."""
@@ -225,3 +264,10 @@ class Pipeline:
 
 def _dedup_key(row_id: str, index: int | None) -> str:
     return f"{row_id}#{index}"
+
+
+_ENGINE_TOTALS = ("prefix_cached_tokens", "decode_steps", "low_occupancy_decode_steps", "low_occupancy_decode_seconds")
+
+
+def _engine_totals(llm: Engine) -> dict[str, float]:
+    return {name: getattr(llm.stats, name) for name in _ENGINE_TOTALS}

@@ -1,6 +1,7 @@
 """Crash-safe JSONL output: data.jsonl (kept rows) and rejects.jsonl (rows with a reason).
 
-Each chunk goes to each file as one append of whole lines, then fsync, so a kill loses at most the chunk in flight.
+Each batch of rows (the pipeline's, in input order) goes to each file as one append of whole lines, then fsync, so a
+kill loses at most the rows not yet written.
 A line cut short by a crash (no final newline) is the only damage possible; `repair_truncated_tail` drops it on resume.
 """
 

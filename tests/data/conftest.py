@@ -2,7 +2,10 @@
 RequestOutput/SamplingParams), so the pipeline's tests run in milliseconds and without a model.
 
 Its completions depend only on (prompt, seed, completion index), like a batch-invariant engine's, and it can be told
-what to answer (`respond`), to raise after some calls (a crash), or to feed the model other ids than the prompt's.
+what to answer (`respond`), to raise at some step (a crash), or to feed the model other ids than the prompt's. It
+schedules like the engine: at most `max_num_seqs` sequences run, waiting ones are admitted (a prefill step) as soon
+as a slot is free, and each sequence then takes one decode step per token it generates, so requests finish out of
+input order, after as many steps as their completions are long.
 """
 
 from __future__ import annotations
@@ -36,7 +39,23 @@ class FakeTokenizer:
 
 @dataclass
 class FakeStats:
-    prefix_cached_tokens: int = 0  # the fake has no prefix cache
+    """The engine's running totals (StepStats' fields the pipeline reads); the fake has no prefix cache."""
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
+    prefix_cached_tokens: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    generated_tokens: int = 0
+    low_occupancy_decode_steps: int = 0
+    low_occupancy_decode_seconds: float = 0.0
+
+
+@dataclass
+class FakeSeq:
+    request_id: str
+    output: CompletionOutput
+    steps: int  # tokens it generates: its completion, plus the stop token when it stopped
+    done: int = 0
 
 
 def instruction_of(prompt: str) -> str:
@@ -77,44 +96,106 @@ def mixed_respond(prompt: str, seed: int, index: int) -> str:
 
 
 class FakeLLM:
-    def __init__(self, respond=default_respond, max_model_len: int = 8192, fail_after_calls: int | None = None,
-                 corrupt_ids_from_call: int | None = None):
-        """respond(prompt, seed, index) -> the completion text; fail_after_calls: raise on the call after that many;
-        corrupt_ids_from_call: from that call on (0-based), report prompt ids that differ from the prompt's."""
+    STEP_SECONDS = 0.01  # what each step adds to the stats' seconds (no time passes)
+
+    def __init__(self, respond=default_respond, max_model_len: int = 8192, max_num_seqs: int = 256,
+                 fail_at_step: int | None = None, corrupt_ids_from_request: int | None = None):
+        """respond(prompt, seed, index) -> the completion text; fail_at_step: step() raises on that step (0-based);
+        corrupt_ids_from_request: from that request on (0-based), report prompt ids that differ from the prompt's."""
         self.tokenizer = FakeTokenizer()
         self.vocab_size = FakeTokenizer.vocab_size
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
         self.eos_token_ids = [0]
         self.stats = FakeStats()
         self.respond = respond
-        self.fail_after_calls = fail_after_calls
-        self.corrupt_ids_from_call = corrupt_ids_from_call
-        self.calls: list[int] = []  # prompts per generate call
-        self.seen_prompts: list[str] = []
-        self.seen_params: list = []  # the SamplingParams of each prompt
+        self.fail_at_step = fail_at_step
+        self.corrupt_ids_from_request = corrupt_ids_from_request
+        self.seen_prompts: list[str] = []  # of every request added, in order
+        self.seen_params: list = []  # the SamplingParams of each
+        self.finish_order: list[str] = []  # request ids, in the order they finished
+        self.decode_log: list[tuple[int, int]] = []  # per decode step: (sequences run, requests added so far)
+        self.most_in_flight = 0  # most sequences waiting or running at once
+        self.steps = 0
         self.shut_down = False
+        self._requests: dict[str, RequestOutput] = {}
+        self._seqs: dict[str, list[FakeSeq]] = {}
+        self._waiting: list[FakeSeq] = []
+        self._running: list[FakeSeq] = []
 
     def shutdown(self):
         self.shut_down = True
 
-    def generate(self, prompts, sampling_params, use_tqdm=True):
-        if self.fail_after_calls is not None and len(self.calls) >= self.fail_after_calls:
+    def add_request(self, prompt, sampling_params) -> str:
+        ids = self.tokenizer.encode(prompt)
+        if not ids or len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len {self.max_model_len}")
+        request_id = f"req-{len(self.seen_prompts)}"
+        if self.corrupt_ids_from_request is not None and len(self.seen_prompts) >= self.corrupt_ids_from_request:
+            ids = ids[:-1] + [1]
+        self.seen_prompts.append(prompt)
+        self.seen_params.append(sampling_params)
+        sp = sampling_params
+        seqs = [self._seq(request_id, self._complete(self.respond(prompt, sp.seed, k), sp, k)) for k in range(sp.n)]
+        self._requests[request_id] = RequestOutput(request_id, prompt, ids, [s.output for s in seqs])
+        self._seqs[request_id] = seqs
+        self._waiting += seqs
+        self.most_in_flight = max(self.most_in_flight, len(self._waiting) + len(self._running))
+        return request_id
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def abort(self, request_ids):
+        for request_id in request_ids:
+            self._requests.pop(request_id, None)
+            for seq in self._seqs.pop(request_id, []):
+                for queue in (self._waiting, self._running):
+                    if seq in queue:
+                        queue.remove(seq)
+
+    def step(self) -> list[RequestOutput]:
+        if self.fail_at_step is not None and self.steps == self.fail_at_step:
             raise RuntimeError("injected crash")
-        if not isinstance(sampling_params, list):
-            sampling_params = [sampling_params] * len(prompts)
-        self.calls.append(len(prompts))
-        results = []
-        for i, (prompt, sp) in enumerate(zip(prompts, sampling_params)):
-            ids = self.tokenizer.encode(prompt)
-            if len(ids) > self.max_model_len:
-                raise ValueError(f"prompt of {len(ids)} tokens exceeds max_model_len {self.max_model_len}")
-            if self.corrupt_ids_from_call is not None and len(self.calls) > self.corrupt_ids_from_call:
-                ids = ids[:-1] + [1]
-            self.seen_prompts.append(prompt)
-            self.seen_params.append(sp)
-            outs = [self._complete(self.respond(prompt, sp.seed, k), sp, k) for k in range(sp.n)]
-            results.append(RequestOutput(request_id=str(i), prompt=prompt, prompt_token_ids=ids, outputs=outs))
-        return results
+        self.steps += 1
+        room = self.max_num_seqs - len(self._running)
+        if self._waiting and room > 0:  # a prefill step: admits what fits, each admitted gets its first token
+            batch, self._waiting = self._waiting[:room], self._waiting[room:]
+            self._running += batch
+            self.stats.prefill_steps += 1
+            self.stats.prefill_tokens += sum(len(self._requests[s.request_id].prompt_token_ids) for s in batch)
+        elif self._running:
+            batch = list(self._running)
+            self._record_decode(len(batch))
+        else:
+            return []
+        for seq in batch:
+            seq.done += 1
+            self.stats.generated_tokens += 1
+        return self._finished()
+
+    def _record_decode(self, n_seqs: int) -> None:
+        self.stats.decode_steps += 1
+        self.stats.decode_seconds += self.STEP_SECONDS
+        if 2 * n_seqs < self.max_num_seqs:
+            self.stats.low_occupancy_decode_steps += 1
+            self.stats.low_occupancy_decode_seconds += self.STEP_SECONDS
+        self.decode_log.append((n_seqs, len(self.seen_prompts)))
+
+    def _finished(self) -> list[RequestOutput]:
+        """The requests all of whose sequences are done; the latest added first (any order is allowed)."""
+        self._running = [s for s in self._running if s.done < s.steps]
+        done = [rid for rid, seqs in self._seqs.items() if all(s.done >= s.steps for s in seqs)]
+        outputs = []
+        for request_id in reversed(done):
+            del self._seqs[request_id]
+            self.finish_order.append(request_id)
+            outputs.append(self._requests.pop(request_id))
+        return outputs
+
+    @staticmethod
+    def _seq(request_id: str, output: CompletionOutput) -> FakeSeq:
+        return FakeSeq(request_id, output, max(1, len(output.token_ids) + (output.finish_reason == "stop")))
 
     def _complete(self, text: str, sp, index: int) -> CompletionOutput:
         """Stop strings cut (and are left out, as the engine does); max_tokens truncates with finish 'length'."""
@@ -130,7 +211,7 @@ class FakeLLM:
 
 @pytest.fixture
 def make_llm():
-    """FakeLLM itself, to build one with options: make_llm(respond=..., fail_after_calls=2)."""
+    """FakeLLM itself, to build one with options: make_llm(respond=..., fail_at_step=20)."""
     return FakeLLM
 
 

@@ -40,21 +40,23 @@ def test_stored_prompt_is_exactly_what_the_engine_tokenized(gen, make_llm, read_
         assert all(f"{pool[i].prompt}\n" in row["prompt"] for i in row["example_ids"])
         assert row["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "max_tokens": 256,
                                    "n": 2}
-    assert sorted(llm.calls) == [8, 16, 16]
+    assert len(llm.seen_prompts) == 40  # one request per instruction, its n samples together
     assert llm.shut_down  # the run ends its engine (a tensor-parallel one's workers with it)
 
 
-def test_same_seed_same_files_whatever_the_batch_size(gen, make_llm, respond_mixed, tmp_path):
+def test_same_seed_same_files_whatever_the_batching(gen, make_llm, respond_mixed, tmp_path):
+    """Writes every 1, 7 or 64 instructions; 1, 5 or 256 sequences in flight (requests finishing out of order)."""
     runs = {}
-    for batch in (1, 7, 64):
-        out = tmp_path / f"b{batch}"
-        assert gen("--limit", 30, "--n", 2, "--batch-size", batch, llm=make_llm(respond=respond_mixed), out=out) == 0
-        runs[batch] = files(out)
-    assert runs[1] == runs[7] == runs[64]
-    assert runs[1]["rejects.jsonl"] and runs[1]["data.jsonl"]
+    for batch, seqs in ((1, 256), (7, 5), (64, 1), (64, 256)):
+        out = tmp_path / f"b{batch}-s{seqs}"
+        llm = make_llm(respond=respond_mixed, max_num_seqs=seqs)
+        assert gen("--limit", 30, "--n", 2, "--batch-size", batch, "--max-num-seqs", seqs, llm=llm, out=out) == 0
+        runs[batch, seqs] = files(out)
+    assert len(set(map(str, runs.values()))) == 1
+    assert runs[1, 256]["rejects.jsonl"] and runs[1, 256]["data.jsonl"]
     other = tmp_path / "seed1"
     assert gen("--limit", 30, "--n", 2, "--seed", 1, llm=make_llm(respond=respond_mixed), out=other) == 0
-    assert files(other) != runs[1]
+    assert files(other) != runs[1, 256]
 
 
 def test_rejects_file_gets_every_filtered_row_with_its_reason(gen, make_llm, respond_mixed, read_rows, out):
@@ -79,9 +81,9 @@ def test_rejects_file_gets_every_filtered_row_with_its_reason(gen, make_llm, res
     assert manifest["stop_reasons"]["length"] == manifest["rejected_by_reason"]["run_on"]
 
 
-def _crash_then_resume(gen, make_llm, respond, out, crash_after_calls):
-    argv = ("--limit", 40, "--n", 2, "--batch-size", 6)
-    crashing = make_llm(respond=respond, fail_after_calls=crash_after_calls)
+def _crash_then_resume(gen, make_llm, respond, out, crash_at_step):
+    argv = ("--limit", 40, "--n", 2, "--batch-size", 6, "--max-num-seqs", 16)
+    crashing = make_llm(respond=respond, max_num_seqs=16, fail_at_step=crash_at_step)
     with pytest.raises(RuntimeError, match="injected crash"):
         gen(*argv, llm=crashing, out=out)
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
@@ -89,16 +91,23 @@ def _crash_then_resume(gen, make_llm, respond, out, crash_after_calls):
     return argv
 
 
-def test_crash_after_some_chunks_then_resume_gives_the_same_files(gen, make_llm, respond_mixed, tmp_path):
+def done_instructions(out, n=2):
+    rows = [json.loads(line) for blob in files(out).values() for line in blob.splitlines()]
+    ids = [r["id"] for r in rows]
+    return {i for i in ids if ids.count(i) == n}
+
+
+def test_crash_after_some_writes_then_resume_gives_the_same_files(gen, make_llm, respond_mixed, tmp_path):
     full = tmp_path / "full"
     assert gen("--limit", 40, "--n", 2, "--batch-size", 6, llm=make_llm(respond=respond_mixed), out=full) == 0
     out = tmp_path / "crashed"
-    argv = _crash_then_resume(gen, make_llm, respond_mixed, out, crash_after_calls=3)
+    argv = _crash_then_resume(gen, make_llm, respond_mixed, out, crash_at_step=400)
     assert 0 < len(files(out)["data.jsonl"]) < len(files(full)["data.jsonl"])
+    done = done_instructions(out)
     resumed = make_llm(respond=respond_mixed)
     assert gen(*argv, "--resume", "--batch-size", 5, llm=resumed, out=out) == 0
     assert files(out) == files(full)
-    assert sum(resumed.calls) == 40 - 18  # only what was missing
+    assert len(resumed.seen_prompts) == 40 - len(done)  # only what was missing
     sessions = json.loads((out / "manifest.json").read_text())["sessions"]
     assert [s["resumed"] for s in sessions] == [True]  # the crashed session never finished
 
@@ -110,7 +119,7 @@ def test_kill_mid_write_then_resume_gives_the_same_files(gen, make_llm, respond_
     full = tmp_path / "full"
     assert gen("--limit", 40, "--n", 2, "--batch-size", 6, llm=make_llm(respond=respond_mixed), out=full) == 0
     out = tmp_path / "killed"
-    argv = _crash_then_resume(gen, make_llm, respond_mixed, out, crash_after_calls=3)
+    argv = _crash_then_resume(gen, make_llm, respond_mixed, out, crash_at_step=400)
     whole, now = files(full), files(out)
     next_data = whole["data.jsonl"][len(now["data.jsonl"]):]
     next_rejects = whole["rejects.jsonl"][len(now["rejects.jsonl"]):]
@@ -142,8 +151,9 @@ def test_kill_between_data_and_rejects_writes_then_resume(gen, make_llm, respond
 
     monkeypatch.setattr(DatasetWriter, "write_chunk", write_chunk_then_die)
     out = tmp_path / "killed"
-    argv = ("--limit", 40, "--n", 2, "--batch-size", 6)
-    assert gen(*argv, llm=make_llm(respond=respond_mixed), out=out) == 130
+    argv = ("--limit", 40, "--n", 2, "--batch-size", 6, "--max-num-seqs", 8)
+    assert gen(*argv, llm=make_llm(respond=respond_mixed, max_num_seqs=8), out=out) == 130
+    assert len(chunks) == 4
     monkeypatch.setattr(DatasetWriter, "write_chunk", real_write_chunk)
     assert gen(*argv, "--resume", llm=make_llm(respond=respond_mixed), out=out) == 0
     assert files(out) == files(full)
@@ -199,7 +209,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(gen, make_llm, out, tm
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert re.search(message, err), err
-    assert not out.exists() and llm.calls == []
+    assert not out.exists() and llm.seen_prompts == []
 
 
 def test_bad_input_through_the_real_entry_point(tmp_path):
@@ -271,7 +281,7 @@ def test_an_output_dir_holding_another_run_is_refused(gen, make_llm, out, capsys
     assert gen("--limit", 5, llm=make_llm()) == 2  # the same run: needs --resume to be touched
     assert "already holds this run" in capsys.readouterr().err
     idle = make_llm()
-    assert gen("--limit", 5, "--resume", llm=idle) == 0 and idle.calls == []  # nothing left to do
+    assert gen("--limit", 5, "--resume", llm=idle) == 0 and idle.seen_prompts == []  # nothing left to do
     assert files(out) == before
     assert gen("--limit", 5, "--seed", 1, "--overwrite", llm=make_llm()) == 0
     assert files(out) != before
@@ -286,12 +296,14 @@ def test_a_dir_with_data_but_no_manifest_is_refused(gen, make_llm, out, capsys):
 
 
 def test_prompt_token_mismatch_stops_the_run_and_keeps_earlier_rows(gen, make_llm, read_rows, out, capsys):
-    llm = make_llm(corrupt_ids_from_call=2)
-    assert gen("--limit", 20, "--batch-size", 5, llm=llm) == 1
+    llm = make_llm(corrupt_ids_from_request=10, max_num_seqs=4)
+    assert gen("--limit", 20, "--batch-size", 1, "--max-num-seqs", 4, llm=llm) == 1
     err = capsys.readouterr().err
     assert "re-tokenizes" in err and err.count("\n") == 1
     rows = read_rows(out / "data.jsonl") + read_rows(out / "rejects.jsonl")
-    assert len(rows) == 10  # the first two chunks, intact; nothing from the bad one
+    first_ten = {json.loads(r)["id"] for r in (REPO / "stage1/data/instructions.jsonl").read_text().splitlines()[:10]}
+    # rows written before the bad one was judged are intact (those judged in its step are not written); none after
+    assert 5 <= len(rows) <= 10 and {r["id"] for r in rows} <= first_ten
 
 
 def test_manifest_describes_the_run(gen, make_llm, fake_model_dir, out):

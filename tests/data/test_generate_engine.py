@@ -17,19 +17,19 @@ ARGS = ("--limit", 6, "--n", 2, "--max-tokens", 12, "--no-progress")
 
 
 class Recording:
-    """The engine, recording what each generate call returned; optionally crashing on call `fail_on_call`."""
+    """The engine, recording what each step returned; optionally crashing on step `fail_on_step` (0-based)."""
 
-    def __init__(self, llm, fail_on_call=None):
-        self.llm, self.fail_on_call, self.outputs, self.calls = llm, fail_on_call, [], 0
+    def __init__(self, llm, fail_on_step=None):
+        self.llm, self.fail_on_step, self.outputs, self.steps = llm, fail_on_step, [], 0
 
     def __getattr__(self, name):
         return getattr(self.llm, name)
 
-    def generate(self, prompts, sampling_params, use_tqdm=True):
-        if self.calls == self.fail_on_call:
+    def step(self):
+        if self.steps == self.fail_on_step:
             raise RuntimeError("injected crash")
-        self.calls += 1
-        outs = self.llm.generate(prompts, sampling_params, use_tqdm=False)
+        self.steps += 1
+        outs = self.llm.step()
         self.outputs += outs
         return outs
 
@@ -73,14 +73,15 @@ def test_stored_prompt_is_what_the_model_saw(llm, tiny_model_dir, tmp_path, styl
     assert again.outputs[row["index"]].text == row["raw_response"]
 
 
-def test_same_files_across_batch_sizes_and_after_crash_and_resume(llm, tiny_model_dir, tmp_path):
+def test_same_files_across_batching_and_after_crash_and_resume(llm, tiny_model_dir, tmp_path):
     full = tmp_path / "full"
     assert run(tiny_model_dir, full, "--batch-size", 6, llm_factory=lambda d, a: llm) == 0
     out = tmp_path / "crashed"
+    one_at_a_time = Recording(LLM(str(tiny_model_dir), max_num_seqs=2), fail_on_step=30)  # 12 steps an instruction
     with pytest.raises(RuntimeError, match="injected crash"):
-        run(tiny_model_dir, out, "--batch-size", 2, llm_factory=lambda d, a: Recording(llm, fail_on_call=2))
+        run(tiny_model_dir, out, "--batch-size", 2, "--max-num-seqs", 2, llm_factory=lambda d, a: one_at_a_time)
     assert 0 < len(rows(out)) < 12
-    # Resume through the real loader (a fresh engine), with yet another batch size.
+    # Resume through the real loader (a fresh engine, 256 sequences in flight), with yet another batch size.
     assert run(tiny_model_dir, out, "--batch-size", 3, "--resume") == 0
     for name in ("data.jsonl", "rejects.jsonl"):
         assert (out / name).read_bytes() == (full / name).read_bytes()

@@ -48,7 +48,7 @@ def test_resume_with_another_tp_size_is_refused(tiny_model_dir, tmp_path, capsys
 
 
 def test_a_killed_worker_ends_the_run_and_resume_finishes_it(tiny_model_dir, tmp_path, capsys):
-    assert run(tiny_model_dir, tmp_path / "whole", "--batch-size", 1) == 0
+    assert run(tiny_model_dir, tmp_path / "whole", "--batch-size", 1, "--max-num-seqs", 1) == 0
     out = tmp_path / "killed"
 
     def kill_after_the_first_rows():
@@ -63,12 +63,12 @@ def test_a_killed_worker_ends_the_run_and_resume_finishes_it(tiny_model_dir, tmp
 
     killer = threading.Thread(target=kill_after_the_first_rows, daemon=True)
     killer.start()
-    assert run(tiny_model_dir, out, "--batch-size", 1, "--tp", 2) == 1
+    assert run(tiny_model_dir, out, "--batch-size", 1, "--max-num-seqs", 1, "--tp", 2) == 1
     killer.join()
     err = capsys.readouterr().err
     assert "tensor-parallel worker rank 1" in err and "killed by SIGKILL" in err and "--resume" in err
     written = [json.loads(line) for line in (out / "data.jsonl").read_bytes().splitlines()]
     assert 1 <= len(written) < 8  # some rows landed before the kill, not all
-    assert run(tiny_model_dir, out, "--batch-size", 1, "--tp", 2, "--resume") == 0
+    assert run(tiny_model_dir, out, "--batch-size", 1, "--max-num-seqs", 1, "--tp", 2, "--resume") == 0
     assert files(out) == files(tmp_path / "whole")
     assert not [c for c in multiprocessing.active_children() if c.name.startswith("stage1-tp-rank")]

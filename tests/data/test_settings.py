@@ -71,7 +71,7 @@ def test_a_bad_sampling_value_is_samplingparams_error_naming_the_flag(gen, make_
     assert gen(*argv, llm=llm) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
-    assert "SamplingParams" not in err and llm.calls == [] and not out.exists()
+    assert "SamplingParams" not in err and llm.seen_prompts == [] and not out.exists()
 
 
 def test_validated_keeps_what_samplingparams_normalises():
@@ -96,7 +96,7 @@ def test_an_identity_entry_missing_from_an_older_manifest_stands_for_its_default
     assert gen("--limit", 6, "--top-k", 5, "--resume", llm=make_llm()) == 2
     assert "holds a different run (top_k: 0 there, 5 now)" in capsys.readouterr().err
     idle = make_llm()
-    assert gen("--limit", 6, "--resume", llm=idle) == 0 and idle.calls == []
+    assert gen("--limit", 6, "--resume", llm=idle) == 0 and idle.seen_prompts == []
 
 
 def test_the_fake_engine_implements_the_engine_protocol(make_llm):
@@ -139,5 +139,5 @@ def test_a_run_from_before_min_p_resumes_at_min_p_0(gen, make_llm, read_rows, ou
     assert "holds a different run (min_p: 0.0 there, 0.1 now)" in capsys.readouterr().err
     assert len(read_rows(out / "data.jsonl") + read_rows(out / "rejects.jsonl")) == 4  # untouched
     resumed = make_llm()
-    assert gen("--limit", 8, "--resume", llm=resumed) == 0 and sum(resumed.calls) == 4
+    assert gen("--limit", 8, "--resume", llm=resumed) == 0 and len(resumed.seen_prompts) == 4
     assert json.loads(path.read_text())["identity"]["min_p"] == 0.0

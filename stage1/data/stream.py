@@ -1,0 +1,142 @@
+"""The streaming loop: requests enter the engine while others finish, up to `max_num_seqs` sequences in flight, and
+their outputs come back in input order through a bounded reorder buffer.
+
+A `RequestStream` takes an iterable of `Job`s (read lazily: a job is built only when it can enter) and yields, after
+every engine step, the jobs that step released: each job once every earlier one is done. A job with no prompt (one
+the caller decided not to send) is released in its place with output None. Nothing here knows about rows or files,
+so a shard or a data-parallel worker runs the same loop over its own jobs.
+
+Admission. Before each step the stream tops the engine up to `max_num_seqs` unfinished requests. Each of them has
+at least one sequence waiting or running (a request's `n` samples are its sequences, and the step API reports a
+request only when all are done), so the engine's `max_num_seqs` sequence slots always have a claimant; counting
+sequences instead would leave the slots of finished siblings idle. The scheduler admits waiting sequences as soon as
+a slot is free, prefill first, so topping up between steps keeps every slot busy; more waiting would only hold memory
+(prompts are tokenized when added). With n > 1, up to (n - 1) * max_num_seqs sequences wait. The other bound is the
+reorder window: a job enters only within `window` input positions of the oldest unreleased one, so the buffer holds
+at most `window` outputs however long the oldest one runs. While the window is not full, decode steps run full, but
+for the slots freed by a finish, which the scheduler fills at the next step with a prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from stage1.data.engine import Engine
+from stage1.data.errors import PromptMismatchError
+
+if TYPE_CHECKING:
+    from stage1.engine.outputs import RequestOutput
+    from stage1.engine.params import SamplingParams
+
+T = TypeVar("T")
+
+# The reorder window, in jobs per sequence slot. A response that runs to max_tokens holds the head while the other
+# slots go through many short ones (256 tokens against a median of ~20: about 13 jobs per slot); 16 leaves room for
+# that, at the cost of holding up to 16 * max_num_seqs outputs in memory.
+WINDOW_PER_SEQ = 16
+
+
+@dataclass(frozen=True)
+class Job(Generic[T]):
+    item: T  # the caller's, handed back with the output
+    prompt: str | None  # None: nothing to generate, released in order with output None
+    params: SamplingParams | None = None
+
+
+@dataclass
+class StreamTail:
+    """When the input ran out, and what the engine had done by then (running totals, to take deltas of)."""
+    at: float | None = None  # perf_counter() when the last job had entered; None while jobs remain
+    low_occupancy_decode_steps: int = 0  # the engine's running total at that moment
+
+
+class ReorderBuffer(Generic[T]):
+    """Results by input position, released as one contiguous run from the first unreleased position."""
+
+    def __init__(self) -> None:
+        self.head = 0  # the first position not yet released
+        self._done: dict[int, T] = {}
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def put(self, position: int, value: T) -> None:
+        if position < self.head or position in self._done:
+            raise ValueError(f"position {position} was already put")
+        self._done[position] = value
+
+    def pop_ready(self) -> list[T]:
+        ready = []
+        while self.head in self._done:
+            ready.append(self._done.pop(self.head))
+            self.head += 1
+        return ready
+
+
+class RequestStream(Generic[T]):
+    """One pass of jobs through `llm`'s step API (see the module docstring). Use once."""
+
+    def __init__(self, llm: Engine, *, window: int | None = None):
+        self.llm = llm
+        self.max_in_flight = llm.max_num_seqs
+        self.window = window if window is not None else WINDOW_PER_SEQ * llm.max_num_seqs
+        if self.window < 1:
+            raise ValueError(f"the reorder window must be at least 1, got {self.window}")
+        self.tail = StreamTail()
+        self._buffer: ReorderBuffer[tuple[Job[T], Any]] = ReorderBuffer()
+        self._sent: dict[str, tuple[int, Job[T]]] = {}  # request id -> (position, job): the unfinished requests
+        self._next_position = 0
+
+    def run(self, jobs: Iterable[Job[T]]) -> Iterator[list[tuple[Job[T], RequestOutput | None]]]:
+        """After each engine step (and once before the first): the jobs released, in input order, often none.
+        Closing the iterator early (an error or Ctrl-C in the caller) aborts the requests still in flight."""
+        source = iter(jobs)
+        try:
+            while True:
+                exhausted = self._admit(source)
+                if not self._sent:
+                    yield self._buffer.pop_ready()
+                    if exhausted:
+                        return
+                    continue
+                self._step()
+                yield self._buffer.pop_ready()
+        finally:
+            if self._sent:
+                self.llm.abort(list(self._sent))
+                self._sent.clear()
+
+    def _admit(self, source: Iterator[Job[T]]) -> bool:
+        """Adds jobs while there is room; True once the input is exhausted."""
+        while len(self._sent) < self.max_in_flight and self._next_position < self._buffer.head + self.window:
+            job = next(source, None)
+            if job is None:
+                self._input_ran_out()
+                return True
+            position, self._next_position = self._next_position, self._next_position + 1
+            if job.prompt is None:
+                self._buffer.put(position, (job, None))
+                continue
+            request_id = self.llm.add_request(job.prompt, job.params)
+            self._sent[request_id] = (position, job)
+        return self.tail.at is not None
+
+    def _input_ran_out(self) -> None:
+        if self.tail.at is None:
+            self.tail = StreamTail(time.perf_counter(), self.llm.stats.low_occupancy_decode_steps)
+
+    def _step(self) -> None:
+        finished = self.llm.step()
+        for out in finished:
+            sent = self._sent.pop(out.request_id, None)
+            if sent is None:
+                raise PromptMismatchError(f"the engine finished request {out.request_id!r}, which was never sent "
+                                          "or already finished; refusing to guess which prompt it answers")
+            position, job = sent
+            self._buffer.put(position, (job, out))
+        if not finished and self._sent and not self.llm.has_unfinished_requests():
+            raise PromptMismatchError(f"the engine has no unfinished requests, but {len(self._sent)} sent requests "
+                                      "never finished")

@@ -206,7 +206,8 @@ def _load_llm(model_dir: Path, args: argparse.Namespace) -> Engine:
         raise DataError(f"the stage1 engine can't be imported ({e}); reinstall stage1 (pip install -e .)") from None
     try:
         return LLM(str(model_dir), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                   max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size)
+                   max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
+                   tensor_parallel_size=args.tensor_parallel_size)
     except (OSError, ValueError) as e:
         raise DataError(f"could not load the model in {model_dir}: {e}") from None
 

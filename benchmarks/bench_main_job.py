@@ -56,7 +56,8 @@ def run_job(label: str, tree: Path, size: int, inputs: Path | None, out: Path, e
     manifest = json.loads((out / "manifest.json").read_text())
     session = manifest["sessions"][-1]
     return {"label": label, "instructions": size, "command": " ".join(cmd), "commit": manifest["code"]["git_commit"],
-            "process_wall_s": round(wall, 1), "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "generated_tokens": session["generated_tokens"],
+            "process_wall_s": round(wall, 1), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "generated_tokens": session["generated_tokens"],
             "tokens_per_s_wall": round(session["generated_tokens"] / wall, 2), "session": session,
             "counts": manifest["counts"],
             "sha256": {name: hashlib.sha256((out / name).read_bytes()).hexdigest()

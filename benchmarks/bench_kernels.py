@@ -7,6 +7,7 @@ Attention (kernels_attention.py): Triton paged decode/prefill against PyTorch SD
 available) on equivalent contiguous tensors and against our paged reference; decode also in GB/s. Sampling
 (kernels_sampling.py): the fused Triton sampler against a sort-based torch top-k/top-p sampler. On the CPU the
 Triton kernels run in the interpreter (TRITON_INTERPRET=1), so those figures say nothing about GPU speed.
+Native CPU ops (kernels_native.py, stage1._C): on a CPU, each against the PyTorch path it replaces.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kernels_attention  # noqa: E402
+import kernels_native  # noqa: E402
 import kernels_sampling  # noqa: E402
 from common import git_commit  # noqa: E402
 
@@ -54,6 +56,10 @@ def main() -> None:
         note += ")" if note else ""
         print(f"{r['kernel']:<17} {r['impl']:<16} {ms:>10} {'' if ratio is None else f'{ratio:.2f}':>9} "
               f"{'' if gbps is None else f'{gbps:.1f}':>8}  {r['shape']}{note}")
+    if device.type == "cpu":
+        native_rows = kernels_native.run()
+        kernels_native.print_rows(native_rows)
+        rows += native_rows
     facts = {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
              "torch": torch.__version__, "interpreted": device.type != "cuda", "rows": rows}
     if args.out:

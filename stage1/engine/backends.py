@@ -1,11 +1,15 @@
-"""The one place that chooses which kernels run: the plain-PyTorch reference or the Triton kernels.
+"""The one place that chooses which kernels run: the plain-PyTorch reference, the Triton kernels, or the native
+ops of stage1._C (csrc/, optional: built by `pip install --no-build-isolation -e .` where it can be).
 
 `auto` picks Triton for CUDA tensors when it is installed, and the reference everywhere else: Triton launched on
-CPU tensors only works in its interpreter (TRITON_INTERPRET=1), which is for tests, not for speed.
+CPU tensors only works in its interpreter (TRITON_INTERPRET=1), which is for tests, not for speed. `native` (CPU
+only for now) runs decode attention and KV writes through stage1._C and the rest through the reference; `auto`
+does not pick it on the CPU yet (tests/engine/test_backends.py pins `auto` to the reference there).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -19,7 +23,9 @@ from stage1.contract import AttentionBackend
 from .attention import ReferenceAttentionBackend
 from .sampler import SamplingBatch, sample
 
-CHOICES = ("auto", "torch", "triton")
+CHOICES = ("auto", "torch", "triton", "native")
+
+logger = logging.getLogger("stage1")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,8 @@ def select_kernels(choice: str, device: torch.device) -> Kernels:
         choice = "triton" if device.type == "cuda" and triton_available() else "torch"
     if choice == "torch":
         return Kernels("torch", ReferenceAttentionBackend(), sample)
+    if choice == "native":
+        return native_kernels(device)
     if not triton_available():
         raise ValueError("kernels='triton' needs the triton package (pip install triton), or use kernels='torch'")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -44,6 +52,19 @@ def select_kernels(choice: str, device: torch.device) -> Kernels:
     from stage1.kernels.attention import TritonAttentionBackend
 
     return Kernels("triton", TritonAttentionBackend(), triton_sample)
+
+
+def native_kernels(device: torch.device) -> Kernels:
+    from .native import NativeAttentionBackend, cpu_isa, native_available, native_error
+
+    if not native_available():
+        raise ValueError(f"kernels='native': {native_error()}; or use kernels='torch'")
+    if device.type != "cpu":
+        raise ValueError(f"kernels='native' has CPU kernels only so far (device {device}): use kernels='triton' "
+                         f"or 'torch'")
+    logger.info("stage1: kernels native (stage1._C, CPU kernels %s): decode attention and KV writes native, "
+                "prefill and sampling through the PyTorch reference", cpu_isa())
+    return Kernels("native", NativeAttentionBackend(), sample)
 
 
 def triton_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

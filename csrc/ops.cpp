@@ -1,0 +1,230 @@
+// stage1._C: the native ops, registered with the dispatcher as torch.ops.stage1.* (CPU and Meta kernels; CUDA
+// kernels will register here too when STAGE1_WITH_CUDA is defined), and a minimal Python module: importing
+// stage1._C loads this library, whose static TORCH_LIBRARY blocks register the ops. No pybind11: the module has
+// two plain CPython functions (the CPU kernel in use, and forcing one for tests), so it does not link
+// torch_python and does not depend on the pybind11 torch was built with.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstring>
+#include <string>
+
+#include "cpu/decode_attention.h"
+
+namespace stage1 {
+namespace {
+
+// ------------------------------------------------------------------------------------------ ISA dispatch (CPU)
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1 };
+
+bool cpu_has(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return true;
+#if defined(__x86_64__) || defined(__i386__)
+    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    default: return false;
+  }
+}
+
+const char* isa_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "scalar"; }
+
+Isa best_isa() { return cpu_has(Isa::kAvx2) ? Isa::kAvx2 : Isa::kScalar; }
+
+std::atomic<int>& current_isa() {
+  static std::atomic<int> isa{static_cast<int>(best_isa())};
+  return isa;
+}
+
+cpu::DecodeAttentionFn decode_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::decode_attention_avx2;
+#endif
+  return cpu::decode_attention_scalar;
+}
+
+// -------------------------------------------------------------------------------------- paged decode attention
+
+void check_decode_args(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                       const at::Tensor& context_lens) {
+  TORCH_CHECK(q.dim() == 3, "paged_decode_attention: q must be [seqs, heads, head_dim], got ", q.sizes());
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2,
+              "paged_decode_attention: kv_cache must be [2, num_blocks, block_size, kv_heads, head_dim], got ",
+              kv_cache.sizes());
+  TORCH_CHECK(kv_cache.size(4) == q.size(2), "paged_decode_attention: head_dim of q (", q.size(2),
+              ") and kv_cache (", kv_cache.size(4), ") differ");
+  TORCH_CHECK(kv_cache.size(3) > 0 && q.size(1) % kv_cache.size(3) == 0, "paged_decode_attention: heads (",
+              q.size(1), ") must be a multiple of kv_heads (", kv_cache.size(3), ")");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0),
+              "paged_decode_attention: block_tables must be [seqs, max_blocks], got ", block_tables.sizes());
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == q.size(0),
+              "paged_decode_attention: context_lens must be [seqs], got ", context_lens.sizes());
+}
+
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& kv_cache,
+                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                      double scale) {
+  check_decode_args(q, kv_cache, block_tables, context_lens);
+  const int64_t seqs = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const int64_t kv_heads = kv_cache.size(3), block_size = kv_cache.size(2);
+  TORCH_CHECK(head_dim % 8 == 0 && head_dim <= cpu::kMaxHeadDim,
+              "paged_decode_attention (CPU): head_dim must be a multiple of 8 and at most ", cpu::kMaxHeadDim,
+              ", got ", head_dim);
+  TORCH_CHECK(kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kBFloat16,
+              "paged_decode_attention (CPU): kv_cache must be float32 or bfloat16, got ", kv_cache.scalar_type());
+  TORCH_CHECK(kv_cache.stride(4) == 1, "paged_decode_attention (CPU): kv_cache's last dimension must be dense");
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "paged_decode_attention: q must be floating point");
+
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  const at::Tensor tables = block_tables.to(at::kInt).contiguous();
+  const at::Tensor lens = context_lens.to(at::kInt).contiguous();
+  at::Tensor out = at::empty({seqs, heads, head_dim}, q.options().dtype(at::kFloat));
+  {
+    const int32_t* len = lens.data_ptr<int32_t>();
+    const int64_t capacity = tables.size(1) * block_size;
+    const int64_t num_blocks = kv_cache.size(1);
+    const int32_t* table = tables.data_ptr<int32_t>();
+    for (int64_t s = 0; s < seqs; ++s) {
+      TORCH_CHECK(len[s] <= capacity, "paged_decode_attention: context_lens[", s, "] = ", len[s],
+                  " exceeds the block table's ", capacity, " slots");
+      for (int64_t b = 0; b < (len[s] + block_size - 1) / block_size; ++b) {
+        const int32_t block = table[s * tables.size(1) + b];
+        TORCH_CHECK(block >= 0 && block < num_blocks, "paged_decode_attention: block_tables[", s, ", ", b,
+                    "] = ", block, " is outside the cache's ", num_blocks, " blocks");
+      }
+    }
+  }
+  const int64_t elem = kv_cache.element_size();
+  cpu::DecodeAttentionArgs args;
+  args.q = qf.data_ptr<float>();
+  args.out = out.data_ptr<float>();
+  args.k_cache = kv_cache.data_ptr();
+  args.v_cache = static_cast<const char*>(kv_cache.data_ptr()) + kv_cache.stride(0) * elem;
+  args.stride_block = kv_cache.stride(1);
+  args.stride_slot = kv_cache.stride(2);
+  args.stride_head = kv_cache.stride(3);
+  args.block_tables = tables.data_ptr<int32_t>();
+  args.table_stride = tables.size(1);
+  args.context_lens = lens.data_ptr<int32_t>();
+  args.num_kv_heads = kv_heads;
+  args.group = heads / kv_heads;
+  args.head_dim = head_dim;
+  args.block_size = block_size;
+  args.scale = static_cast<float>(scale);
+  args.cache_type = kv_cache.scalar_type() == at::kBFloat16 ? cpu::CacheType::kBFloat16 : cpu::CacheType::kFloat32;
+  const cpu::DecodeAttentionFn kernel = decode_kernel();
+  at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+at::Tensor paged_decode_attention_meta(const at::Tensor& q, const at::Tensor& kv_cache,
+                                       const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                       double scale) {
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5, "paged_decode_attention: q must be 3-d and kv_cache 5-d");
+  return at::empty_symint(q.sym_sizes(), q.options());
+}
+
+// ------------------------------------------------------------------------------------------------------ write_kv
+
+void write_kv_cpu(const at::Tensor& kv_cache, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& slot_mapping) {
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2, "write_kv: kv_cache must be 5-d [2, ...]");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "write_kv: k and v must be [tokens, kv_heads, head_dim]");
+  TORCH_CHECK(k.size(1) == kv_cache.size(3) && k.size(2) == kv_cache.size(4),
+              "write_kv: k/v heads and head_dim must match the cache's");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0), "write_kv: slot_mapping must be [tokens]");
+  const int64_t row = kv_cache.size(3) * kv_cache.size(4);
+  TORCH_CHECK(kv_cache.stride(4) == 1 && kv_cache.stride(3) == kv_cache.size(4) && kv_cache.stride(2) == row,
+              "write_kv (CPU): each cache slot's [kv_heads, head_dim] must be dense");
+  const at::Tensor kc = k.to(kv_cache.scalar_type()).contiguous();
+  const at::Tensor vc = v.to(kv_cache.scalar_type()).contiguous();
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  const int64_t block_size = kv_cache.size(2), capacity = kv_cache.size(1) * block_size;
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots.size(0); ++t) {
+    TORCH_CHECK(slot[t] < capacity, "write_kv: slot ", slot[t], " is outside the cache's ", capacity, " slots");
+  }
+  const int64_t elem = kv_cache.element_size(), bytes = row * elem;
+  char* k_base = static_cast<char*>(kv_cache.data_ptr());
+  char* v_base = k_base + kv_cache.stride(0) * elem;
+  const char* k_src = static_cast<const char*>(kc.data_ptr());
+  const char* v_src = static_cast<const char*>(vc.data_ptr());
+  const int64_t stride_block = kv_cache.stride(1) * elem, stride_slot = kv_cache.stride(2) * elem;
+  at::parallel_for(0, slots.size(0), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (slot[t] < 0) continue;  // padding
+      const int64_t offset = (slot[t] / block_size) * stride_block + (slot[t] % block_size) * stride_slot;
+      std::memcpy(k_base + offset, k_src + t * bytes, bytes);
+      std::memcpy(v_base + offset, v_src + t * bytes, bytes);
+    }
+  });
+}
+
+void write_kv_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
+
+}  // namespace
+}  // namespace stage1
+
+TORCH_LIBRARY(stage1, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor context_lens, float scale)"
+        " -> Tensor");
+  m.def("write_kv(Tensor(a!) kv_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(stage1, CPU, m) {
+  m.impl("paged_decode_attention", &stage1::paged_decode_attention_cpu);
+  m.impl("write_kv", &stage1::write_kv_cpu);
+}
+
+TORCH_LIBRARY_IMPL(stage1, Meta, m) {
+  m.impl("paged_decode_attention", &stage1::paged_decode_attention_meta);
+  m.impl("write_kv", &stage1::write_kv_meta);
+}
+
+// ----------------------------------------------------------------------------------------------- Python module
+
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(stage1::isa_name(static_cast<stage1::Isa>(stage1::current_isa().load())));
+}
+
+// _set_cpu_isa("scalar" | "avx2" | "best") -> the previous one; for tests and benchmarks of the fallbacks.
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const std::string want(name);
+  stage1::Isa isa;
+  if (want == "best") {
+    isa = stage1::best_isa();
+  } else if (want == "scalar") {
+    isa = stage1::Isa::kScalar;
+  } else if (want == "avx2") {
+    isa = stage1::Isa::kAvx2;
+  } else {
+    PyErr_Format(PyExc_ValueError, "unknown CPU kernel set %s: use scalar, avx2 or best", name);
+    return nullptr;
+  }
+  if (!stage1::cpu_has(isa)) {
+    PyErr_Format(PyExc_RuntimeError, "this CPU cannot run the %s kernels", name);
+    return nullptr;
+  }
+  const int previous = stage1::current_isa().exchange(static_cast<int>(isa));
+  return PyUnicode_FromString(stage1::isa_name(static_cast<stage1::Isa>(previous)));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernel set the ops run: avx2 or scalar."},
+    {"_set_cpu_isa", set_cpu_isa, METH_O, "Force a CPU kernel set (scalar, avx2, best); returns the previous."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "stage1 native ops (torch.ops.stage1.*)", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }

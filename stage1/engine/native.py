@@ -1,0 +1,79 @@
+"""The native ops (`stage1._C`, built from csrc/ by setup.py when it can be) and the attention backend on them.
+
+`stage1._C` is optional: importing it registers `torch.ops.stage1.paged_decode_attention` and
+`torch.ops.stage1.write_kv` (CPU and Meta kernels). `native_available()` says whether it loaded, and
+`native_error()` why not. `NativeAttentionBackend` runs decode and the cache writes through those ops on CPU
+tensors it supports (fp32/bf16 cache, head_dim a multiple of 8 up to 256) and the plain-PyTorch reference
+everywhere else (prefill, rotary, other dtypes/devices).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from stage1.contract import AttentionBackend, AttentionContext
+
+from .attention import apply_rotary, decode_attention_reference, prefill_attention_reference, write_kv_reference
+
+_CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def _load():
+    """(module, None) once stage1._C is imported, else (None, the reason)."""
+    try:
+        from stage1 import _C
+    except ImportError as exc:
+        return None, f"stage1._C is not built ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+    return _C, None
+
+
+def native_available() -> bool:
+    return _load()[0] is not None
+
+
+def native_error() -> str | None:
+    return _load()[1]
+
+
+def cpu_isa() -> str | None:
+    """The CPU kernel set the native ops run ('avx2' or 'scalar'), None when the module is not built."""
+    module = _load()[0]
+    return None if module is None else module.cpu_isa()
+
+
+def _supported(cache: torch.Tensor) -> bool:
+    return cache.device.type == "cpu" and cache.dtype in _CACHE_DTYPES and cache.shape[-1] % 8 == 0 \
+        and cache.shape[-1] <= 256
+
+
+class NativeAttentionBackend(AttentionBackend):
+    """Decode attention and KV writes through stage1._C's CPU ops; prefill and rotary through the reference."""
+
+    name = "native"
+
+    def __init__(self):
+        if not native_available():
+            raise ValueError(f"kernels='native': {native_error()}")
+
+    def __reduce__(self):  # unpickled in a tensor-parallel worker: __init__ loads the ops there too
+        return (NativeAttentionBackend, ())
+
+    def rotary(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return apply_rotary(x, rope)
+
+    def write_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if cache.device.type == "cpu":
+            torch.ops.stage1.write_kv(cache, k, v, slot_mapping)
+        else:
+            write_kv_reference(cache, k, v, slot_mapping)
+
+    def prefill(self, q, k, v, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
+        return prefill_attention_reference(q, k, v, cache, ctx, scale)
+
+    def decode(self, q, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
+        if not _supported(cache):
+            return decode_attention_reference(q, cache, ctx.block_tables, ctx.context_lens, scale)
+        return torch.ops.stage1.paged_decode_attention(q, cache, ctx.block_tables, ctx.context_lens, scale)

@@ -51,14 +51,6 @@ def current() -> ParallelState:
     return _STATE
 
 
-def tp_rank() -> int:
-    return _STATE.rank
-
-
-def tp_size() -> int:
-    return _STATE.size
-
-
 @contextlib.contextmanager
 def parallel_state(rank: int, size: int, group: "dist.ProcessGroup | None" = None):
     """Builds inside the block belong to rank `rank` of `size` (the model is built inside it)."""

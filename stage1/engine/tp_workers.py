@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
-import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -25,15 +24,14 @@ import signal
 import socket
 import threading
 import weakref
+from multiprocessing.connection import wait as wait_for_any
 
 import torch
 import torch.distributed as dist
 
 from .engine_config import EngineConfig
-from .model_runner import ModelRunner, StepPlan, StepResult
+from .model_runner import ModelRunner, StepResult
 from .scheduler import ScheduledBatch
-
-logger = logging.getLogger("stage1")
 
 # Rendezvous and each collective give up after this long (a rank that hangs rather than dies); loading a rank's
 # shard of a large checkpoint happens before the first collective, so it is generous.
@@ -109,7 +107,7 @@ class TensorParallelRunner:
 
     def _dead_worker(self) -> str | None:
         """How the first worker that ended did, waiting a little for one whose connection just broke."""
-        ended = mp.connection.wait([w.process.sentinel for w in self.workers], timeout=_DEATH_GRACE_S)
+        ended = wait_for_any([w.process.sentinel for w in self.workers], timeout=_DEATH_GRACE_S)
         for worker in self.workers:
             if worker.process.sentinel in ended:
                 worker.process.join(_DEATH_GRACE_S)  # its pipe closes just before it can be reaped
@@ -117,7 +115,7 @@ class TensorParallelRunner:
         return None
 
     def _abort_when_a_worker_dies(self) -> None:
-        mp.connection.wait([w.process.sentinel for w in self.workers])
+        wait_for_any([w.process.sentinel for w in self.workers])
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
         if not self._closing and abort is not None and dist.is_initialized():
             abort()
@@ -196,4 +194,4 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-__all__ = ["StepPlan", "TensorParallelRunner", "WorkerDiedError"]
+__all__ = ["TensorParallelRunner", "WorkerDiedError"]

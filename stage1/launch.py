@@ -1,0 +1,475 @@
+"""python -m stage1.launch slurm [options] -- <generate args>: one run of `python -m stage1.generate` as a SLURM job
+array of shards, then a merge job, through submitit (`pip install "stage1[slurm]"`).
+
+Shard I of N is one array task running `stage1.generate.main(<generate args> --num-shards N --shard-index I --resume)`
+in the task's process. Tasks always pass --resume: it starts a shard that was never started and finishes one that
+was cut short, so a task that is requeued (preempted, or at its time limit) ends with the bytes of an uninterrupted
+run. The merge (`--merge --num-shards N`, no GPU) runs once every task has succeeded: on SLURM it is submitted at
+once with `--dependency=afterok:<array id>`; with `--cluster local` (submitit's LocalExecutor, for one machine and
+for tests) the launcher waits for the shards and runs the merge only if they all succeeded. A shard that failed is
+named with its log; `--resubmit` submits only the shards of --out that are not complete, and a new merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stage1.data.manifest import read_manifest
+from stage1.data.shards import SHARDS_DIR, incomplete_shards, shard_name, shard_states
+
+try:  # submitit is an optional extra: without it this module still imports, and main() says how to install it
+    from submitit.helpers import Checkpointable, DelayedSubmission
+except ImportError:
+    Checkpointable, DelayedSubmission = object, None
+
+INSTALL_HINT = 'the SLURM launcher needs submitit: pip install "stage1[slurm]"'
+# Generate flags the launcher refuses in the generate args (by argparse dest), and why.
+RESERVED = {
+    "num_shards": "--num-shards/--shard-index (each task gets its shard from the launcher's --array)",
+    "shard_index": "--num-shards/--shard-index (each task gets its shard from the launcher's --array)",
+    "merge": "--merge (the launcher submits the merge job itself)",
+    "data_parallel_size": "--data-parallel-size (one engine per array task: for more shards, raise --array)",
+    "overwrite": "--overwrite (a requeued task would wipe its own shard; to start over, use a new --out)",
+}
+POLL_S = {"local": 0.5, "slurm": 30.0}
+
+USAGE = "python -m stage1.launch slurm [launcher options] -- <python -m stage1.generate arguments>"
+EPILOG = """\
+examples:
+  # 16 shards of Qwen2.5-7B on 2 nodes of 8 GPUs (1 GPU a shard), then the merge
+  python -m stage1.launch slurm --array 16 --gpus-per-task 1 --time 4:00:00 --partition gpu -- \\
+      --model /models/Qwen2.5-7B --instructions my.jsonl --out out/run1
+  # after a failure: only the shards of out/run1 that are not complete, and a new merge
+  python -m stage1.launch slurm --array 16 --gpus-per-task 1 --time 4:00:00 --partition gpu --resubmit -- \\
+      --model /models/Qwen2.5-7B --instructions my.jsonl --out out/run1
+
+exit codes: 0 submitted (with --wait or --cluster local: every job succeeded), 1 a job failed (with --wait),
+2 bad input or submitit missing, 130 interrupted while waiting
+"""
+
+
+class LaunchError(Exception):
+    """Bad launcher input: one line for the user, exit 2."""
+
+
+class ShardFailed(RuntimeError):
+    """A generate run in a job returned nonzero; raised so that submitit and SLURM record the job as failed."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the jobs run (pickled by submitit, unpickled in the job's process)
+
+
+def run_generate(argv: list[str], what: str) -> dict[str, Any]:
+    # Imported in the job's process; a SystemExit must pass through: submitit's requeue handler exits that way.
+    from stage1.generate import main
+
+    code = main(argv)
+    if code != 0:
+        raise ShardFailed(f"{what}: python -m stage1.generate exited {code} (its error is in this job's log)")
+    return {"what": what, "exit": 0}
+
+
+@dataclass
+class ShardTask(Checkpointable):
+    """Array task: shard `index` of `count` of the run that `generate_args` describe."""
+    generate_args: list[str]
+    index: int
+    count: int
+
+    def argv(self) -> list[str]:
+        return [*self.generate_args, "--num-shards", str(self.count), "--shard-index", str(self.index), "--resume"]
+
+    def __call__(self) -> dict[str, Any]:
+        return run_generate(self.argv(), f"shard {self.index} of {self.count}")
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        # Called by submitit on preemption or timeout: requeue this same shard. Nothing to save first: the rows on
+        # disk are the checkpoint, and --resume continues from them.
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+@dataclass
+class MergeTask:
+    generate_args: list[str]
+    count: int
+
+    def argv(self) -> list[str]:
+        return [*self.generate_args, "--merge", "--num-shards", str(self.count)]
+
+    def __call__(self) -> dict[str, Any]:
+        return run_generate(self.argv(), f"merge of {self.count} shards")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launcher input
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stage1.launch", usage=USAGE, epilog=EPILOG,
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="slurm")
+    s = sub.add_parser("slurm", usage=USAGE, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="a job array of shards, then a merge job")
+    jobs = s.add_argument_group("the shard jobs")
+    jobs.add_argument("--array", type=int, required=True, metavar="N", help="number of shards (array tasks)")
+    jobs.add_argument("--gpus-per-task", type=int, default=1, metavar="G",
+                      help="GPUs per shard; the generate args' --tp must not exceed it (default: %(default)s)")
+    jobs.add_argument("--cpus-per-task", type=int, metavar="C", help="CPUs per shard (default: the cluster's)")
+    jobs.add_argument("--mem-gb", type=float, metavar="GB", help="memory per shard (default: the cluster's)")
+    jobs.add_argument("--time", default="4:00:00", metavar="T",
+                      help="time limit per shard: minutes, HH:MM:SS or D-HH:MM:SS (default: %(default)s); at the "
+                           "limit the task is requeued and resumes")
+    jobs.add_argument("--max-parallel", type=int, metavar="K",
+                      help="at most K shards at once (SLURM: --array=...%%K; local: default, the GPUs / G)")
+    jobs.add_argument("--max-requeues", type=int, default=3, metavar="R",
+                      help="requeues of a shard that hit its time limit (preemptions do not count; default: "
+                           "%(default)s)")
+    jobs.add_argument("--job-name", default="stage1-generate", help="SLURM job name (default: %(default)s)")
+    where = s.add_argument_group("where")
+    where.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
+                       help="slurm, or local: submitit's LocalExecutor on this machine (implies --wait)")
+    where.add_argument("--partition", help="SLURM partition of the shards")
+    where.add_argument("--merge-partition", help="SLURM partition of the merge (default: --partition)")
+    where.add_argument("--merge-time", default="1:00:00", metavar="T", help="merge time limit (default: %(default)s)")
+    where.add_argument("--account", help="SLURM account")
+    where.add_argument("--qos", help="SLURM quality of service")
+    where.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other sbatch option for the shard jobs, e.g. constraint=h100 (repeatable)")
+    where.add_argument("--log-dir", metavar="DIR", help="submitit's pickles and the job logs (default: OUT/slurm-logs)")
+    flow = s.add_argument_group("flow")
+    flow.add_argument("--resubmit", action="store_true",
+                      help="submit only the shards of --out that are not complete, and a new merge (once the "
+                           "earlier jobs have ended)")
+    flow.add_argument("--wait", action="store_true", help="wait for the jobs and report how they ended")
+    return p
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Launcher args before `--`, generate args after it."""
+    if "--" not in argv:
+        if any(a in ("-h", "--help") for a in argv):
+            return argv, []
+        raise LaunchError(f"no generate arguments: {USAGE} (at least `--` and the --out of the run)")
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
+def parse_time(text: str, flag: str) -> int:
+    """Minutes from `90`, `1:30:00` or `2-00:00:00` (SLURM's own `MM:SS` reading of `1:30` is refused as ambiguous)."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})", text)
+    if text.isdigit():
+        minutes = int(text)
+    elif match:
+        days, hours, mins, secs = (int(g or 0) for g in match.groups())
+        minutes = days * 1440 + hours * 60 + mins + (secs > 0)
+    else:
+        raise LaunchError(f"{flag} {text!r}: give minutes (90), HH:MM:SS (1:30:00) or D-HH:MM:SS (2-00:00:00)")
+    if minutes < 1:
+        raise LaunchError(f"{flag} must be at least one minute")
+    return minutes
+
+
+def parse_sbatch(items: list[str]) -> dict[str, str]:
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LaunchError(f"--sbatch {item!r}: give KEY=VALUE, e.g. --sbatch constraint=h100")
+        extra[key.lstrip("-")] = value
+    return extra
+
+
+def check_launcher_args(opts: argparse.Namespace) -> None:
+    checks = [
+        (opts.array >= 1, f"--array must be at least 1, got {opts.array}"),
+        (opts.gpus_per_task >= 0, "--gpus-per-task must be 0 or more"),
+        (opts.cpus_per_task is None or opts.cpus_per_task >= 1, "--cpus-per-task must be at least 1"),
+        (opts.mem_gb is None or opts.mem_gb > 0, "--mem-gb must be positive"),
+        (opts.max_parallel is None or opts.max_parallel >= 1, "--max-parallel must be at least 1"),
+        (opts.max_requeues >= 0, "--max-requeues must be 0 or more"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LaunchError(message)
+    opts.time_min = parse_time(opts.time, "--time")
+    opts.merge_time_min = parse_time(opts.merge_time, "--merge-time")
+    opts.sbatch_extra = parse_sbatch(opts.sbatch)
+
+
+def check_generate_args(generate_args: list[str]) -> argparse.Namespace:
+    """Parses them with generate's own parser (so a typo fails here, not in N jobs) and refuses the flags the
+    launcher sets itself (compared on the parsed values: argparse also takes a prefix such as --num-sh)."""
+    from stage1.generate import build_parser as generate_parser
+
+    parser = generate_parser()
+    try:
+        args = parser.parse_args(generate_args)
+    except SystemExit as e:  # argparse printed the problem with generate's usage
+        raise LaunchError("the generate arguments (after --) are not valid; see the message above") from e
+    refused = [why for dest, why in RESERVED.items() if getattr(args, dest, None) != parser.get_default(dest)]
+    if refused:
+        raise LaunchError("drop from the generate arguments: " + "; ".join(dict.fromkeys(refused)))
+    return args
+
+
+def shards_to_run(out: Path, count: int, resubmit: bool) -> list[int]:
+    """Which shards to submit: all on a first launch, the incomplete ones on --resubmit."""
+    other_counts = sorted({int(m.group(1)) for p in (out / SHARDS_DIR).glob("*-of-*")
+                           if (m := re.fullmatch(r"\d+-of-(\d+)", p.name)) and int(m.group(1)) != count})
+    if other_counts:
+        raise LaunchError(f"{out / SHARDS_DIR} holds shards of a {other_counts[0]}-shard run; pass --array "
+                          f"{other_counts[0]} to continue it, or use a new --out")
+    states = shard_states(out, count)
+    if resubmit:
+        return incomplete_shards(out, count)
+    started = [i for i, state in states.items() if state != "missing"]
+    if started:
+        done = sum(state == "complete" for state in states.values())
+        raise LaunchError(f"{out} already holds {len(started)} of the {count} shards ({done} complete): pass "
+                          "--resubmit (once its jobs have ended) to run the others, or use a new --out")
+    return list(range(count))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SLURM parameters (submitit's SlurmExecutor names, see submitit.slurm.slurm._make_sbatch_string)
+
+
+def mem_string(gb: float) -> str:
+    return f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"
+
+
+def slurm_parameters(opts: argparse.Namespace) -> dict[str, Any]:
+    """The array's sbatch parameters from the launcher options (the array size itself comes from the submission)."""
+    params: dict[str, Any] = {"job_name": opts.job_name, "time": opts.time_min, "nodes": 1, "ntasks_per_node": 1,
+                              "stderr_to_stdout": False}
+    if opts.gpus_per_task:
+        params["gpus_per_task"] = opts.gpus_per_task  # one task a job: its GPUs, for its TP workers too
+    optional = {"partition": opts.partition, "account": opts.account, "qos": opts.qos,
+                "cpus_per_task": opts.cpus_per_task, "array_parallelism": opts.max_parallel,
+                "mem": None if opts.mem_gb is None else mem_string(opts.mem_gb)}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    # --requeue lets SLURM requeue a preempted task (submitit requeues the ones at their time limit)
+    params["additional_parameters"] = {"requeue": True, **opts.sbatch_extra}
+    return params
+
+
+def merge_parameters(opts: argparse.Namespace, after: str | None) -> dict[str, Any]:
+    """The merge job: no GPU, after every array task succeeded. kill-on-invalid-dep: if a shard fails, SLURM drops
+    the merge instead of leaving it pending for ever."""
+    params: dict[str, Any] = {"job_name": f"{opts.job_name}-merge", "time": opts.merge_time_min, "nodes": 1,
+                              "ntasks_per_node": 1, "cpus_per_task": 1}
+    optional = {"partition": opts.merge_partition or opts.partition, "account": opts.account, "qos": opts.qos}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    if after is not None:
+        params["dependency"] = f"afterok:{after}"
+        params["additional_parameters"] = {"kill-on-invalid-dep": "yes"}
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Submitting, waiting, reporting
+
+
+def slurm_executor(folder: Path, max_requeues: int, params: dict[str, Any]):
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+    executor.update_parameters(**params)
+    return executor
+
+
+def array_id(job) -> str:
+    """`1234` of the array task `1234_5`."""
+    return str(job.job_id).split("_")[0]
+
+
+def wait_all(jobs: list, poll_s: float) -> None:
+    while not all(job.done() for job in jobs):
+        time.sleep(poll_s)
+
+
+def failure(job) -> str | None:
+    """None if the job succeeded, else one line on why: generate's own `error:` line where its log has one."""
+    try:
+        error = job.exception()
+    except Exception as e:  # noqa: BLE001 - the job left no result (killed, node failure): say what submitit says
+        error = e
+    if error is None:
+        return None
+    log = Path(job.paths.stderr)
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    said = [line for line in lines if line.startswith("error:")]
+    return said[-1] if said else (str(error).strip().splitlines() or ["failed"])[-1]
+
+
+def report(shard_jobs: dict[int, Any], out: Path, count: int, resubmit: str) -> list[int]:
+    """Prints each failed shard with its log, and the command that resubmits them; returns the failed shards."""
+    incomplete = set(incomplete_shards(out, count))
+    failed = []
+    for index, job in shard_jobs.items():
+        why = failure(job)
+        if why is None and index not in incomplete:
+            continue
+        failed.append(index)
+        print(f"shard {index} ({shard_name(index, count)}, job {job.job_id}) failed: {why or 'not complete'}\n"
+              f"    log: {job.paths.stderr}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {count} shards failed; the merge did not run. Once fixed, rerun them (and the "
+              f"merge) with:\n    {resubmit}", file=sys.stderr)
+    return failed
+
+
+def resubmit_command(launcher_args: list[str], generate_args: list[str]) -> str:
+    args = launcher_args if "--resubmit" in launcher_args else [*launcher_args, "--resubmit"]
+    return f"python -m stage1.launch {shlex.join(args)} -- {shlex.join(generate_args)}"
+
+
+def launch_slurm(opts, generate_args: list[str], todo: list[int], out: Path, log_dir: Path, resubmit: str) -> int:
+    tasks = [ShardTask(generate_args, index, opts.array) for index in todo]
+    after = None
+    shard_jobs: dict[int, Any] = {}
+    if tasks:
+        jobs = slurm_executor(log_dir, opts.max_requeues, slurm_parameters(opts)).submit_array(tasks)
+        shard_jobs = dict(zip(todo, jobs))
+        after = array_id(jobs[0])
+        mapping = "" if todo == list(range(opts.array)) else f"; its tasks 0..{len(todo) - 1} run shards {compact(todo)}"
+        print(f"submitted shards {compact(todo)} of {opts.array} as array job {after}{mapping}")
+    merge = slurm_executor(log_dir, 0, merge_parameters(opts, after)).submit(MergeTask(generate_args, opts.array))
+    print(f"submitted the merge as job {merge.job_id}" + (f", to start once array {after} succeeded" if after else ""))
+    ids = ",".join(x for x in (after, merge.job_id) if x)
+    print(f"watch: squeue -j {ids}    sacct -j {ids}\nlogs:  {log_dir}/<job id>_0_log.out|err  (array task k: "
+          f"{after}_k_0_log.err)\nafter a failure: {resubmit}")
+    if not opts.wait:
+        return 0
+    wait_all(list(shard_jobs.values()), POLL_S["slurm"])
+    if report(shard_jobs, out, opts.array, resubmit):
+        return 1
+    wait_all([merge], POLL_S["slurm"])
+    return finish_merge(merge, out)
+
+
+def local_slots(opts, n_tasks: int) -> int:
+    if opts.max_parallel:
+        return opts.max_parallel
+    if opts.gpus_per_task == 0:
+        return n_tasks
+    import torch
+
+    return max(1, torch.cuda.device_count() // opts.gpus_per_task)
+
+
+def run_local_shards(executor, tasks: list[ShardTask], slots: int, gpus: int) -> dict[int, Any]:
+    """At most `slots` shards at once; slot s gets GPUs s*G .. s*G+G-1 (LocalExecutor gives every job the same
+    GPUs otherwise)."""
+    pending, running, jobs = list(tasks), {}, {}
+    try:
+        while pending or running:
+            for slot in range(slots):
+                if slot not in running and pending:
+                    task = pending.pop(0)
+                    executor.update_parameters(gpus_per_node=gpus, visible_gpus=tuple(range(slot * gpus,
+                                                                                            (slot + 1) * gpus)))
+                    running[slot] = jobs[task.index] = executor.submit(task)
+                    print(f"shard {task.index} of {task.count}: local job {running[slot].job_id}, log "
+                          f"{running[slot].paths.stderr}", flush=True)
+            for slot, job in list(running.items()):
+                if job.done():
+                    del running[slot]
+            time.sleep(POLL_S["local"])
+    except KeyboardInterrupt:
+        for job in running.values():
+            job.cancel()
+        raise
+    return jobs
+
+
+def launch_local(opts, generate_args: list[str], todo: list[int], out: Path, log_dir: Path, resubmit: str) -> int:
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=log_dir, max_num_timeout=opts.max_requeues)
+    executor.update_parameters(timeout_min=opts.time_min)
+    tasks = [ShardTask(generate_args, index, opts.array) for index in todo]
+    shard_jobs = run_local_shards(executor, tasks, local_slots(opts, len(tasks)), opts.gpus_per_task)
+    if report(shard_jobs, out, opts.array, resubmit):
+        return 1
+    executor.update_parameters(timeout_min=opts.merge_time_min, gpus_per_node=0, visible_gpus=())
+    merge = executor.submit(MergeTask(generate_args, opts.array))
+    print(f"merge: local job {merge.job_id}, log {merge.paths.stderr}", flush=True)
+    wait_all([merge], POLL_S["local"])
+    return finish_merge(merge, out)
+
+
+def finish_merge(merge, out: Path) -> int:
+    why = failure(merge)
+    if why is not None:
+        print(f"the merge (job {merge.job_id}) failed: {why}\n    log: {merge.paths.stderr}", file=sys.stderr)
+        return 1
+    print(f"done: {out}/data.jsonl, rejects.jsonl, manifest.json")
+    return 0
+
+
+def compact(indices: list[int]) -> str:
+    """`0-3,5,7-8`: SLURM's way of writing a set of array indices."""
+    parts, start = [], None
+    for i, index in enumerate(indices):
+        if start is None:
+            start = index
+        if i + 1 == len(indices) or indices[i + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        launcher_args, generate_args = split_argv(argv)
+        opts = build_parser().parse_args(launcher_args)
+        check_launcher_args(opts)
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            print(f"error: {INSTALL_HINT}", file=sys.stderr)
+            return 2
+        gen = check_generate_args(generate_args)
+        if opts.cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+            raise LaunchError("no sbatch/srun on PATH: run this on a SLURM login node (or --cluster local to run "
+                              "the shards on this machine)")
+        out = Path(gen.out).resolve()
+        todo = shards_to_run(out, opts.array, opts.resubmit)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse: usage error (2) or --help (0), already printed
+        return int(e.code or 0)
+    merged = read_manifest(out)
+    if not todo and merged is not None and merged.get("status") == "complete":
+        print(f"{out}: all {opts.array} shards and the merge are complete; nothing to submit")
+        return 0
+    if opts.resubmit:
+        print(f"{out}: {opts.array - len(todo)} of {opts.array} shards complete; submitting "
+              + (f"shards {compact(todo)} and the merge" if todo else "the merge only"))
+    log_dir = Path(opts.log_dir).resolve() if opts.log_dir else out / "slurm-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    resubmit = resubmit_command(launcher_args, generate_args)
+    launch = launch_local if opts.cluster == "local" else launch_slurm
+    try:
+        return launch(opts, generate_args, todo, out, log_dir, resubmit)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: submitted SLURM jobs keep running (scancel them to stop); local jobs were stopped. "
+              f"Later: {resubmit}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

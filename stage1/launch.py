@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if opts.resubmit:
         print(f"{out}: {opts.array - len(todo)} of {opts.array} shards complete; submitting "
-              + (f"shards {compact(todo)} and the merge" if todo else "the merge only"))
+              + (f"shard{'s' * (len(todo) > 1)} {compact(todo)} and the merge" if todo else "the merge only"))
     log_dir = Path(opts.log_dir).resolve() if opts.log_dir else out / "slurm-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     resubmit = resubmit_command(launcher_args, generate_args)

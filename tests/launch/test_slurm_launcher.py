@@ -1,0 +1,267 @@
+"""The SLURM launcher (`python -m stage1.launch slurm`): its task and merge callables, the sbatch parameters it builds,
+its input checks, the hand-written sbatch examples, and (slow) whole runs on submitit's LocalExecutor: 3 shards of
+the real generate on the tiny random checkpoint, one made to fail, then --resubmit of that one alone and the merge,
+whose files are the bytes of an unsharded run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+submitit = pytest.importorskip("submitit")
+
+from stage1 import launch  # noqa: E402
+from stage1.data.manifest import write_manifest  # noqa: E402
+from stage1.data.shards import shard_dir, shard_name  # noqa: E402
+from stage1.generate import build_parser as generate_parser  # noqa: E402
+from stage1.generate import main as generate_main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples" / "slurm"
+RUN_ARGS = ["--limit", "6", "--n", "2", "--max-tokens", "10", "--max-num-seqs", "3", "--no-progress",
+            "--dtype", "float32", "--device", "cpu"]  # no --allow-run-on: rejects.jsonl gets rows too
+FILES = ("data.jsonl", "rejects.jsonl")
+
+
+def launcher_opts(*args: str):
+    opts = launch.build_parser().parse_args(["slurm", "--array", "8", *args])
+    launch.check_launcher_args(opts)
+    return opts
+
+
+# --- the task callables ------------------------------------------------------------------------------------------
+
+def test_checkpoint_requeues_the_same_shard():
+    task = launch.ShardTask(["--out", "o", "--seed", "3"], index=1, count=3)
+    assert isinstance(task, submitit.helpers.Checkpointable)
+    resubmission = submitit.helpers.DelayedSubmission(task)._checkpoint_function()  # what submitit calls
+    assert isinstance(resubmission, submitit.helpers.DelayedSubmission)
+    assert resubmission.function == task and resubmission.args == () and resubmission.kwargs == {}
+    assert pickle.loads(pickle.dumps(resubmission.function)) == task
+    assert task.argv() == ["--out", "o", "--seed", "3", "--num-shards", "3", "--shard-index", "1", "--resume"]
+    assert launch.MergeTask(["--out", "o"], 3).argv() == ["--out", "o", "--merge", "--num-shards", "3"]
+
+
+def test_a_nonzero_generate_exit_fails_the_job(monkeypatch):
+    seen = []
+    monkeypatch.setattr("stage1.generate.main", lambda argv: seen.append(argv) or 2)
+    with pytest.raises(launch.ShardFailed, match="shard 2 of 4: python -m stage1.generate exited 2"):
+        launch.ShardTask(["--out", "o"], 2, 4)()
+    monkeypatch.setattr("stage1.generate.main", lambda argv: 0)
+    assert launch.MergeTask(["--out", "o"], 4)() == {"what": "merge of 4 shards", "exit": 0}
+    assert seen == [["--out", "o", "--num-shards", "4", "--shard-index", "2", "--resume"]]
+
+
+# --- sbatch parameters -------------------------------------------------------------------------------------------
+
+def sbatch_lines(params: dict, tmp_path: Path, **extra) -> set[str]:
+    """The #SBATCH lines submitit would write for these parameters (its own renderer, nothing submitted)."""
+    from submitit.slurm import slurm
+
+    assert set(params) <= set(slurm._get_default_parameters())  # names SlurmExecutor.update_parameters accepts
+    text = slurm._make_sbatch_string(command="python -m submitit.core._submit x", folder=tmp_path, **params, **extra)
+    return {line for line in text.splitlines() if line.startswith("#SBATCH")}
+
+
+def test_array_parameters_from_launcher_options(tmp_path):
+    opts = launcher_opts("--gpus-per-task", "2", "--cpus-per-task", "16", "--mem-gb", "64", "--time", "1:30:00",
+                         "--partition", "gpu", "--account", "acc", "--qos", "high", "--max-parallel", "4",
+                         "--sbatch", "constraint=h100", "--job-name", "gen")
+    lines = sbatch_lines(launch.slurm_parameters(opts), tmp_path, map_count=8)
+    for expected in ("--gpus-per-task=2", "--cpus-per-task=16", "--mem=64GB", "--time=90", "--partition=gpu",
+                     "--account=acc", "--qos=high", "--array=0-7%4", "--constraint=h100", "--job-name=gen",
+                     "--requeue", "--ntasks-per-node=1", "--nodes=1"):
+        assert f"#SBATCH {expected}" in lines, expected
+    assert any(line.startswith("#SBATCH --signal=USR2@") for line in lines)  # submitit's requeue signal
+
+
+def test_cpu_only_shards_and_defaults(tmp_path):
+    lines = sbatch_lines(launch.slurm_parameters(launcher_opts("--gpus-per-task", "0")), tmp_path, map_count=8)
+    assert not any("gpu" in line for line in lines)
+    assert "#SBATCH --time=240" in lines and "#SBATCH --array=0-7%8" in lines
+    assert not any(line.startswith(("#SBATCH --partition", "#SBATCH --mem")) for line in lines)
+
+
+def test_merge_parameters(tmp_path):
+    opts = launcher_opts("--partition", "gpu", "--merge-partition", "cpu", "--merge-time", "30", "--account", "acc")
+    lines = sbatch_lines(launch.merge_parameters(opts, after="1234"), tmp_path)
+    for expected in ("--dependency=afterok:1234", "--kill-on-invalid-dep=yes", "--partition=cpu", "--time=30",
+                     "--account=acc", "--cpus-per-task=1", "--job-name=stage1-generate-merge"):
+        assert f"#SBATCH {expected}" in lines, expected
+    assert not any("gpu" in line for line in lines)
+    assert "#SBATCH --partition=gpu" in sbatch_lines(launch.merge_parameters(launcher_opts("--partition", "gpu"),
+                                                                             after=None), tmp_path)
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("0:00:30", 1), ("2-01:00:00", 2940)])
+def test_time_limits(text, minutes):
+    assert launch.parse_time(text, "--time") == minutes
+
+
+# --- input checks ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["slurm", "--array", "2"], "no generate arguments"),
+    (["slurm", "--array", "0", "--", "--out", "o"], "--array must be at least 1"),
+    (["slurm", "--array", "2", "--time", "1:30", "--", "--out", "o"], "--time '1:30': give minutes"),
+    (["slurm", "--array", "2", "--sbatch", "constraint", "--", "--out", "o"], "--sbatch 'constraint': give KEY=VALUE"),
+    (["slurm", "--array", "2", "--", "--out", "o", "--num-sh", "3"], "drop from the generate arguments: --num-shards"),
+    (["slurm", "--array", "2", "--", "--out", "o", "--shard-index", "0"], "--num-shards/--shard-index"),
+    (["slurm", "--array", "2", "--", "--out", "o", "--merge"], "--merge (the launcher submits the merge job"),
+    (["slurm", "--array", "2", "--", "--out", "o", "--dp", "2"], "--data-parallel-size (one engine per array task"),
+    (["slurm", "--array", "2", "--", "--out", "o", "--overwrite"], "--overwrite (a requeued task would wipe"),
+    (["slurm", "--array", "2", "--", "--out", "o", "--bogus"], "the generate arguments (after --) are not valid"),
+])
+def test_bad_launcher_input(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_slurm_needs_sbatch(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch/srun there
+    assert launch.main(["slurm", "--array", "2", "--", "--out", str(tmp_path / "o")]) == 2
+    assert "no sbatch/srun on PATH" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_submitit_one_line_says_how_to_install(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` raises ImportError
+    assert launch.main(["slurm", "--array", "2", "--", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == 'error: the SLURM launcher needs submitit: pip install "stage1[slurm]"'
+
+
+def fake_shard(out: Path, index: int, count: int, status: str) -> None:
+    shard_dir(out, index, count).mkdir(parents=True)
+    write_manifest(shard_dir(out, index, count), {"status": status})
+
+
+def test_which_shards_a_launch_submits(tmp_path):
+    out = tmp_path / "out"
+    assert launch.shards_to_run(out, 4, resubmit=False) == [0, 1, 2, 3]
+    fake_shard(out, 0, 4, "complete")
+    fake_shard(out, 2, 4, "running")
+    assert launch.shards_to_run(out, 4, resubmit=True) == [1, 2, 3]
+    with pytest.raises(launch.LaunchError, match=r"already holds 2 of the 4 shards \(1 complete\): pass --resubmit"):
+        launch.shards_to_run(out, 4, resubmit=False)
+    with pytest.raises(launch.LaunchError, match="holds shards of a 4-shard run; pass --array 4"):
+        launch.shards_to_run(out, 8, resubmit=True)
+
+
+def test_resubmit_command_and_index_sets():
+    cmd = launch.resubmit_command(["slurm", "--array", "3", "--cluster", "local"], ["--out", "my out"])
+    assert cmd == "python -m stage1.launch slurm --array 3 --cluster local --resubmit -- --out 'my out'"
+    assert launch.resubmit_command(["slurm", "--resubmit"], ["--out", "o"]).count("--resubmit") == 1
+    assert launch.compact([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+# --- the hand-written sbatch scripts -----------------------------------------------------------------------------
+
+def run_script(script: Path, tmp_path: Path, **env: str) -> list[str]:
+    """Runs the script with stand-ins for srun (runs its command) and python (records its arguments): the generate
+    arguments exactly as bash expanded them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text('#!/bin/sh\nexec "$@"\n')
+    (bin_dir / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
+    for tool in ("srun", "python"):
+        (bin_dir / tool).chmod(0o755)
+    args_file = tmp_path / f"{script.stem}.args"
+    subprocess.run(["bash", str(script)], check=True, timeout=30, cwd=tmp_path,
+                   env={"PATH": f"{bin_dir}:/usr/bin:/bin", "ARGS_FILE": str(args_file), **env})
+    argv = args_file.read_text().splitlines()
+    assert argv[:2] == ["-m", "stage1.generate"]
+    return argv[2:]
+
+
+@pytest.mark.parametrize("name", ["generate_array.sbatch", "merge.sbatch"])
+def test_sbatch_scripts_are_valid_bash(name):
+    subprocess.run(["bash", "-n", str(EXAMPLES / name)], check=True, timeout=30)
+
+
+def test_sbatch_scripts_pass_generate_flags(tmp_path):
+    task = generate_parser().parse_args(run_script(EXAMPLES / "generate_array.sbatch", tmp_path,
+                                                   SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_TASK_COUNT="8",
+                                                   SLURM_ARRAY_JOB_ID="77"))
+    assert (task.num_shards, task.shard_index, task.resume, task.out) == (8, 3, True, "out/run1")
+    # resubmitting shards 3 and 5 of 8: the array has 2 tasks, NUM_SHARDS says 8
+    task = generate_parser().parse_args(run_script(EXAMPLES / "generate_array.sbatch", tmp_path, NUM_SHARDS="8",
+                                                   SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_COUNT="2"))
+    assert (task.num_shards, task.shard_index) == (8, 5)
+    merge = generate_parser().parse_args(run_script(EXAMPLES / "merge.sbatch", tmp_path, OUT="out/x"))
+    assert (merge.merge, merge.num_shards, merge.out, merge.shard_index) == (True, 8, "out/x", None)
+    assert (merge.model, merge.instructions) == (task.model, task.instructions)
+    text = (EXAMPLES / "generate_array.sbatch").read_text()
+    for line in ("#SBATCH --array=0-7", "#SBATCH --gpus-per-task=1", "#SBATCH --requeue", "--array=3,5",
+                 "--dependency=afterok:$ARRAY_JOB_ID"):
+        assert line in text, line
+
+
+# --- whole runs on submitit's LocalExecutor ----------------------------------------------------------------------
+
+def launcher(argv: list[str], timeout: float = 150) -> subprocess.CompletedProcess:
+    """`python -m stage1.launch` in its own session, so that every process it starts (submitit's job controllers,
+    the jobs) is in one process group, killed by its id if anything outlives the launcher or the timeout."""
+    proc = subprocess.Popen([sys.executable, "-m", "stage1.launch", *argv], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_local_array_fail_resubmit_merge(tiny_model_dir, tmp_path):
+    plain, out = tmp_path / "plain", tmp_path / "out"
+    assert generate_main(["--model", str(tiny_model_dir), "--out", str(plain), *RUN_ARGS]) == 0
+    gen_args = ["--model", str(tiny_model_dir), "--out", str(out), *RUN_ARGS]
+    argv = ["slurm", "--cluster", "local", "--array", "3", "--gpus-per-task", "0", "--time", "10", "--", *gen_args]
+
+    # shard 1's directory is blocked by a regular file: generate refuses it (exit 2), the others complete
+    blocker = shard_dir(out, 1, 3)
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    first = launcher(argv)
+    assert first.returncode == 1, first.stderr
+    assert f"shard 1 ({shard_name(1, 3)}, job " in first.stderr and "is not a directory" in first.stderr
+    assert "1 of 3 shards failed; the merge did not run" in first.stderr
+    assert not any((out / name).exists() for name in (*FILES, "manifest.json"))
+    logs = out / "slurm-logs"
+    assert len(list(logs.glob("*_submitted.pkl"))) == 3  # the shards; no merge job
+    done = {i: (shard_dir(out, i, 3) / "manifest.json").read_bytes() for i in (0, 2)}
+    assert all(json.loads(m)["status"] == "complete" for m in done.values())
+
+    # the printed --resubmit command reruns shard 1 alone, then the merge
+    blocker.unlink()
+    command = next(line.strip() for line in first.stderr.splitlines() if "--resubmit" in line)
+    resubmit = shlex.split(command)
+    assert resubmit[:3] == ["python", "-m", "stage1.launch"]
+    second = launcher(resubmit[3:])
+    assert second.returncode == 0, second.stderr
+    assert "2 of 3 shards complete; submitting shard 1 and the merge" in second.stdout
+    assert len(list(logs.glob("*_submitted.pkl"))) == 5  # + shard 1 + the merge
+    for index, manifest in done.items():  # not rerun: not even a resumed session
+        assert (shard_dir(out, index, 3) / "manifest.json").read_bytes() == manifest
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    for name in FILES:
+        assert (out / name).read_bytes() == (plain / name).read_bytes(), name
+    assert (plain / "rejects.jsonl").read_bytes() and (plain / "data.jsonl").read_bytes()
+
+    # nothing left to do
+    third = launcher(resubmit[3:], timeout=60)
+    assert third.returncode == 0 and "nothing to submit" in third.stdout

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
+import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -17,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from stage1.data.engine import Engine
-from stage1.data.errors import DataError, PromptMismatchError
+from stage1.data.errors import DataError, PromptMismatchError, ShardFailedError
 from stage1.data.filters import COPY_THRESHOLD, NEAR_DUP_THRESHOLD
+from stage1.data.data_parallel import run_shard_processes
 from stage1.data.manifest import (
     FORMAT,
     code_version,
@@ -28,12 +32,14 @@ from stage1.data.manifest import (
     prepare_out_dir,
     write_manifest,
 )
+from stage1.data.merge import check_merge_target, load_shards, merge, shard_counts_in, shard_report, write_merged
 from stage1.data.pipeline import Pipeline, SessionStats
 from stage1.data.progress import RunProgress
 from stage1.data.prompts import load_styles, pool_fingerprint
 from stage1.data.readers import instructions_fingerprint, read_instructions
 from stage1.data.settings import GenerationConfig, add_sampling_flags, from_args
-from stage1.data.writer import DatasetWriter, read_jsonl
+from stage1.data.shards import SHARDS_DIR, resolve_shard, select, shard_dir, shard_name
+from stage1.data.writer import DATA_FILE, REJECTS_FILE, DatasetWriter, read_jsonl
 
 DEFAULT_OUT = "out/stage1-sft"
 
@@ -131,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute every prompt in full (by default prompts that share a few-shot prefix compute it "
                           "once)")
     eng.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    par = p.add_argument_group("many processes (see the README: one node, many nodes with SLURM)")
+    par.add_argument("--data-parallel-size", "--dp", type=int, default=1, metavar="D",
+                     help="run D engine processes on this node, one shard each, each on its own "
+                          "--tensor-parallel-size GPUs (D x T in all; on a CPU, each with its share of the cores), "
+                          "then merge them into --out (default: %(default)s)")
+    par.add_argument("--num-shards", type=int, metavar="N",
+                     help="run one shard of N: the instructions whose id hashes to --shard-index, written to "
+                          "OUT/shards/I-of-N/ (default: $SLURM_ARRAY_TASK_COUNT in a SLURM array task, else unsharded)")
+    par.add_argument("--shard-index", type=int, metavar="I",
+                     help="which shard, 0..N-1 (default: $SLURM_ARRAY_TASK_ID in a SLURM array task)")
+    par.add_argument("--merge", action="store_true",
+                     help="merge the complete shards of --out (pass the run's arguments) into OUT/data.jsonl, "
+                          "rejects.jsonl and manifest.json, with the exact and near-duplicate filters over all of them "
+                          "in input order; N is read from OUT/shards unless --num-shards is given")
     return p
 
 
@@ -152,6 +173,9 @@ def main(argv: list[str] | None = None, llm_factory: Callable[[Path, argparse.Na
     except KeyboardInterrupt:
         print("\ninterrupted: the rows written so far are intact; rerun with --resume to continue", file=sys.stderr)
         return 130
+    except ShardFailedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         from stage1.engine.tp_workers import WorkerDiedError
         if not isinstance(e, WorkerDiedError):
@@ -170,6 +194,11 @@ def _check_args(args: argparse.Namespace) -> None:
         (0 < args.copy_threshold <= 1, "--copy-threshold must be in (0, 1]"),
         (args.max_model_len is None or args.max_model_len >= 1, "--max-model-len must be at least 1"),
         (args.tensor_parallel_size >= 1, "--tensor-parallel-size must be at least 1"),
+        (args.data_parallel_size >= 1, "--data-parallel-size must be at least 1"),
+        (not (args.merge and args.shard_index is not None),
+         "--merge merges every shard; drop --shard-index (and run each shard without --merge)"),
+        (not (args.merge and args.data_parallel_size > 1),
+         "--data-parallel-size merges by itself when its shards are done; drop --merge"),
     ]
     for ok, message in checks:
         if not ok:
@@ -222,8 +251,8 @@ def _started_engine(llm_factory, model_dir: Path, args: argparse.Namespace):
         llm.shutdown()
 
 
-def _identity(config: GenerationConfig, args: argparse.Namespace, model: dict[str, Any], input_sha: str
-              ) -> dict[str, Any]:
+def _identity(config: GenerationConfig, args: argparse.Namespace, model: dict[str, Any], input_sha: str,
+              num_shards: int) -> dict[str, Any]:
     """What decides the rows: two runs with equal identities write the same files."""
     return {
         "model_path": model["path"], "model_config_sha256": model["config_sha256"],
@@ -231,39 +260,127 @@ def _identity(config: GenerationConfig, args: argparse.Namespace, model: dict[st
         "prompt_data_sha256": pool_fingerprint(), **config.identity(), "max_model_len": args.max_model_len,
         # sampled rows can differ with the all-reduce's summation order in bf16
         "tensor_parallel_size": args.tensor_parallel_size,
+        "num_shards": num_shards,  # a shard's rows skip the dataset-wide filters (its merge runs them)
     }
+
+
+def _implicit_identity() -> dict[str, Any]:
+    """What an identity entry stands for in a manifest written before that entry existed."""
+    return {**GenerationConfig.identity_defaults(), "tensor_parallel_size": 1, "num_shards": 1}
+
+
+def _shard_of_run(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(index, count) of the shard this process runs; None for a whole run (unsharded, data parallel, a merge)."""
+    if args.merge:
+        return None
+    shard = resolve_shard(args.num_shards, args.shard_index)
+    if args.data_parallel_size > 1:
+        if shard is not None:
+            raise DataError(f"--data-parallel-size {args.data_parallel_size} runs its own shards, so it can't also "
+                            "run one shard of another split (--num-shards/--shard-index, or a SLURM array task); "
+                            "on many nodes, run an array of N x D shards with one engine each "
+                            "(python -m stage1.launch slurm)")
+    return shard
+
+
+def _merge_shard_count(args: argparse.Namespace, out: Path) -> int:
+    counts = shard_counts_in(out)
+    if args.num_shards is not None:
+        return args.num_shards
+    if len(counts) == 1:
+        return counts[0]
+    if not counts:
+        raise DataError(f"{out}: no shards to merge (no {out / 'shards'}/I-of-N directories); run the shards first")
+    raise DataError(f"{out / 'shards'} holds shards of {' and '.join(map(str, counts))}-shard runs; pass "
+                    "--num-shards to say which to merge (and move the others away)")
 
 
 def _run(args: argparse.Namespace, argv: list[str], llm_factory) -> int:
     started, t_wall = now(), time.perf_counter()
     config = from_args(args)
     _check_args(args)
+    shard = _shard_of_run(args)
     instructions = read_instructions(args.instructions, args.format)  # all of it, validated, before anything else
     input_sha = instructions_fingerprint(instructions)
     if args.limit:
         instructions = instructions[:args.limit]
     model_dir = resolve_model_dir(args.model)
     model = model_fingerprint(model_dir)
+    if args.merge or args.data_parallel_size > 1:
+        count = args.data_parallel_size if args.data_parallel_size > 1 else _merge_shard_count(args, Path(args.out))
+        identity = _identity(config, args, model, input_sha, count)
+        if args.data_parallel_size > 1:
+            _run_data_parallel(args, argv, identity)
+        return _merge(args, argv, config, identity, instructions, count, started, t_wall)
+
     out = Path(args.out)
-    identity = _identity(config, args, model, input_sha)
+    if shard is not None:
+        instructions = select(instructions, *shard)
+        out = shard_dir(out, *shard)
+    identity = _identity(config, args, model, input_sha, 1 if shard is None else shard[1])
     previous = prepare_out_dir(out, identity, resume=args.resume, overwrite=args.overwrite,
-                               implicit={**GenerationConfig.identity_defaults(), "tensor_parallel_size": 1})
+                               implicit=_implicit_identity())
 
     out.mkdir(parents=True, exist_ok=True)
     with _started_engine(llm_factory, model_dir, args) as llm:
         writer = DatasetWriter(out)  # its files are opened (created) below, after the manifest
-        pipeline = Pipeline(llm, config, writer)
-        manifest = _initial_manifest(args, argv, identity, model, llm, pipeline, previous, started)
+        pipeline = Pipeline(llm, config, writer, dedup_at_merge=shard is not None)
+        manifest = _initial_manifest(args, argv, identity, model, llm, pipeline, previous, started, shard)
         write_manifest(out, manifest)  # before the data files exist: a crashed run is always recognised, resumable
         with writer:
             stats = _generate(args, out, pipeline, instructions)
 
     summary = dataset_summary(read_jsonl(writer.data_path), read_jsonl(writer.rejects_path))
     session = {"started_at": started, "finished_at": now(), "resumed": bool(args.resume and previous),
-               "wall_s": round(time.perf_counter() - t_wall, 2), **stats.as_dict()}
+               **_this_process(), "wall_s": round(time.perf_counter() - t_wall, 2), **stats.as_dict()}
     manifest.update(status="complete", updated_at=now(), **summary, sessions=manifest["sessions"] + [session])
     write_manifest(out, manifest)
     _print_summary(out, summary, session)
+    return 0
+
+
+def _this_process() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _run_data_parallel(args: argparse.Namespace, argv: list[str], identity: dict[str, Any]) -> None:
+    """The shards, one process each; refused before any starts if their merge could not be written."""
+    out = Path(args.out)
+    if args.overwrite:
+        shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+    check_merge_target(out, identity, _implicit_identity(), replace=args.overwrite)
+    ran = run_shard_processes(argv, out, args.data_parallel_size, args.tensor_parallel_size, args.device,
+                              args.resume)
+    _say(args, f"{len(ran)} shard processes done; merging {args.data_parallel_size} shards into {out}")
+
+
+def _merge(args: argparse.Namespace, argv: list[str], config: GenerationConfig, identity: dict[str, Any],
+           instructions: list, count: int, started: str, t_wall: float) -> int:
+    """The shards of --out into one dataset (merge.py); every check passes before anything is written."""
+    out = Path(args.out)
+    implicit = _implicit_identity()
+    shards = load_shards(out, count, identity, implicit, instructions, config.n)
+    check_merge_target(out, identity, implicit, replace=args.overwrite)
+    merged = merge(shards, instructions, config)
+    summary = dataset_summary(merged.kept, merged.rejected)
+    first = shards[0].manifest
+    manifest = {
+        "format": FORMAT, "status": "complete", "created_at": started, "updated_at": now(),
+        "command": shlex.join(["python", "-m", "stage1.generate", *argv]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "identity": identity, "model": first.get("model"), "code": code_version(),
+        "generation": first.get("generation"), "files": {"data": DATA_FILE, "rejects": REJECTS_FILE}, **summary,
+        "merge": {**_this_process(), "wall_s": round(time.perf_counter() - t_wall, 2),
+                  "dataset_filter_rejected": merged.dedup_rejected},
+        "merged_shards": [shard_report(s) for s in shards],
+    }
+    write_merged(out, merged, manifest)
+    c = summary["counts"]
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none"
+    print(f"merged {count} shards: {c['instructions']} instructions, {c['completions']} completions: {c['kept']} kept, "
+          f"{c['rejected']} rejected ({reasons}; {merged.dedup_rejected} of them by the dataset-wide filters at the "
+          f"merge)")
+    print(f"  data:     {out / DATA_FILE}\n  rejects:  {out / REJECTS_FILE}\n  manifest: {out / 'manifest.json'}")
     return 0
 
 
@@ -292,9 +409,11 @@ def _generate(args: argparse.Namespace, out: Path, pipeline: Pipeline, instructi
     return stats
 
 
-def _initial_manifest(args, argv, identity, model, llm, pipeline, previous, started) -> dict[str, Any]:
+def _initial_manifest(args, argv, identity, model, llm, pipeline, previous, started, shard) -> dict[str, Any]:
     return {
         "format": FORMAT, "status": "running",
+        **({} if shard is None else {"shard": {"index": shard[0], "count": shard[1], "name": shard_name(*shard)}}),
+        "running_on": _this_process(),
         "created_at": previous["created_at"] if previous else started, "updated_at": started,
         "command": shlex.join(["python", "-m", "stage1.generate", *argv]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -9,3 +9,7 @@ class DataError(Exception):
 class PromptMismatchError(Exception):
     """The engine fed the model other ids than the stored prompt re-tokenizes to: the dataset would lie about what the
     model saw (the bug of the earlier pipeline), so the run stops. Exit code 1."""
+
+
+class ShardFailedError(Exception):
+    """A shard's process (data parallelism) failed; the message names the shard and how it ended. Exit code 1."""

@@ -194,11 +194,26 @@ class Candidate:
 Check = Callable[[Candidate], Rejection | None]  # each named after the reason it gives
 
 
-def checks_in_order(quality: QualityFilter, dedup: Deduplicator) -> list[Check]:
+def checks_in_order(quality: QualityFilter, dedup: Deduplicator | None) -> list[Check]:
     """Every check a completion goes through, in the order they run: the first that fires is its reason. Each is
-    named after the reason it gives."""
+    named after the reason it gives. Without `dedup` (a shard), only the per-row checks: the merge runs the rest."""
+    return row_checks(quality) + (dataset_checks(dedup) if dedup is not None else [])
+
+
+def row_checks(quality: QualityFilter) -> list[Check]:
+    """The checks that look at the row alone."""
     return [quality.empty, quality.run_on, quality.control_token, quality.scaffolding, quality.repetition,
-            quality.example_copy, quality.instruction_echo, dedup.exact_duplicate, dedup.near_duplicate]
+            quality.example_copy, quality.instruction_echo]
+
+
+def dataset_checks(dedup: Deduplicator) -> list[Check]:
+    """The checks against the rows kept before it in input order (they run last)."""
+    return [dedup.exact_duplicate, dedup.near_duplicate]
+
+
+def dedup_key(row_id: str, index: int | None) -> str:
+    """How a duplicate names the row it repeats."""
+    return f"{row_id}#{index}"
 
 
 def first_rejection(checks: list[Check], candidate: Candidate) -> Rejection | None:

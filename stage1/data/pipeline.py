@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from stage1.data.engine import Engine
 from stage1.data.errors import PromptMismatchError
 from stage1.data.filters import (CONTROL_TOKEN_TEXTS, Candidate, Deduplicator, QualityFilter, checks_in_order,
-                                 first_rejection)
+                                 dedup_key, first_rejection)
 from stage1.data.hashing import derive_seed
 from stage1.data.prompts import CompletionStylePrompts, Prompt
 from stage1.data.readers import Instruction
@@ -96,15 +96,16 @@ class Pipeline:
     `self.checks`, in input order) -> `write` (one append per file, every `config.batch_size` instructions)."""
 
     def __init__(self, llm: Engine, config: GenerationConfig, writer: DatasetWriter, *,
-                 on_step: Callable[[SessionStats], None] | None = None):
-        """`on_step(stats)` runs after every engine step (the progress display)."""
+                 on_step: Callable[[SessionStats], None] | None = None, dedup_at_merge: bool = False):
+        """`on_step(stats)` runs after every engine step (the progress display). `dedup_at_merge`: this is a shard,
+        whose rows the merge deduplicates against the other shards' (merge.py), so only the per-row checks run."""
         self.llm = llm
         self.config = config
         self.writer = writer
         self.on_step = on_step
         self.prompts = CompletionStylePrompts(config.style)
         self.quality = QualityFilter(self.prompts.style, config.allow_run_on, config.copy_threshold)
-        self.dedup = Deduplicator(config.near_dedup, config.near_dup_threshold)
+        self.dedup = None if dedup_at_merge else Deduplicator(config.near_dedup, config.near_dup_threshold)
         self.checks = checks_in_order(self.quality, self.dedup)
         self.stop_token_ids = (default_stop_token_ids(llm) if config.stop_token_ids is None
                                else list(config.stop_token_ids))
@@ -116,7 +117,8 @@ class Pipeline:
         """Takes in the rows already written (a resumed run): which completions exist, and the dedup state."""
         for row in read_jsonl(self.writer.data_path):
             self._done.add(row_key(row))
-            self.dedup.add(_dedup_key(row["id"], row["index"]), row["instruction"], row["response"])
+            if self.dedup is not None:
+                self.dedup.add(dedup_key(row["id"], row["index"]), row["instruction"], row["response"])
         for row in read_jsonl(self.writer.rejects_path):
             self._done.add(row_key(row))
 
@@ -243,7 +245,8 @@ class Pipeline:
                 rejected.append(with_reason(row, *verdict))
                 self.stats.rejected += 1
             else:
-                self.dedup.add(_dedup_key(inst.id, comp.index), inst.instruction, response)
+                if self.dedup is not None:
+                    self.dedup.add(dedup_key(inst.id, comp.index), inst.instruction, response)
                 kept.append(row)
                 self.stats.kept += 1
 
@@ -260,10 +263,6 @@ class Pipeline:
                 f"request {out.request_id}: the stored prompt re-tokenizes to {len(ids)} ids but the model received "
                 f"{len(out.prompt_token_ids)} (first difference at position {at}); the dataset would misstate what "
                 "the model saw, so the run stops (rows already written are intact)")
-
-
-def _dedup_key(row_id: str, index: int | None) -> str:
-    return f"{row_id}#{index}"
 
 
 _ENGINE_TOTALS = ("prefix_cached_tokens", "decode_steps", "low_occupancy_decode_steps", "low_occupancy_decode_seconds")

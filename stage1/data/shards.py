@@ -45,9 +45,9 @@ def select(instructions: list[T], index: int, count: int) -> list[T]:
 
 
 def resolve_shard(num_shards: int | None, shard_index: int | None,
-                  env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+                  env: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
     """(index, count) from the flags, each defaulting to the SLURM array's (SLURM_ARRAY_TASK_ID,
-    SLURM_ARRAY_TASK_COUNT) where they are set; (0, 1) for an unsharded run."""
+    SLURM_ARRAY_TASK_COUNT) where they are set; None for an unsharded run."""
     def from_env(name: str) -> int | None:
         value = env.get(name)
         if value is None:
@@ -61,7 +61,7 @@ def resolve_shard(num_shards: int | None, shard_index: int | None,
     count = num_shards if num_shards is not None else from_env("SLURM_ARRAY_TASK_COUNT")
     index = shard_index if shard_index is not None else from_env("SLURM_ARRAY_TASK_ID")
     if count is None and index is None:
-        return 0, 1
+        return None
     if count is None or index is None:
         given = "--shard-index" if index is not None else "--num-shards"
         raise DataError(f"{given} is set but not {'--num-shards' if index is not None else '--shard-index'}; pass "

@@ -15,7 +15,6 @@ collectives have a finite timeout; each engine rendezvous on its own free loopba
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import multiprocessing as mp
 import os
@@ -29,6 +28,7 @@ from multiprocessing.connection import wait as wait_for_any
 import torch
 import torch.distributed as dist
 
+from ..processes import die_with_parent
 from .engine_config import EngineConfig
 from .model_runner import ModelRunner, StepResult
 from .scheduler import ScheduledBatch
@@ -151,7 +151,7 @@ def _stop_workers(workers: list[_Worker]) -> None:
 
 def _worker_main(config: EngineConfig, rank: int, port: int, threads: int, parent_pid: int, conn) -> None:
     """Rank `rank`: load its shard, then run every plan rank 0 sends until it sends b"" or goes away."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     try:
         _set_rank_threads(threads, config.tensor_parallel_size)
         _init_process_group("nccl" if config.device.type == "cuda" else "gloo", rank, config.tensor_parallel_size,
@@ -184,14 +184,6 @@ def _free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: the kernel kills this worker when rank 0's process ends, however it ends (no orphan holds a GPU)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:  # it ended before the line above took effect
-        os._exit(1)
 
 
 __all__ = ["TensorParallelRunner", "WorkerDiedError"]

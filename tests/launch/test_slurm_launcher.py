@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,7 @@ def launcher(argv: list[str], timeout: float = 150) -> subprocess.CompletedProce
 
 
 @pytest.mark.slow
-def test_local_array_fail_resubmit_merge(tiny_model_dir, tmp_path):
+def test_local_array_fail_resubmit_merge(tiny_model_dir, tmp_path, capsys):
     plain, out = tmp_path / "plain", tmp_path / "out"
     assert generate_main(["--model", str(tiny_model_dir), "--out", str(plain), *RUN_ARGS]) == 0
     gen_args = ["--model", str(tiny_model_dir), "--out", str(out), *RUN_ARGS]
@@ -262,6 +263,43 @@ def test_local_array_fail_resubmit_merge(tiny_model_dir, tmp_path):
         assert (out / name).read_bytes() == (plain / name).read_bytes(), name
     assert (plain / "rejects.jsonl").read_bytes() and (plain / "data.jsonl").read_bytes()
 
-    # nothing left to do
-    third = launcher(resubmit[3:], timeout=60)
-    assert third.returncode == 0 and "nothing to submit" in third.stdout
+    # nothing left to do: no job at all
+    assert launch.main(resubmit[3:]) == 0
+    assert "all 3 shards and the merge are complete; nothing to submit" in capsys.readouterr().out
+    assert len(list(logs.glob("*_submitted.pkl"))) == 5
+
+
+@pytest.mark.slow
+def test_a_preempted_shard_is_requeued_and_resumes(tiny_model_dir, tmp_path):
+    """submitit's preemption signal (USR2) mid-run: the task's checkpoint() requeues it, the requeued task resumes
+    its shard, and the shard's files are those of an uninterrupted run."""
+    plain, out = tmp_path / "plain", tmp_path / "out"
+    shard = ["--num-shards", "2", "--shard-index", "0"]
+    assert generate_main(["--model", str(tiny_model_dir), "--out", str(plain), *RUN_ARGS, *shard]) == 0
+    executor = submitit.LocalExecutor(folder=tmp_path / "logs", max_num_timeout=1)
+    executor.update_parameters(timeout_min=5, gpus_per_node=0)
+    job = executor.submit(launch.ShardTask(["--model", str(tiny_model_dir), "--out", str(out), *RUN_ARGS], 0, 2))
+    try:
+        manifest = shard_dir(out, 0, 2) / "manifest.json"
+        deadline = time.monotonic() + 60
+        while not manifest.exists() and not job.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert manifest.exists() and not job.done(), "the shard ended before it could be preempted"
+        # the preemption signal to the running task: a child of the job's controller (which would forward only
+        # its time-out signal)
+        controller = job._process.pid
+        (task,) = map(int, Path(f"/proc/{controller}/task/{controller}/children").read_text().split())
+        os.kill(task, submitit.JobEnvironment._usr_sig())
+        deadline = time.monotonic() + 90
+        while not job.done() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job.result() == {"what": "shard 0 of 2", "exit": 0}
+    finally:
+        if not job.done():
+            job.cancel()  # SIGINT to the job's controller, which stops its task
+        job._process.wait(timeout=30)
+    assert "Requeued job" in job.stdout()
+    sessions = json.loads(manifest.read_text())["sessions"]
+    assert sessions[-1]["resumed"] is True
+    for name in FILES:
+        assert (shard_dir(out, 0, 2) / name).read_bytes() == (shard_dir(plain, 0, 2) / name).read_bytes(), name

@@ -342,13 +342,14 @@ def launch_slurm(opts, generate_args: list[str], todo: list[int], out: Path, log
         jobs = slurm_executor(log_dir, opts.max_requeues, slurm_parameters(opts)).submit_array(tasks)
         shard_jobs = dict(zip(todo, jobs))
         after = array_id(jobs[0])
-        mapping = "" if todo == list(range(opts.array)) else f"; its tasks 0..{len(todo) - 1} run shards {compact(todo)}"
+        mapping = "" if todo == list(range(opts.array)) else f"; tasks 0..{len(todo) - 1} run shards {compact(todo)}"
         print(f"submitted shards {compact(todo)} of {opts.array} as array job {after}{mapping}")
     merge = slurm_executor(log_dir, 0, merge_parameters(opts, after)).submit(MergeTask(generate_args, opts.array))
     print(f"submitted the merge as job {merge.job_id}" + (f", to start once array {after} succeeded" if after else ""))
     ids = ",".join(x for x in (after, merge.job_id) if x)
-    print(f"watch: squeue -j {ids}    sacct -j {ids}\nlogs:  {log_dir}/<job id>_0_log.out|err  (array task k: "
-          f"{after}_k_0_log.err)\nafter a failure: {resubmit}")
+    task_logs = f" (array task k: {after}_k_0_log.err)" if after else ""
+    print(f"watch: squeue -j {ids}    sacct -j {ids}\nlogs:  {log_dir}/<job id>_0_log.out|err{task_logs}\n"
+          f"after a failure: {resubmit}")
     if not opts.wait:
         return 0
     wait_all(list(shard_jobs.values()), POLL_S["slurm"])
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = build_parser().parse_args(launcher_args)
         check_launcher_args(opts)
         try:
-            import submitit  # noqa: F401
+            import submitit  # noqa: F401 - only to know it is there
         except ImportError:
             print(f"error: {INSTALL_HINT}", file=sys.stderr)
             return 2

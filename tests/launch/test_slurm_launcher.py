@@ -166,6 +166,34 @@ def test_resubmit_command_and_index_sets():
     assert launch.compact([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
+def test_slurm_submission_one_array_then_the_merge(tmp_path, monkeypatch, capsys):
+    """Against a stand-in sbatch (records each submission file, answers like SLURM): one array of the 3 shards,
+    then the merge, after it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\nn=$(ls "$SUBMISSIONS" | wc -l)\ncp "$1" "$SUBMISSIONS/$n.sh"\n'
+                                    'echo "Submitted batch job $((1000 + n))"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    (tmp_path / "submissions").mkdir()
+    monkeypatch.setenv("SUBMISSIONS", str(tmp_path / "submissions"))
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    argv = ["slurm", "--array", "3", "--gpus-per-task", "2", "--partition", "gpu", "--", "--out", str(out), "--tp", "2"]
+    assert launch.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "submitted shards 0-2 of 3 as array job 1000" in printed and "submitted the merge as job 1001" in printed
+    assert "squeue -j 1000,1001" in printed
+    array, merge = ((tmp_path / "submissions" / f"{n}.sh").read_text() for n in (0, 1))
+    assert "#SBATCH --array=0-2%3" in array and "#SBATCH --gpus-per-task=2" in array
+    assert "#SBATCH --dependency=afterok:1000" in merge and "gpus" not in merge
+    pickles = sorted((out / "slurm-logs").glob("1000_*_submitted.pkl"))
+    tasks = [submitit.helpers.DelayedSubmission.load(p).function for p in pickles]
+    assert [t.argv()[-4:] for t in tasks] == [["3", "--shard-index", str(i), "--resume"] for i in range(3)]
+    assert all(t.generate_args == ["--out", str(out), "--tp", "2"] for t in tasks)
+
+
 # --- the hand-written sbatch scripts -----------------------------------------------------------------------------
 
 def run_script(script: Path, tmp_path: Path, **env: str) -> list[str]:

@@ -77,3 +77,43 @@ def make_tiny_checkpoint(out_dir: Path, *, heads: int = 4, kv_heads: int = 2, he
     write_tokenizer(out_dir)
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": special["<|endoftext|>"]}))
     return out_dir
+
+
+CHAIN_TEXT = " The quick brown fox jumps over the lazy dog."  # 19 tokens of the tiny tokenizer, none repeated
+
+
+def make_chain_checkpoint(out_dir: Path, text: str = CHAIN_TEXT) -> Path:
+    """A tiny Qwen2 whose greedy continuation of any prompt is `text`, then <|endoftext|>: every prompt gets the same
+    answer (a duplicate of every other, for the dataset-wide filters), from the real engine.
+
+    Its attention and MLP outputs are zero, so the residual stream at a position is its token's embedding and the
+    next token depends on the current one alone; the LM head maps each token of `text` to the next (the last to
+    <|endoftext|>) and every other token (a prompt's last) to the first."""
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+
+    out_dir = make_tiny_checkpoint(out_dir, heads=2, kv_heads=1, head_dim=64, layers=1)
+    chain = Tokenizer.from_file(str(out_dir / "tokenizer.json")).encode(text).ids
+    assert len(set(chain)) == len(chain), f"{text!r}: a token repeats, so the next token is not a function of it"
+    path = out_dir / "model.safetensors"
+    w = load_file(path)
+    for name in w:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w[name].zero_()
+    embed = w["model.embed_tokens.weight"]
+    others = torch.ones(embed.shape[0], dtype=torch.bool)
+    others[chain] = False
+    embed[others] = embed[others][0]  # every token outside the chain looks the same to the head
+
+    def final_hidden(token: int) -> torch.Tensor:
+        e = embed[token]
+        return e * torch.rsqrt(e.pow(2).mean() + 1e-6) * w["model.norm.weight"]
+
+    head = torch.zeros_like(w["lm_head.weight"])
+    eos = SPECIAL_TOKENS.index("<|endoftext|>")
+    head[chain[0]] = final_hidden(int(others.nonzero()[0]))
+    for token, following in zip(chain, [*chain[1:], eos]):
+        head[following] = final_hidden(token)
+    w["lm_head.weight"] = head
+    save_file(w, path, metadata={"format": "pt"})
+    return out_dir

@@ -32,13 +32,13 @@ from stage1.data.manifest import (
     prepare_out_dir,
     write_manifest,
 )
-from stage1.data.merge import check_merge_target, load_shards, merge, shard_counts_in, shard_report, write_merged
+from stage1.data.merge import check_merge_target, load_shards, merge, shard_report, write_merged
 from stage1.data.pipeline import Pipeline, SessionStats
 from stage1.data.progress import RunProgress
 from stage1.data.prompts import load_styles, pool_fingerprint
 from stage1.data.readers import instructions_fingerprint, read_instructions
 from stage1.data.settings import GenerationConfig, add_sampling_flags, from_args
-from stage1.data.shards import SHARDS_DIR, resolve_shard, select, shard_dir, shard_name
+from stage1.data.shards import SHARDS_DIR, resolve_shard, select, shard_counts_in, shard_dir, shard_name
 from stage1.data.writer import DATA_FILE, REJECTS_FILE, DatasetWriter, read_jsonl
 
 DEFAULT_OUT = "out/stage1-sft"

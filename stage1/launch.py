@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stage1.data.manifest import read_manifest
-from stage1.data.shards import SHARDS_DIR, incomplete_shards, shard_name, shard_states
+from stage1.data.shards import SHARDS_DIR, incomplete_shards, shard_counts_in, shard_name, shard_states
 
 try:  # submitit is an optional extra: without it this module still imports, and main() says how to install it
     from submitit.helpers import Checkpointable, DelayedSubmission
@@ -206,7 +206,7 @@ def check_launcher_args(opts: argparse.Namespace) -> None:
     opts.sbatch_extra = parse_sbatch(opts.sbatch)
 
 
-def check_generate_args(generate_args: list[str]) -> argparse.Namespace:
+def check_generate_args(generate_args: list[str], gpus_per_task: int = 0) -> argparse.Namespace:
     """Parses them with generate's own parser (so a typo fails here, not in N jobs) and refuses the flags the
     launcher sets itself (compared on the parsed values: argparse also takes a prefix such as --num-sh)."""
     from stage1.generate import build_parser as generate_parser
@@ -219,13 +219,15 @@ def check_generate_args(generate_args: list[str]) -> argparse.Namespace:
     refused = [why for dest, why in RESERVED.items() if getattr(args, dest, None) != parser.get_default(dest)]
     if refused:
         raise LaunchError("drop from the generate arguments: " + "; ".join(dict.fromkeys(refused)))
+    if gpus_per_task and args.tensor_parallel_size > gpus_per_task:
+        raise LaunchError(f"--tensor-parallel-size {args.tensor_parallel_size} needs that many GPUs per task, but "
+                          f"--gpus-per-task is {gpus_per_task}; pass --gpus-per-task {args.tensor_parallel_size}")
     return args
 
 
 def shards_to_run(out: Path, count: int, resubmit: bool) -> list[int]:
     """Which shards to submit: all on a first launch, the incomplete ones on --resubmit."""
-    other_counts = sorted({int(m.group(1)) for p in (out / SHARDS_DIR).glob("*-of-*")
-                           if (m := re.fullmatch(r"\d+-of-(\d+)", p.name)) and int(m.group(1)) != count})
+    other_counts = [n for n in shard_counts_in(out) if n != count]
     if other_counts:
         raise LaunchError(f"{out / SHARDS_DIR} holds shards of a {other_counts[0]}-shard run; pass --array "
                           f"{other_counts[0]} to continue it, or use a new --out")
@@ -442,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print(f"error: {INSTALL_HINT}", file=sys.stderr)
             return 2
-        gen = check_generate_args(generate_args)
+        gen = check_generate_args(generate_args, opts.gpus_per_task)
         if opts.cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
             raise LaunchError("no sbatch/srun on PATH: run this on a SLURM login node (or --cluster local to run "
                               "the shards on this machine)")

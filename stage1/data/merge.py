@@ -45,18 +45,6 @@ class Merged:
     shards: list[Shard]
 
 
-def shard_counts_in(out: str | Path) -> list[int]:
-    """The shard counts the directories under OUT/shards name (`<i>-of-<n>`): one, unless runs were mixed."""
-    root = Path(out) / SHARDS_DIR
-    counts = set()
-    if root.is_dir():
-        for p in root.iterdir():
-            _, sep, n = p.name.partition("-of-")
-            if sep and n.isdigit():
-                counts.add(int(n))
-    return sorted(counts)
-
-
 def load_shards(out: str | Path, count: int, identity: dict[str, Any], implicit: dict[str, Any],
                 instructions: list[Instruction], n: int) -> list[Shard]:
     """Every shard of the run in OUT, checked: this run's (identity), complete, and holding exactly its rows."""

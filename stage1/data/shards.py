@@ -75,6 +75,18 @@ def resolve_shard(num_shards: int | None, shard_index: int | None,
     return index, count
 
 
+def shard_counts_in(out: str | Path) -> list[int]:
+    """The shard counts the directories under OUT/shards name (`<i>-of-<n>`): one, unless runs were mixed."""
+    root = Path(out) / SHARDS_DIR
+    counts = set()
+    if root.is_dir():
+        for p in root.iterdir():
+            _, sep, n = p.name.partition("-of-")
+            if sep and n.isdigit():
+                counts.add(int(n))
+    return sorted(counts)
+
+
 def shard_states(out: str | Path, count: int) -> dict[int, str]:
     """Each shard's state in `out`, from its manifest: "complete", "running" (started, not finished: a crash, a kill,
     a preemption, or still running) or "missing"."""

@@ -120,6 +120,8 @@ def test_time_limits(text, minutes):
     (["slurm", "--array", "2", "--", "--out", "o", "--dp", "2"], "--data-parallel-size (one engine per array task"),
     (["slurm", "--array", "2", "--", "--out", "o", "--overwrite"], "--overwrite (a requeued task would wipe"),
     (["slurm", "--array", "2", "--", "--out", "o", "--bogus"], "the generate arguments (after --) are not valid"),
+    (["slurm", "--array", "2", "--gpus-per-task", "1", "--", "--out", "o", "--tp", "2"],
+     "--tensor-parallel-size 2 needs that many GPUs per task, but --gpus-per-task is 1"),
 ])
 def test_bad_launcher_input(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

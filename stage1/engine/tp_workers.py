@@ -9,7 +9,8 @@ the CPU). Only rank 0 samples.
 Faults end the run with a name instead of a hang: a worker that dies (killed, out of memory, an exception)
 makes rank 0's next collective or send fail, which is reported as `WorkerDiedError` naming the rank and how it
 ended; workers die with rank 0 (PR_SET_PDEATHSIG, and the pipe closing); the process group's rendezvous and
-collectives have a finite timeout; each engine rendezvous on its own free loopback port.
+collectives have a finite timeout; each engine rendezvous on a loopback port its rank 0 holds from the start
+(its TCPStore binds a free one), so engines started side by side never race for one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
-import socket
 import threading
 import weakref
 from multiprocessing.connection import wait as wait_for_any
@@ -35,6 +35,7 @@ from .scheduler import ScheduledBatch
 
 # Rendezvous and each collective give up after this long (a rank that hangs rather than dies); loading a rank's
 # shard of a large checkpoint happens before the first collective, so it is generous.
+LOOPBACK = "127.0.0.1"  # the rendezvous: ranks are processes of this node
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 _DEATH_GRACE_S = 5.0  # how long rank 0 waits for a worker whose connection broke to be reaped
 
@@ -55,7 +56,11 @@ class TensorParallelRunner:
         self._error: BaseException | None = None  # set once the ranks are out of step; every later call raises
         self._closing = False
         threads = torch.get_num_threads()
-        port = _free_loopback_port()
+        # Rank 0's store binds a free port and holds it from here on, so engines started side by side (data
+        # parallelism) never race for one.
+        self._store = dist.TCPStore(LOOPBACK, 0, self.size, is_master=True, timeout=PROCESS_GROUP_TIMEOUT,
+                                    wait_for_workers=False)
+        port = self._store.port
         spawn = mp.get_context("spawn")
         self.workers: list[_Worker] = []
         for rank in range(1, self.size):
@@ -68,7 +73,7 @@ class TensorParallelRunner:
         self._finalizer = weakref.finalize(self, _stop_workers, list(self.workers))
         with self._watch():
             _set_rank_threads(threads, self.size)
-            _init_process_group(self.backend, 0, self.size, port, config.rank_device(0))
+            _init_process_group(self.backend, 0, self.size, self._store, config.rank_device(0))
             self.runner = ModelRunner(config, rank=0)
         self.num_kv_blocks, self.graphs = self.runner.num_kv_blocks, self.runner.graphs
         if self.backend == "nccl":  # a dead peer leaves NCCL waiting: abort the group so rank 0 raises
@@ -87,6 +92,7 @@ class TensorParallelRunner:
         self._finalizer()
         if dist.is_initialized():
             dist.destroy_process_group()
+        self._store = None  # frees its port
 
     @contextlib.contextmanager
     def _watch(self):
@@ -154,8 +160,10 @@ def _worker_main(config: EngineConfig, rank: int, port: int, threads: int, paren
     die_with_parent(parent_pid)
     try:
         _set_rank_threads(threads, config.tensor_parallel_size)
+        store = dist.TCPStore(LOOPBACK, port, config.tensor_parallel_size, is_master=False,
+                              timeout=PROCESS_GROUP_TIMEOUT)
         _init_process_group("nccl" if config.device.type == "cuda" else "gloo", rank, config.tensor_parallel_size,
-                            port, config.rank_device(rank))
+                            store, config.rank_device(rank))
         runner = ModelRunner(config, rank=rank)
         while payload := conn.recv_bytes():
             runner.execute(pickle.loads(payload))
@@ -168,22 +176,15 @@ def _worker_main(config: EngineConfig, rank: int, port: int, threads: int, paren
     os._exit(0)  # skip interpreter teardown: nothing is left to flush, and a torn-down group may hang at exit
 
 
-def _init_process_group(backend: str, rank: int, size: int, port: int, device: torch.device) -> None:
+def _init_process_group(backend: str, rank: int, size: int, store: dist.Store, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=PROCESS_GROUP_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=PROCESS_GROUP_TIMEOUT)
 
 
 def _set_rank_threads(threads: int, size: int) -> None:
     """On a CPU the ranks share the cores: each computes with its share."""
     torch.set_num_threads(max(1, threads // size))
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 __all__ = ["TensorParallelRunner", "WorkerDiedError"]

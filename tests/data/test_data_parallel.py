@@ -114,3 +114,11 @@ def test_a_killed_shard_process_ends_the_run_naming_it_and_resume_finishes(tiny_
 
     assert main(argv(tiny_model_dir, out, "--data-parallel-size", 2, "--resume")) == 0
     assert files(out) == one_process
+
+
+@pytest.mark.slow
+def test_two_tensor_parallel_engines_side_by_side(tiny_model_dir, one_process, tmp_path):
+    """D=2 x T=2: four ranks, two process groups, each on the port its rank 0 holds; the rows of one process."""
+    out = tmp_path / "dp2-tp2"
+    assert main(argv(tiny_model_dir, out, "--data-parallel-size", 2, "--tensor-parallel-size", 2)) == 0
+    assert files(out) == one_process

@@ -70,6 +70,13 @@ examples:
   python -m stage1.generate --instructions mine.jsonl --n 4 --style qa --out out/mine
   python -m stage1.generate --instructions mine.jsonl --n 4 --style qa --out out/mine --resume
 
+many processes (README: "Many GPUs and nodes"):
+  python -m stage1.generate --instructions mine.jsonl --out out/mine --dp 8     # 8 engines on this node, merged
+  python -m stage1.generate --instructions mine.jsonl --out out/mine --tp 2 --dp 4 --resume
+  python -m stage1.generate --instructions mine.jsonl --out out/mine --num-shards 16 --shard-index 3
+  python -m stage1.generate --instructions mine.jsonl --out out/mine --merge   # once all 16 are complete
+  python -m stage1.launch slurm --array 16 --gpus-per-task 1 -- --instructions mine.jsonl --out out/mine
+
 instruction files:
   .jsonl / .ndjson: one JSON object per line with "instruction" (required), "id", "type", "source" (optional);
                     other fields are copied into every output row.

@@ -12,8 +12,10 @@
 #include <atomic>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "cpu/decode_attention.h"
+#include "cpu/linear_bf16w.h"
 
 namespace stage1 {
 namespace {
@@ -46,6 +48,13 @@ cpu::DecodeAttentionFn decode_kernel() {
   if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::decode_attention_avx2;
 #endif
   return cpu::decode_attention_scalar;
+}
+
+cpu::LinearBf16wFn linear_bf16w_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::linear_bf16w_avx2;
+#endif
+  return cpu::linear_bf16w_scalar;
 }
 
 // -------------------------------------------------------------------------------------- paged decode attention
@@ -167,6 +176,73 @@ void write_kv_cpu(const at::Tensor& kv_cache, const at::Tensor& k, const at::Ten
 
 void write_kv_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
 
+// -------------------------------------------------------------------------------------------------- linear_bf16w
+
+void check_linear_args(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "linear_bf16w: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "linear_bf16w: w must be [N, K] with K = x.size(1) (",
+              x.size(1), "), got ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "linear_bf16w: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "linear_bf16w: w must be bfloat16, got ", w.scalar_type());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "linear_bf16w: bias must be [N] (", w.size(0),
+                "), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, "linear_bf16w: bias must be float32, got ", bias->scalar_type());
+  }
+}
+
+// Rows of x from which the op widens W to fp32 a chunk of rows at a time and multiplies with ATen's GEMM
+// (compute-bound there: the widening is N*K element copies against M*N*K multiply-adds).
+constexpr int64_t kGemmMinRows = 256;
+constexpr int64_t kGemmChunkRows = 1024;
+
+at::Tensor linear_bf16w_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  check_linear_args(x, w, bias);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor wc = w.contiguous();
+  const std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
+  if (M >= kGemmMinRows) {
+    for (int64_t n0 = 0; n0 < N; n0 += kGemmChunkRows) {
+      const int64_t rows = std::min(kGemmChunkRows, N - n0);
+      const at::Tensor wf = wc.narrow(0, n0, rows).to(at::kFloat);
+      at::Tensor out = y.narrow(1, n0, rows);
+      if (bc.has_value()) {
+        at::addmm_out(out, bc->narrow(0, n0, rows), xc, wf.t());
+      } else {
+        at::mm_out(out, xc, wf.t());
+      }
+    }
+    return y;
+  }
+  cpu::LinearBf16wArgs args;
+  args.x = xc.data_ptr<float>();
+  args.w = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+  args.bias = bc.has_value() ? bc->data_ptr<float>() : nullptr;
+  args.y = y.data_ptr<float>();
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  args.ldx = xc.stride(0);
+  args.ldy = N;
+  const cpu::LinearBf16wFn kernel = linear_bf16w_kernel();
+  const int64_t blocks = (N + cpu::kLinearRows - 1) / cpu::kLinearRows;
+  // ~64k multiply-adds per task at least, so small layers do not pay for threads they cannot use
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (cpu::kLinearRows * K * M));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(M > cpu::kLinearTileM ? cpu::kLinearRows * K : 0);
+    kernel(args, begin, end, scratch.data());
+  });
+  return y;
+}
+
+at::Tensor linear_bf16w_meta(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "linear_bf16w: x and w must be 2-d");
+  return at::empty_symint({x.sym_size(0), w.sym_size(0)}, x.options());
+}
+
 }  // namespace
 }  // namespace stage1
 
@@ -174,16 +250,19 @@ TORCH_LIBRARY(stage1, m) {
   m.def("paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor context_lens, float scale)"
         " -> Tensor");
   m.def("write_kv(Tensor(a!) kv_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
+  m.def("linear_bf16w(Tensor x, Tensor w, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(stage1, CPU, m) {
   m.impl("paged_decode_attention", &stage1::paged_decode_attention_cpu);
   m.impl("write_kv", &stage1::write_kv_cpu);
+  m.impl("linear_bf16w", &stage1::linear_bf16w_cpu);
 }
 
 TORCH_LIBRARY_IMPL(stage1, Meta, m) {
   m.impl("paged_decode_attention", &stage1::paged_decode_attention_meta);
   m.impl("write_kv", &stage1::write_kv_meta);
+  m.impl("linear_bf16w", &stage1::linear_bf16w_meta);
 }
 
 // ----------------------------------------------------------------------------------------------- Python module

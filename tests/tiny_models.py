@@ -47,10 +47,11 @@ def write_tokenizer(out_dir: Path, vocab_size: int = 400) -> int:
 
 def make_tiny_checkpoint(out_dir: Path, *, heads: int = 4, kv_heads: int = 2, head_dim: int = 32, layers: int = 2,
                          intermediate: int = 128, vocab: int = 512, tied: bool = False, shard: bool = False,
-                         seed: int = 0, max_position_embeddings: int = 1024, init_std: float = 0.1) -> Path:
+                         seed: int = 0, max_position_embeddings: int = 1024, init_std: float = 0.1,
+                         dtype: torch.dtype = torch.float32) -> Path:
     """Writes a random Qwen2 checkpoint to `out_dir` and returns it.
 
-    Weights use a larger spread than a real init (`init_std`) so that logits have clear winners: greedy
+    `dtype`: the stored tensors' (and config.json's torch_dtype). Weights use a larger spread than a real init (`init_std`) so that logits have clear winners: greedy
     comparisons against transformers then test the arithmetic, not ties broken by rounding.
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -73,7 +74,7 @@ def make_tiny_checkpoint(out_dir: Path, *, heads: int = 4, kv_heads: int = 2, he
                 proj.bias.normal_(0, init_std)
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight.uniform_(0.5, 1.5)
-    model.save_pretrained(out_dir, max_shard_size="200KB" if shard else "10GB")
+    model.to(dtype).save_pretrained(out_dir, max_shard_size="200KB" if shard else "10GB")  # bf16: config says so
     write_tokenizer(out_dir)
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": special["<|endoftext|>"]}))
     return out_dir

@@ -5,16 +5,22 @@ ops of stage1._C (csrc/, optional: built by `pip install --no-build-isolation -e
 CPU tensors only works in its interpreter (TRITON_INTERPRET=1), which is for tests, not for speed. `native` (CPU
 only for now) runs decode attention and KV writes through stage1._C and the rest through the reference; `auto`
 does not pick it on the CPU yet (tests/engine/test_backends.py pins `auto` to the reference there).
+
+The linear layers' matmul (`Kernels.linear`, installed in every layer by the loader) is F.linear, except with
+`native` on a CPU in bfloat16 (`for_dtype`): then the matmul weights stay bf16 in memory and
+`stage1::linear_bf16w` multiplies them in fp32, and everything else (activations, norms, KV cache) runs fp32:
+fp32 arithmetic at half the weight bytes, instead of torch's bf16 matmuls.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from stage1.kernels import triton_available
 
@@ -33,6 +39,19 @@ class Kernels:
     name: str
     attention: AttentionBackend
     sample: Callable[[torch.Tensor, SamplingBatch], torch.Tensor]
+    linear: Callable = F.linear  # y = linear(x, weight, bias) in every linear layer and the LM head
+    weight_dtype: torch.dtype | None = None  # the matmul weights are stored in this dtype; None: the run dtype
+
+    def for_dtype(self, dtype: torch.dtype, device: torch.device) -> tuple["Kernels", torch.dtype]:
+        """These kernels as they run a model in `dtype`, and the run dtype (activations, KV cache, other
+        weights). With the native kernels on a CPU, bfloat16 means bf16 matmul weights and fp32 arithmetic."""
+        if self.name == "native" and device.type == "cpu" and dtype == torch.bfloat16:
+            from .native import linear_bf16w
+
+            logger.info("stage1: kernels native in bfloat16: linear layers and LM head keep bf16 weights, "
+                        "multiplied in fp32 (stage1::linear_bf16w); activations, norms and KV cache in float32")
+            return replace(self, linear=linear_bf16w, weight_dtype=torch.bfloat16), torch.float32
+        return self, dtype
 
 
 def select_kernels(choice: str, device: torch.device) -> Kernels:

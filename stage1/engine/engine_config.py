@@ -63,11 +63,12 @@ class EngineConfig:
         # Tokens per prefill step. On the CPU, ~1k keeps a layer's activations in the last-level cache while the
         # weights are still read once per 1k tokens (measured best on the 0.5B shape); a GPU wants bigger steps.
         chunk = max(max_num_batched_tokens or (8192 if dev.type == "cuda" else 1024), 1)
+        run_dtype = auto_dtype(model_config.torch_dtype, dev) if dtype == "auto" else parse_dtype(dtype)
+        chosen, run_dtype = chosen.for_dtype(run_dtype, dev)
         return cls(
             model_dir=model_dir, model=model_config,
             eos_token_ids=tuple(read_eos_token_ids(model_dir, model_config)), device=dev,
-            dtype=auto_dtype(model_config.torch_dtype, dev) if dtype == "auto" else parse_dtype(dtype),
-            kernels=chosen, block_size=block_size,
+            dtype=run_dtype, kernels=chosen, block_size=block_size,
             max_model_len=min(max_model_len or model_config.max_position_embeddings,
                               model_config.max_position_embeddings),
             max_num_seqs=max_num_seqs, max_num_batched_tokens=chunk, kv_cache_memory=kv_cache_memory,

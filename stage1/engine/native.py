@@ -5,6 +5,10 @@
 `native_error()` why not. `NativeAttentionBackend` runs decode and the cache writes through those ops on CPU
 tensors it supports (fp32/bf16 cache, head_dim a multiple of 8 up to 256) and the plain-PyTorch reference
 everywhere else (prefill, rotary, other dtypes/devices).
+
+`linear_bf16w` (`torch.ops.stage1.linear_bf16w`: bf16 weights widened to fp32 in registers, fp32 sums) is the
+linear layers' matmul when the native kernels run a bf16 model on a CPU (backends.py); its plain-PyTorch
+reference is `linear_bf16w_reference`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ def cpu_isa() -> str | None:
     """The CPU kernel set the native ops run ('avx2' or 'scalar'), None when the module is not built."""
     module = _load()[0]
     return None if module is None else module.cpu_isa()
+
+
+def linear_bf16w(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ b): x fp32 [..., K], W bf16 [N, K] as stored (nn.Linear's layout), b fp32 [N]; fp32 out."""
+    y = torch.ops.stage1.linear_bf16w(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_bf16w_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product in plain PyTorch: the weight widened to fp32 (exact), then an fp32 matmul."""
+    y = x @ weight.float().T
+    return y if bias is None else y + bias
 
 
 def _supported(cache: torch.Tensor) -> bool:

@@ -26,6 +26,7 @@ import torch
 
 from .config import ModelConfig
 from .distributed import current
+from .layers import use_linear_kernel
 from .model import Qwen2ForCausalLM
 
 logger = logging.getLogger("stage1")
@@ -231,17 +232,23 @@ class LoadReport:
     peak_rss_after: int
 
 
-def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
-               device: torch.device) -> Qwen2ForCausalLM:
+def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+               weight_dtype: torch.dtype | None = None, linear=None) -> Qwen2ForCausalLM:
     """Builds this rank's model (the current parallel state's) with no initialization and fills every parameter
-    from its slice of the checkpoint."""
+    from its slice of the checkpoint, in `dtype`; the matmul weights (linear layers, LM head, embedding) in
+    `weight_dtype` when given, multiplied by `linear(x, weight, bias)` when given (backends.py's choice, e.g. bf16
+    weights with fp32 activations: `dtype` fp32, `weight_dtype` bf16)."""
     model_dir = Path(model_dir)
+    narrow = weight_dtype is not None and weight_dtype != dtype
+    if narrow and linear is None:
+        raise ValueError(f"matmul weights in {weight_dtype} with {dtype} activations need a linear kernel for them")
     rss_before = peak_rss_bytes()
     layout = checkpoint_layout(config)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     meta = dict(model.named_parameters())  # with tied embeddings lm_head.weight is embed_tokens.weight, once
-    params = {name: torch.empty(p.shape, dtype=dtype, device=device) for name, p in meta.items()}
+    stored = lambda p: weight_dtype if weight_dtype is not None and getattr(p, "matmul_weight", False) else dtype  # noqa: E731
+    params = {name: torch.empty(p.shape, dtype=stored(p), device=device) for name, p in meta.items()}
     loaded: set[str] = set()
     checkpoint_bytes = bytes_read = largest_read = 0
     for file, names in checkpoint_files(model_dir).items():
@@ -277,12 +284,17 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
     model.load_state_dict(params, assign=True, strict=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # one Parameter, not two wrappers of the same storage
+    if linear is not None:
+        use_linear_kernel(model, linear, dtype if narrow else None)
     tp = current()
     report = LoadReport(tp.rank, tp.size, checkpoint_bytes, bytes_read, largest_read,
                         sum(p.numel() * p.element_size() for p in model.parameters()), rss_before, peak_rss_bytes())
+    dtypes = str(dtype).removeprefix("torch.")
+    if narrow:
+        dtypes += f" ({str(weight_dtype).removeprefix('torch.')} matmul weights)"
     logger.info("stage1: loaded %s for rank %d/%d: read %.3f GB of the checkpoint's %.3f GB (largest slice %.1f MB) "
                 "into %.3f GB of %s parameters on %s; peak host memory (VmHWM) %.3f GB, %.3f GB before loading",
                 model_dir, tp.rank, tp.size, bytes_read / 1e9, checkpoint_bytes / 1e9, largest_read / 1e6,
-                report.param_bytes / 1e9, str(dtype).removeprefix("torch."), device, report.peak_rss_after / 1e9,
+                report.param_bytes / 1e9, dtypes, device, report.peak_rss_after / 1e9,
                 rss_before / 1e9, extra={"load_report": report})
     return model.eval()

@@ -9,7 +9,8 @@ columns) and copies them where they go in the local, possibly fused, parameter.
 """
 
 from .embedding import ParallelLMHead, VocabParallelEmbedding
-from .linear import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from .linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                     use_linear_kernel)
 
 __all__ = ["ColumnParallelLinear", "MergedColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear",
-           "RowParallelLinear", "VocabParallelEmbedding"]
+           "RowParallelLinear", "VocabParallelEmbedding", "use_linear_kernel"]

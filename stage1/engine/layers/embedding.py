@@ -16,7 +16,11 @@ from .linear import copy_checked
 
 class VocabParallelEmbedding(nn.Module):
     """Rows [vocab_start, vocab_end) of the embedding. A token outside them looks up zeros here, so the sum over
-    the ranks (one all-reduce) is each token's own row, exactly."""
+    the ranks (one all-reduce) is each token's own row, exactly. (Its table is a matmul weight too: the LM head's
+    when tied, and stored like the others; see linear.py.)"""
+
+    linear = staticmethod(F.linear)  # the LM head's matmul (use_linear_kernel)
+    activation_dtype: torch.dtype | None = None  # looked-up rows cast to it when set
 
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
@@ -27,6 +31,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, vocab_size)
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size))
         self.weight.weight_loader = self.load_weight
+        self.weight.matmul_weight = True
 
     def load_weight(self, param: torch.Tensor, checkpoint_slice, shard_id=None) -> None:
         rows = self.vocab_end - self.vocab_start
@@ -35,10 +40,14 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._rows(input_ids)
         mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
-        x = F.embedding(torch.where(mine, input_ids - self.vocab_start, 0), self.weight)
+        x = self._rows(torch.where(mine, input_ids - self.vocab_start, 0))
         return self.tp.all_reduce(x.masked_fill_(~mine.unsqueeze(-1), 0))
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.weight)
+        return x if self.activation_dtype is None else x.to(self.activation_dtype)
 
     def extra_repr(self) -> str:
         return (f"vocab={self.vocab_size}, rows {self.vocab_start}..{self.vocab_end} of this rank "
@@ -51,7 +60,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     the same shard."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = F.linear(hidden, self.weight)
+        logits = self.linear(hidden, self.weight, None)
         if self.tp.size == 1:
             return logits
         logits = self.tp.gather_to_first(logits)

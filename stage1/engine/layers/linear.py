@@ -7,9 +7,17 @@ block then costs two all-reduces: after o_proj and after down_proj.
 
 A weight is `[out_features, in_features]` as in nn.Linear, so column shards are rows of the checkpoint tensor
 (dim 0) and row-parallel shards are its columns (dim 1).
+
+Every layer that multiplies by a weight matrix (these, and the LM head) calls `self.linear(x, weight, bias)`:
+F.linear unless `use_linear_kernel` installs another, which the engine does once after building the model with
+the function backends.py chose (`Kernels.linear`; e.g. the native bf16-weight kernel, whose weights are stored
+in bf16 while the activations stay fp32). Their weights carry `matmul_weight = True`, so the loader can store
+them in the kernel's weight dtype.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +40,26 @@ def copy_checked(dest: torch.Tensor, src: torch.Tensor, what: str) -> None:
     dest.copy_(src)
 
 
+LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def use_linear_kernel(model: nn.Module, linear: LinearFn, activation_dtype: torch.dtype | None = None) -> None:
+    """Makes every layer of `model` that multiplies by a weight matrix call `linear(x, weight, bias)`; with
+    `activation_dtype`, the embedding casts what it looks up to it (its table may be stored narrower, as the
+    matmul weights are)."""
+    from .embedding import VocabParallelEmbedding
+
+    for module in model.modules():
+        if isinstance(module, (_ParallelLinear, VocabParallelEmbedding)):
+            module.linear = linear
+        if isinstance(module, VocabParallelEmbedding):
+            module.activation_dtype = activation_dtype
+
+
 class _ParallelLinear(nn.Module):
     """y = x W^T (+ b) with this rank's W `[out_features, in_features]`. No initialization: the loader fills it."""
+
+    linear: LinearFn = staticmethod(F.linear)
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -41,6 +67,7 @@ class _ParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.weight.weight_loader = self.load_weight
+        self.weight.matmul_weight = True
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features))
             self.bias.weight_loader = self.load_bias
@@ -81,7 +108,7 @@ class ColumnParallelLinear(_ParallelLinear):
     load_bias = load_weight  # a bias is split like its weight's rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -134,5 +161,5 @@ class RowParallelLinear(_ParallelLinear):
         copy_checked(param, checkpoint_slice[:], "bias")  # replicated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        y = self.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return self.tp.all_reduce(y)

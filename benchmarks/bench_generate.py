@@ -6,6 +6,14 @@
 Both run greedy (or, with --temperature, sample the same way) for exactly --new-tokens tokens per prompt (EOS
 ignored) on prompts of mixed lengths; transformers gets them left-padded into one batch, as its users run it. Prints both figures and their ratio, then how close
 our decode step comes to the time of the same step's matrix multiplies alone. The last line is one JSON object.
+
+`--kernels auto|torch|triton|native` picks our kernels (default auto). `--decode-step KERNELS:DTYPE,...` instead
+times a batch-1 decode step (the median of --new-tokens steps after one prompt's prefill, through the step API)
+for each kernels/dtype pair in one run, side by side, e.g. the native bf16-weight path against torch in fp32 and
+in bf16:
+
+    python benchmarks/bench_generate.py --model ~/.cache/stage1/models/qwen2.5-coder-0.5b-instruct \
+        --decode-step native:bfloat16,torch:float32,torch:bfloat16
 """
 
 from __future__ import annotations
@@ -21,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PRESETS, git_commit, mixed_prompts, random_checkpoint  # noqa: E402
@@ -44,9 +51,9 @@ def sync(device: torch.device) -> None:
 
 
 def run_ours(model_dir: Path, prompts, new_tokens: int, dtype: torch.dtype, device: str, temperature: float,
-             top_p: float, enforce_eager: bool = False) -> tuple[float, LLM]:
+             top_p: float, enforce_eager: bool = False, kernels: str = "auto") -> tuple[float, LLM]:
     llm = LLM(model_dir, dtype=dtype, device=device, skip_tokenizer_init=True,
-              max_num_seqs=max(len(prompts), 1), enforce_eager=enforce_eager)
+              max_num_seqs=max(len(prompts), 1), enforce_eager=enforce_eager, kernels=kernels)
     params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=0, ignore_eos=True)
     warm = SamplingParams(max_tokens=2, temperature=temperature, top_p=top_p, seed=1, ignore_eos=True)
     # compiles what it runs; on a GPU the whole batch, so the decode graph of its size is captured here too. Other
@@ -91,9 +98,63 @@ def run_transformers(model_dir: Path, prompts, new_tokens: int, dtype: torch.dty
     return time.perf_counter() - start
 
 
+def weight_bytes(llm: LLM) -> int:
+    """Bytes of the weights one decode step reads: every parameter but the embedding table (unless it is the
+    tied LM head's)."""
+    model = llm.core.runner.model
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if tied or name != "embed_tokens.weight")
+
+
+def decode_step_ms(model_dir: Path, kernels: str, dtype: str, device: str, steps: int, prompt_len: int = 32) -> dict:
+    """Median ms of a batch-1 decode step with these kernels and dtype (one prompt prefilled, then `steps` steps)."""
+    llm = LLM(model_dir, dtype=dtype, device=device, skip_tokenizer_init=True, max_num_seqs=1, kernels=kernels)
+    prompt = {"prompt_token_ids": mixed_prompts(1, llm.vocab_size, prompt_len, prompt_len, seed=2)[0]}
+    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)  # warm
+    llm.add_request(prompt, params)
+    llm.step()  # prefill (and the first token)
+    times = []
+    while llm.has_unfinished_requests():
+        sync(llm.config.device)
+        start = time.perf_counter()
+        llm.step()
+        sync(llm.config.device)
+        times.append(time.perf_counter() - start)
+    ms = statistics.median(times) * 1e3
+    nbytes = weight_bytes(llm)
+    row = {"kernels": llm.config.kernels.name, "dtype_arg": dtype,
+           "run_dtype": str(llm.config.dtype).removeprefix("torch."),
+           "weight_dtype": str(llm.config.kernels.weight_dtype or llm.config.dtype).removeprefix("torch."),
+           "decode_step_ms": round(ms, 2), "steps": len(times), "weight_gb": round(nbytes / 1e9, 3),
+           "weight_gb_s": round(nbytes / ms / 1e6, 2)}
+    del llm
+    gc.collect()
+    return row
+
+
+def run_decode_steps(model_dir: Path, pairs: str, device: str, steps: int) -> None:
+    rows = []
+    for pair in pairs.split(","):
+        kernels, dtype = pair.split(":")
+        row = decode_step_ms(model_dir, kernels, dtype, device, steps)
+        rows.append(row)
+        print(f"  kernels {kernels:7s} dtype {dtype:9s} -> weights {row['weight_dtype']:8s} arithmetic "
+              f"{row['run_dtype']:8s}: {row['decode_step_ms']:8.1f} ms per batch-1 decode step "
+              f"({row['weight_gb']:.3f} GB of weights at {row['weight_gb_s']:.1f} GB/s)", flush=True)
+    base = rows[0]["decode_step_ms"]
+    for row in rows[1:]:
+        print(f"  {rows[0]['kernels']}:{rows[0]['dtype_arg']} is {row['decode_step_ms'] / base:.2f}x faster than "
+              f"{row['kernels']}:{row['dtype_arg']}")
+    print(json.dumps({"batch": 1, "model": str(model_dir), "device": device_name(torch.device(
+        "cuda" if device == "cuda" else "cpu")), "rows": rows, "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "commit": git_commit()}))
+
+
 def matmul_only_decode_step(llm: LLM, batch: int, repeats: int = 5) -> float:
     """Seconds for one decode step's matrix multiplies alone (every layer's projections and the LM head)."""
-    model = llm.core.runner.model
+    model, linear = llm.core.runner.model, llm.config.kernels.linear  # the engine's matmul (bf16 weights: native)
     x = torch.randn(batch, llm.config.model.hidden_size, dtype=llm.config.dtype, device=llm.config.device)
     weights = [w for layer in model.layers for w in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
                                                      layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
@@ -104,8 +165,8 @@ def matmul_only_decode_step(llm: LLM, batch: int, repeats: int = 5) -> float:
             sync(llm.config.device)
             start = time.perf_counter()
             for w in weights:
-                F.linear(inputs[w.shape[1]], w)
-            F.linear(x, model.lm_head.weight)
+                linear(inputs[w.shape[1]], w, None)
+            linear(x, model.lm_head.weight, None)
             sync(llm.config.device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -127,10 +188,20 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling, both")
     parser.add_argument("--skip-reference", action="store_true", help="time ours only")
     parser.add_argument("--enforce-eager", action="store_true", help="ours without CUDA graphs for decode steps")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "native"],
+                        help="our kernels (native: stage1._C on the CPU; with bfloat16, bf16 weights + fp32 math)")
+    parser.add_argument("--decode-step", metavar="KERNELS:DTYPE,...",
+                        help="only time a batch-1 decode step for each pair, side by side (see above)")
     args = parser.parse_args()
 
     dtype = parse_dtype(args.dtype)
     model_dir = args.model or random_checkpoint(args.config)
+    if args.decode_step:
+        print(f"model {model_dir}, batch 1, median of {args.new_tokens} decode steps, on "
+              f"{device_name(torch.device('cuda' if args.device == 'cuda' else 'cpu'))}; commit {git_commit()}",
+              flush=True)
+        run_decode_steps(model_dir, args.decode_step, args.device, args.new_tokens)
+        return
     from stage1.engine.config import ModelConfig
     vocab = ModelConfig.from_dir(model_dir).vocab_size
     prompts = mixed_prompts(args.batch, vocab, args.min_prompt, args.max_prompt)
@@ -140,7 +211,7 @@ def main() -> None:
           flush=True)
 
     ours_s, llm = run_ours(model_dir, prompts, args.new_tokens, dtype, args.device, args.temperature, args.top_p,
-                           args.enforce_eager)
+                           args.enforce_eager, args.kernels)
     generated = args.batch * args.new_tokens
     ours = generated / ours_s
     s = llm.stats
@@ -152,6 +223,7 @@ def main() -> None:
           f"({matmul / step:.0%} of the step; at most {args.batch / matmul:.0f} tok/s from matmuls)", flush=True)
     result = {"ours_tok_s": round(ours, 2), "device": device_name(llm.config.device), "batch": args.batch,
               "new_tokens": args.new_tokens, "dtype": str(dtype).removeprefix("torch."),
+              "kernels": llm.config.kernels.name,
               "temperature": args.temperature, "top_p": args.top_p,
               "model": args.config if args.model is None else str(args.model),
               "decode_step_ms": round(step * 1e3, 2), "matmul_only_step_ms": round(matmul * 1e3, 2),

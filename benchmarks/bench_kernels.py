@@ -59,7 +59,9 @@ def main() -> None:
     if device.type == "cpu":
         native_rows = kernels_native.run()
         kernels_native.print_rows(native_rows)
-        rows += native_rows
+        linear_rows = kernels_native.run_linear()
+        kernels_native.print_linear_rows(linear_rows)
+        rows += native_rows + linear_rows
     facts = {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
              "torch": torch.__version__, "interpreted": device.type != "cuda", "rows": rows}
     if args.out:

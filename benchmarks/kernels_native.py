@@ -6,6 +6,11 @@
 paged_decode_attention vs decode_attention_reference (gather the blocks, then SDPA with a mask) at batch 32,
 context 1024, 14 query / 2 KV heads, head_dim 64 (the 0.5B's decode step, one layer), fp32 and bf16 caches;
 each CPU kernel set the machine runs (avx2, scalar). bench_kernels.py prints these rows on a CPU.
+
+linear_bf16w (bf16 weights, fp32 x and arithmetic) at M = 1 and 32 on Qwen2.5-0.5B's shapes (qkv 896->1152, o
+896->896, gate_up 896->9728, down 4864->896, LM head 896->151936) against torch's F.linear on fp32 weights (the
+same arithmetic, twice the bytes) and on bf16 weights with bf16 x (torch's bf16 path: lower precision); GB/s
+counts each one's own weight bytes, GFLOP/s 2*M*N*K. `--linear-only` / `--attention-only` run one part.
 """
 
 from __future__ import annotations
@@ -27,7 +32,79 @@ def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
         else platform.processor()
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{model}, {torch.get_num_threads()} threads, {cpu_flags()}"
+
+
+def cpu_flags() -> str:
+    """The vector ISA flags that matter here, as /proc/cpuinfo reports them."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "flags unknown"
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]
+    return "flags " + " ".join(f for f in wanted if f in flags) + " (no " + \
+        " ".join(f for f in wanted if f not in flags) + ")" if any(f not in flags for f in wanted) else \
+        "flags " + " ".join(wanted)
+
+
+LINEAR_SHAPES = [("qkv", 896, 1152), ("o", 896, 896), ("gate_up", 896, 9728), ("down", 4864, 896),
+                 ("lm_head", 896, 151936)]
+
+
+def run_linear(ms=(1, 32), warmup: int = 2, reps: int = 10) -> list[dict]:
+    """One row per (M, shape, impl): ms, GB/s of its weights, GFLOP/s, ratio_vs_torch_fp32 / _bf16 (theirs / ours)."""
+    import torch.nn.functional as F
+
+    from stage1.engine.native import linear_bf16w_reference, native_available, native_error
+
+    if not native_available():
+        print(f"native linear: skipped ({native_error()})")
+        return []
+    cpu = torch.device("cpu")
+    rows = []
+    for m in ms:
+        for name, k, n in LINEAR_SHAPES:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(m, k, generator=g)
+            w = torch.randn(n, k, generator=g).bfloat16()
+            wf, xb = w.float(), x.bfloat16()
+            r = reps if n * k < 50e6 else max(3, reps // 3)
+            impls = {"native bf16w": (lambda: torch.ops.stage1.linear_bf16w(x, w, None), 2),
+                     "torch fp32": (lambda: F.linear(x, wf), 4),
+                     "torch bf16": (lambda: F.linear(xb, w), 2)}
+            timings = {impl: try_timing(lambda: time_ms(fn, cpu, warmup, r)) for impl, (fn, _) in impls.items()}
+            err = (torch.ops.stage1.linear_bf16w(x, w, None) - linear_bf16w_reference(x, w)).abs().max().item()
+            for impl, (_, nbytes) in impls.items():
+                t = timings[impl]
+                ours = timings["native bf16w"]
+                rows.append(dict(kernel="linear", impl=impl, shape=f"{name} {k}->{n}, M {m}", m=m, k=k, n=n, ms=t,
+                                 gbps=n * k * nbytes / t / 1e6 if t else None,
+                                 gflops=2 * m * n * k / t / 1e6 if t else None,
+                                 ratio_vs_torch_fp32=(timings["torch fp32"] / ours) if impl == "native bf16w" and
+                                 ours and timings["torch fp32"] else None,
+                                 ratio_vs_torch_bf16=(timings["torch bf16"] / ours) if impl == "native bf16w" and
+                                 ours and timings["torch bf16"] else None,
+                                 max_abs_err_vs_reference=err if impl == "native bf16w" else None))
+            mine = rows[-3]
+            print(f"  linear {mine['shape']:28s} native {ours or float('nan'):8.3f} ms "
+                  f"({mine['gbps'] or 0:5.1f} GB/s, {mine['gflops'] or 0:5.1f} GFLOP/s) | torch fp32 "
+                  f"{timings['torch fp32'] or float('nan'):8.3f} ms | torch bf16 {timings['torch bf16'] or float('nan'):8.3f} ms"
+                  f" | x{mine['ratio_vs_torch_fp32'] or 0:.2f} vs fp32, x{mine['ratio_vs_torch_bf16'] or 0:.2f} vs bf16",
+                  flush=True)
+    return rows
+
+
+def print_linear_rows(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print(f"linear_bf16w on {machine()}")
+    print(f"  {'shape':28s} {'impl':13s} {'ms':>9s} {'GB/s':>6s} {'GFLOP/s':>8s} {'ours vs it':>10s}")
+    for r in rows:
+        ours = next(o for o in rows if o["shape"] == r["shape"] and o["impl"] == "native bf16w")
+        ratio = "" if r["impl"] == "native bf16w" or not (r["ms"] and ours["ms"]) else f"{r['ms'] / ours['ms']:.2f}x"
+        ms = "failed" if r["ms"] is None else f"{r['ms']:9.3f}"
+        print(f"  {r['shape']:28s} {r['impl']:13s} {ms:>9s} {r['gbps'] or 0:6.1f} {r['gflops'] or 0:8.1f} {ratio:>10s}")
 
 
 def decode_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
@@ -98,9 +175,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", type=Path, help="write the rows and the run's facts to this JSON file")
+    part = parser.add_mutually_exclusive_group()
+    part.add_argument("--linear-only", action="store_true")
+    part.add_argument("--attention-only", action="store_true")
     args = parser.parse_args()
-    rows = run(reps=args.reps)
+    print(f"machine: {machine()}; commit {git_commit()}; torch {torch.__version__}", flush=True)
+    rows = [] if args.linear_only else run(reps=args.reps)
     print_rows(rows)
+    linear_rows = [] if args.attention_only else run_linear()
+    print_linear_rows(linear_rows)
+    rows += linear_rows
     facts = {"machine": machine(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
              "torch": torch.__version__, "rows": rows}
     if args.out:

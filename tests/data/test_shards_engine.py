@@ -52,17 +52,18 @@ def test_three_shards_of_the_random_model_merge_to_the_unsharded_run(tiny_model_
 
 
 def test_a_shard_killed_mid_run_resumes_to_the_same_merge(tiny_model_dir, tmp_path):
-    assert main(argv(tiny_model_dir, tmp_path / "whole")) == 0
+    more = ("--limit", 24)  # shard 1 gets 8 instructions; one sequence at a time, so the kill lands mid-shard
+    assert main(argv(tiny_model_dir, tmp_path / "whole", *more)) == 0
     out = tmp_path / "sharded"
     shard = shard_dir(out, 1, 3)
-    proc = subprocess.Popen([sys.executable, "-m", "stage1.generate",
-                             *argv(tiny_model_dir, out, "--num-shards", 3, "--shard-index", 1)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "stage1.generate", *argv(tiny_model_dir, out, *more,
+                             "--max-num-seqs", 1, "--num-shards", 3, "--shard-index", 1)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not any((shard / f).exists() and (shard / f).stat().st_size for f in FILES):  # its first rows
             assert proc.poll() is None and time.monotonic() < deadline, "the shard ended before any row"
-            time.sleep(0.005)
+            time.sleep(0.002)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -70,7 +71,7 @@ def test_a_shard_killed_mid_run_resumes_to_the_same_merge(tiny_model_dir, tmp_pa
             proc.kill()
             proc.wait()
     assert json.loads((shard / "manifest.json").read_text())["status"] == "running"  # killed before its end
-    assert sharded_then_merged(tiny_model_dir, out) == files(tmp_path / "whole")
+    assert sharded_then_merged(tiny_model_dir, out, *more) == files(tmp_path / "whole")
 
 
 def test_duplicates_in_different_shards_are_found_at_the_merge(tmp_path):

@@ -47,6 +47,15 @@ class StepPlan:
 
 
 @dataclass
+class StepInputs:
+    """A step's model inputs on the device."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    ctx: AttentionContext
+
+
+@dataclass
 class StepResult:
     tokens: list[int]  # one per sampling sequence, in batch order
     logprobs: list[tuple[float, int, list[int], list[float]]] | None = None  # per row, when a request asked
@@ -107,6 +116,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Runs the step; rank 0 samples and returns the tokens, the other ranks return None."""
+        inputs = self.upload(plan)
+        hidden = self.forward(inputs)
+        return self.sample(hidden, plan)
+
+    def upload(self, plan: StepPlan) -> StepInputs:
+        """The plan's host arrays as the step's device tensors and attention context."""
         on_device = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         host_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
         ctx = AttentionContext(is_prefill=plan.is_prefill, kv_cache=self.kv_cache,
@@ -114,11 +129,15 @@ class ModelRunner:
                                context_lens=host_tensor(plan.context_lens), cu_seqlens_q=host_tensor(plan.cu_seqlens),
                                cu_seqlens_q_host=plan.cu_seqlens, context_lens_host=plan.context_lens,
                                backend=self.config.kernels.attention)
-        input_ids, positions = on_device(plan.input_ids), on_device(plan.positions)
-        if self.graphs is not None and not plan.is_prefill and self.graphs.fits(len(input_ids)):
-            hidden = self.graphs.run(input_ids, positions, ctx)
-        else:
-            hidden = self.model(input_ids, positions, ctx)
+        return StepInputs(on_device(plan.input_ids), on_device(plan.positions), ctx)
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Every packed token's hidden state: a decode step through its CUDA graph where one is captured."""
+        if self.graphs is not None and not inputs.ctx.is_prefill and self.graphs.fits(len(inputs.input_ids)):
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.ctx)
+        return self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+
+    def sample(self, hidden: torch.Tensor, plan: StepPlan) -> StepResult | None:
         if not plan.sampling:
             return StepResult([])
         # Only the rows that get a new token go through the LM head (the vocab-wide matmul is the step's largest);

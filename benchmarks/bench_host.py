@@ -1,0 +1,197 @@
+"""How much host time does a decode step cost, apart from the model's own compute?
+
+    python benchmarks/bench_host.py --batch 64,256
+
+On a GPU the host work of a step (scheduling, building the step's inputs, the sampler's bookkeeping, appending
+tokens, detokenizing, stop checks) either overlaps the GPU's work or makes the GPU wait. This runs the engine's
+real loop on a model whose compute is small: one decoder layer of hidden size 64, with the real 151,936-token
+vocabulary and the default model's tokenizer, so the LM head's rows, the sampler's rows and the detokenizer are the
+real sizes. Every decode step's time is split into
+
+    schedule     Scheduler.schedule
+    inputs       ModelRunner.prepare (host arrays) + upload (device tensors, attention context)
+    sample       ModelRunner.sample without its device work (sampling parameters to tensors, tokens back to lists)
+    postprocess  EngineCore._postprocess (tokens appended, text, stop rules, blocks)
+    device       ModelRunner.forward + the LM head + the sampler's kernel: what a GPU would run (here the CPU
+                 runs it; it is reported, not counted as host time)
+
+`host_ms_per_decode_step` is schedule + inputs + sample + postprocess, the mean over the decode steps that ran the
+full batch. The phases are timed by wrapping the engine's methods from outside (nothing in the engine knows). The
+last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cache_root, git_commit, random_checkpoint  # noqa: E402
+from kernels_native import machine  # noqa: E402
+
+from stage1 import LLM, SamplingParams  # noqa: E402
+from stage1.models.fetch import default_model_dir  # noqa: E402
+
+PROBE = "host-probe"  # benchmarks/common.py PRESETS: 1 layer, hidden 64, the real vocabulary
+
+
+def probe_checkpoint() -> Path:
+    """The probe model's random fp32 weights with the default model's tokenizer beside them."""
+    path = random_checkpoint(PROBE, torch.float32)
+    if not (path / "tokenizer.json").is_file():
+        shutil.copy(default_model_dir() / "tokenizer.json", path / "tokenizer.json")
+    return path
+
+
+class PhaseClock:
+    """Accumulates seconds per phase for the current step; `end_step` files them under the step's kind."""
+
+    def __init__(self):
+        self.current: dict[str, float] = defaultdict(float)
+        self.steps: list[tuple[bool, int, dict[str, float]]] = []  # (is_prefill, seqs, phases)
+        self.last_logits = None
+
+    def wrap(self, owner, name: str, phase: str, sign: float = 1.0):
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[phase] += sign * (time.perf_counter() - start)
+        setattr(owner, name, timed)
+        return timed
+
+    def end_step(self, is_prefill: bool, seqs: int) -> None:
+        self.steps.append((is_prefill, seqs, dict(self.current)))
+        self.current.clear()
+
+
+def instrument(llm: LLM) -> PhaseClock:
+    clock = PhaseClock()
+    core, runner = llm.core, llm.core.runner
+    clock.wrap(core.scheduler, "schedule", "schedule")
+    clock.wrap(runner, "prepare", "inputs")
+    clock.wrap(runner, "upload", "inputs")
+    clock.wrap(runner, "forward", "device")
+    # the sampler's device work is counted as device and taken out of `sample`, which wraps it
+    clock.wrap(runner, "sample", "sample")
+    lm_head = clock.wrap(runner.model, "compute_logits", "device")
+
+    def logits_kept_until_next_step(hidden):
+        # the logits are freed inside the next call, as device time: freeing a [256, 151936] fp32 tensor on the
+        # CPU is a ~20 ms munmap that a GPU's caching allocator does not have
+        clock.last_logits = None
+        clock.last_logits = lm_head(hidden)
+        return clock.last_logits
+    runner.model.compute_logits = logits_kept_until_next_step
+    clock.wrap(runner.model, "compute_logits", "sample", sign=-1.0)
+    kernels = runner.config.kernels
+    sampler = kernels.sample
+
+    def timed_sampler(logits, batch):
+        start = time.perf_counter()
+        tokens = sampler(logits, batch)
+        if tokens.device.type == "cuda":
+            torch.cuda.synchronize(tokens.device)
+        spent = time.perf_counter() - start
+        clock.current["device"] += spent
+        clock.current["sample"] -= spent
+        return tokens
+    object.__setattr__(runner.config, "kernels", replace(kernels, sample=timed_sampler))
+
+    step = core.step
+    postprocess = clock.wrap(core, "_postprocess", "postprocess")
+
+    def timed_step():
+        seen = {}
+
+        def remember(batch, result):
+            seen["batch"] = batch
+            return postprocess(batch, result)
+        core._postprocess = remember
+        try:
+            return step()
+        finally:
+            core._postprocess = postprocess
+            if "batch" in seen:
+                clock.end_step(seen["batch"].is_prefill, len(seen["batch"].seqs))
+            else:
+                clock.current.clear()
+    core.step = timed_step
+    return clock
+
+
+def prompts(batch: int, length: int, vocab_text: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(0, vocab_text, (length,), generator=g).tolist()} for _ in range(batch)]
+
+
+HOST_PHASES = ("schedule", "inputs", "sample", "postprocess")
+
+
+def run_batch(model_dir: Path, batch: int, new_tokens: int, prompt_len: int, kernels: str, device: str,
+              temperature: float) -> dict:
+    llm = LLM(model_dir, dtype="float32", device=device, max_num_seqs=batch, kernels=kernels,
+              max_num_batched_tokens=max(batch * prompt_len, 2048))
+    vocab_text = 151643  # below the special tokens
+    params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=0.9 if temperature else 1.0,
+                            seed=0, ignore_eos=True)
+    llm.generate(prompts(batch, prompt_len, vocab_text, seed=1), params, use_tqdm=False)  # warm-up
+    clock = instrument(llm)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts(batch, prompt_len, vocab_text, seed=2), params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outputs)
+    full = [phases for is_prefill, seqs, phases in clock.steps if not is_prefill and seqs == batch]
+    mean_ms = {p: 1e3 * statistics.fmean(s.get(p, 0.0) for s in full) for p in HOST_PHASES + ("device",)}
+    host = [1e3 * sum(s.get(p, 0.0) for p in HOST_PHASES) for s in full]
+    llm.shutdown()
+    return dict(batch=batch, decode_steps=len(full), wall_s=round(wall, 3),
+                host_ms_per_decode_step=round(statistics.fmean(host), 4),
+                host_ms_median=round(statistics.median(host), 4),
+                phases_ms={p: round(v, 4) for p, v in mean_ms.items()}, kernels=llm.config.kernels.name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", default="64,256", help="comma-separated batch sizes (default 64,256)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--kernels", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    args = parser.parse_args()
+    model_dir = probe_checkpoint()
+    print(f"machine: {machine()}; commit {git_commit()}; {datetime.date.today()}; probe model {model_dir}")
+    print(f"{'batch':>6} {'host ms/step':>13} {'schedule':>9} {'inputs':>8} {'sample':>8} {'postproc':>9} "
+          f"{'device*':>9}   (*model + LM head + sampler, run by the CPU here; not host time)")
+    results = []
+    for batch in (int(b) for b in args.batch.split(",")):
+        r = run_batch(model_dir, batch, args.new_tokens, args.prompt_len, args.kernels, args.device,
+                      args.temperature)
+        ph = r["phases_ms"]
+        print(f"{batch:>6} {r['host_ms_per_decode_step']:>13.3f} {ph['schedule']:>9.3f} {ph['inputs']:>8.3f} "
+              f"{ph['sample']:>8.3f} {ph['postprocess']:>9.3f} {ph['device']:>9.2f}   "
+              f"({r['decode_steps']} full decode steps, kernels {r['kernels']})")
+        results.append(r)
+    print(json.dumps(dict(benchmark="bench_host", machine=machine(), commit=git_commit(),
+                          date=str(datetime.date.today()), new_tokens=args.new_tokens, prompt_len=args.prompt_len,
+                          temperature=args.temperature,
+                          host_ms_per_decode_step={r["batch"]: r["host_ms_per_decode_step"] for r in results},
+                          runs=results)))
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cache_root, git_commit, random_checkpoint  # noqa: E402
+from common import git_commit, random_checkpoint  # noqa: E402
 from kernels_native import machine  # noqa: E402
 
 from stage1 import LLM, SamplingParams  # noqa: E402

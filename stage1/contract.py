@@ -29,7 +29,8 @@ class AttentionContext:
     # Per layer `[2, num_blocks, block_size, kv_heads, head_dim]`, or None to run without a cache (prefill only).
     kv_cache: list[torch.Tensor] | None
     slot_mapping: torch.Tensor | None  # [tokens]: the cache slot each new token's K/V goes to
-    block_tables: torch.Tensor | None  # [seqs, max_blocks] int32, padded with 0 (masked by context_lens)
+    # [seqs, max_blocks] int32; entries past a sequence's blocks are arbitrary valid block ids (masked by context_lens)
+    block_tables: torch.Tensor | None
     context_lens: torch.Tensor  # [seqs]: tokens each sequence attends to after this step (cached + new)
     # Prefill: where each sequence's new tokens start in the packed batch, [seqs + 1]; host copies for loops.
     cu_seqlens_q: torch.Tensor | None = None

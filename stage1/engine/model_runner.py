@@ -21,10 +21,11 @@ from stage1.contract import AttentionContext
 from .cuda_graphs import DecodeGraphs
 from .distributed import ParallelState, parallel_state
 from .engine_config import EngineConfig
-from .kv_cache import allocate_kv_cache, num_blocks_for_budget, slot_index
+from .kv_cache import allocate_kv_cache, num_blocks_for_budget
 from .params import SamplingParams
 from .sampler import SamplingBatch, token_logprobs
 from .scheduler import ScheduledBatch
+from .step_inputs import BlockTableRows, StagedUpload
 from .weights import load_model
 
 logger = logging.getLogger("stage1")
@@ -39,11 +40,20 @@ class StepPlan:
     input_ids: np.ndarray  # [tokens] int64, packed
     positions: np.ndarray  # [tokens] int64
     slot_mapping: np.ndarray  # [tokens] int64: the cache slot each new token's K/V goes to
-    block_tables: np.ndarray  # [seqs, max blocks] int32, padded with 0
-    cu_seqlens: list[int]  # [seqs + 1]: where each sequence's new tokens start
-    context_lens: list[int]  # [seqs]: cached + new tokens
+    block_tables: np.ndarray  # [seqs, max blocks] int32 (entries past a sequence's blocks: stale, masked)
+    cu_seqlens: np.ndarray  # [seqs + 1] int32: where each sequence's new tokens start
+    context_lens: np.ndarray  # [seqs] int32: cached + new tokens
     sample_rows: list[int]  # the packed index of each sampling row's last token
-    sampling: list[tuple[SamplingParams, int, int]]  # per sampling row: its params, seed and step
+    sampling: SamplingRows
+
+
+@dataclass
+class SamplingRows:
+    """Per sampling row: its parameters, seed and step (tokens its sequence has generated)."""
+
+    params: list[SamplingParams]
+    seeds: np.ndarray  # int64
+    steps: np.ndarray  # int64
 
 
 @dataclass
@@ -80,6 +90,10 @@ class ModelRunner:
                                           config.kv_heads_per_rank)
         # with decode graphs the pool's last block is their padding rows' sink, owned by no sequence
         self.num_kv_blocks = num_blocks - config.decode_graphs  # the blocks sequences may hold
+        self.block_tables = BlockTableRows(config.max_num_seqs, config.max_blocks_per_seq)
+        max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+        self.staging = StagedUpload(self.device, 3 * max_tokens,
+                                    config.max_num_seqs * (config.max_blocks_per_seq + 2) + 1)
         self.graphs = None
         if config.decode_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, config.kernels.attention, config.max_num_seqs,
@@ -94,24 +108,39 @@ class ModelRunner:
         return self.execute(self.prepare(batch))
 
     def prepare(self, batch: ScheduledBatch) -> StepPlan:
-        block_size = self.config.block_size
-        input_ids, positions, slots, cu_seqlens, context_lens, sample_rows = [], [], [], [0], [], []
-        for seq, n, sampled in zip(batch.seqs, batch.num_new_tokens, batch.samples):
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(slot_index(seq.block_table, p, block_size) for p in range(start, start + n))
-            cu_seqlens.append(cu_seqlens[-1] + n)
-            context_lens.append(start + n)
-            if sampled:
-                sample_rows.append(cu_seqlens[-1] - 1)
-        block_tables = np.zeros((len(batch.seqs), max(len(s.block_table) for s in batch.seqs)), dtype=np.int32)
-        for row, seq in enumerate(batch.seqs):
-            block_tables[row, :len(seq.block_table)] = seq.block_table
-        sampling = [(s.params, s.seed, s.num_output_tokens) for s in batch.sampling_seqs]
-        as_array = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
-        return StepPlan(batch.is_prefill, as_array(input_ids), as_array(positions), as_array(slots), block_tables,
-                        cu_seqlens, context_lens, sample_rows, sampling)
+        """The step as host arrays (rank 0). A decode step takes each sequence's last token in a few list
+        comprehensions and numpy; the block tables come from rows kept across steps (step_inputs.py)."""
+        seqs, block_size = batch.seqs, self.config.block_size
+        rows = self.block_tables.rows(seqs, full=batch.is_prefill)
+        if batch.is_prefill:
+            input_ids, positions, cu_seqlens, sample_rows = [], [], [0], []
+            for seq, n, sampled in zip(seqs, batch.num_new_tokens, batch.samples):
+                start = seq.num_computed_tokens
+                input_ids.extend(seq.token_ids[start:start + n])
+                positions.extend(range(start, start + n))
+                cu_seqlens.append(cu_seqlens[-1] + n)
+                if sampled:
+                    sample_rows.append(cu_seqlens[-1] - 1)
+            input_ids, positions = np.array(input_ids, dtype=np.int64), np.array(positions, dtype=np.int64)
+            cu_seqlens = np.array(cu_seqlens, dtype=np.int32)
+            context_lens = cu_seqlens[1:] - cu_seqlens[:-1] + np.array([s.num_computed_tokens for s in seqs],
+                                                                       dtype=np.int32)
+            seq_of_token = np.repeat(rows, batch.num_new_tokens)
+        else:  # one token per sequence: its last, at position num_tokens - 1
+            input_ids = np.array([seq.token_ids[-1] for seq in seqs], dtype=np.int64)
+            positions = np.array([seq.num_computed_tokens for seq in seqs], dtype=np.int64)
+            cu_seqlens = np.arange(len(seqs) + 1, dtype=np.int32)
+            context_lens = (positions + 1).astype(np.int32)
+            sample_rows = list(range(len(seqs)))
+            seq_of_token = rows
+        table = self.block_tables.table
+        slots = table[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        block_tables = table[rows, :int(self.block_tables.lengths(rows).max())]
+        sampling = batch.sampling_seqs
+        sampling = SamplingRows([s.params for s in sampling], np.array([s.seed for s in sampling], dtype=np.int64),
+                                np.array([s.num_output_tokens for s in sampling], dtype=np.int64))
+        return StepPlan(batch.is_prefill, input_ids, positions, slots, block_tables, cu_seqlens, context_lens,
+                        sample_rows, sampling)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
@@ -122,14 +151,14 @@ class ModelRunner:
 
     def upload(self, plan: StepPlan) -> StepInputs:
         """The plan's host arrays as the step's device tensors and attention context."""
-        on_device = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        host_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
-        ctx = AttentionContext(is_prefill=plan.is_prefill, kv_cache=self.kv_cache,
-                               slot_mapping=on_device(plan.slot_mapping), block_tables=on_device(plan.block_tables),
-                               context_lens=host_tensor(plan.context_lens), cu_seqlens_q=host_tensor(plan.cu_seqlens),
-                               cu_seqlens_q_host=plan.cu_seqlens, context_lens_host=plan.context_lens,
-                               backend=self.config.kernels.attention)
-        return StepInputs(on_device(plan.input_ids), on_device(plan.positions), ctx)
+        input_ids, positions, slots, block_tables, context_lens, cu_seqlens = self.staging.upload(
+            [plan.input_ids, plan.positions, plan.slot_mapping], [plan.block_tables, plan.context_lens,
+                                                                  plan.cu_seqlens])
+        ctx = AttentionContext(is_prefill=plan.is_prefill, kv_cache=self.kv_cache, slot_mapping=slots,
+                               block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=cu_seqlens,
+                               cu_seqlens_q_host=plan.cu_seqlens.tolist(),
+                               context_lens_host=plan.context_lens.tolist(), backend=self.config.kernels.attention)
+        return StepInputs(input_ids, positions, ctx)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Every packed token's hidden state: a decode step through its CUDA graph where one is captured."""
@@ -138,7 +167,7 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, inputs.ctx)
 
     def sample(self, hidden: torch.Tensor, plan: StepPlan) -> StepResult | None:
-        if not plan.sampling:
+        if not plan.sampling.params:
             return StepResult([])
         # Only the rows that get a new token go through the LM head (the vocab-wide matmul is the step's largest);
         # with tensor parallelism their logits are gathered on rank 0, which alone samples.
@@ -146,8 +175,8 @@ class ModelRunner:
         if logits is None:
             return None
         logits = logits.float()
-        params, seeds, steps = zip(*plan.sampling)
-        sampling = SamplingBatch.build(list(params), self.device, seeds=list(seeds), steps=list(steps))
+        rows = plan.sampling
+        sampling = SamplingBatch.build(rows.params, self.device, seeds=rows.seeds, steps=rows.steps)
         tokens = self.config.kernels.sample(logits, sampling)
         logprobs = None
         if sampling.max_logprobs is not None:

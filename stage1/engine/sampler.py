@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from stage1.contract import GUMBEL_MAX, gumbel_noise
@@ -33,20 +34,32 @@ class SamplingBatch:
     max_logprobs: int | None  # the largest `logprobs` any row asked for
 
     @classmethod
-    def build(cls, params: list[SamplingParams], device: torch.device, seeds: list[int] | None = None,
-              steps: list[int] | None = None) -> "SamplingBatch":
-        """`seeds` default to the row index, `steps` to 0: rows with the same seed and step draw the same noise."""
-        asked = [p.logprobs for p in params if p.logprobs is not None]
-        seeds = seeds if seeds is not None else list(range(len(params)))
-        steps = steps if steps is not None else [0] * len(params)
+    def build(cls, params: list[SamplingParams], device: torch.device, seeds=None, steps=None) -> "SamplingBatch":
+        """`seeds` and `steps` (sequences of ints or int64 arrays) default to the row index and 0: rows with the
+        same seed and step draw the same noise. Rows usually share a few SamplingParams objects (one per request,
+        often one for all): each distinct one is read once, then spread to its rows."""
+        first_seen: dict[int, tuple[int, SamplingParams]] = {}
+        index = [first_seen.setdefault(id(p), (len(first_seen), p))[0] for p in params]
+        unique = [p for _, p in first_seen.values()]
+        asked = [p.logprobs for p in unique if p.logprobs is not None]
+
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
+            if len(values) == 1:
+                return torch.full((len(params),), values[0], dtype=dtype, device=device)
+            return torch.tensor(values, dtype=dtype, device=device)[torch.tensor(index, dtype=torch.long,
+                                                                                   device=device)]
+
+        rows = len(params)
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
-            seeds=torch.tensor(seeds, dtype=torch.int64, device=device),
-            steps=torch.tensor(steps, dtype=torch.int64, device=device),
-            all_greedy=all(p.greedy for p in params),
+            temperature=per_row([p.temperature for p in unique], torch.float32),
+            top_k=per_row([p.top_k for p in unique], torch.int64),
+            top_p=per_row([p.top_p for p in unique], torch.float32),
+            min_p=per_row([p.min_p for p in unique], torch.float32),
+            seeds=torch.as_tensor(np.arange(rows) if seeds is None else np.asarray(seeds, dtype=np.int64),
+                                  device=device),
+            steps=torch.as_tensor(np.zeros(rows, dtype=np.int64) if steps is None else
+                                  np.asarray(steps, dtype=np.int64), device=device),
+            all_greedy=all(p.greedy for p in unique),
             max_logprobs=max(asked) if asked else None,
         )
 

@@ -92,18 +92,25 @@ class Scheduler:
 
     def _schedule_decode(self) -> ScheduledBatch:
         batch = ScheduledBatch(is_prefill=False)
+        block_capacity = self.blocks.block_size
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.is_prefilling:
                 continue
-            # room for the token this step computes; preempt the newest others until there is
-            while not self.blocks.can_allocate(seq.block_table, seq.num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is Status.RUNNING:
+            # a new block only when this step's token starts one (the common case, checked inline: this loop runs
+            # for every sequence at every step); preempt the newest others until there is room for it
+            if len(seq.block_table) * block_capacity < len(seq.token_ids):
+                while not self.blocks.can_allocate(seq.block_table, seq.num_tokens):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not Status.RUNNING:
+                    continue
                 self.blocks.allocate(seq.block_table, seq.num_tokens)
-                batch.add(seq, 1)
+            batch.seqs.append(seq)
+        # every decoding sequence computes its one uncomputed token and samples the next
+        batch.num_new_tokens = [1] * len(batch.seqs)
+        batch.samples = [True] * len(batch.seqs)
         return batch
 
     def _allocate_prefill(self, seq: Sequence, n: int) -> None:
@@ -138,9 +145,11 @@ class Scheduler:
 
     def update(self, batch: ScheduledBatch) -> None:
         """After the model ran the batch: the computed tokens are in the cache now."""
+        block_size = self.blocks.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.blocks.register(seq.block_table, seq.token_ids, seq.prefix_ids, seq.num_computed_tokens)
+            if seq.num_computed_tokens // block_size > len(seq.prefix_ids):  # it filled a block: register that
+                self.blocks.register(seq.block_table, seq.token_ids, seq.prefix_ids, seq.num_computed_tokens)
 
     def finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED

@@ -35,3 +35,41 @@ def test_incremental_detokenizer_never_emits_broken_characters(tiny_model_dir):
     assert len(emoji_ids) > 1, "the test tokenizer should split the emoji into byte tokens"
     detok, seen = IncrementalDetokenizer(tok, start=2), [7, 8]  # after two prompt tokens
     assert [detok.new_text(seen) for t in emoji_ids if not seen.append(t)] == [""] * (len(emoji_ids) - 1) + ["😀"]
+
+
+class _WindowedOnly(Tokenizer):
+    """The same tokenizer, but as if its decoder were not byte-level: the detokenizer's windowed path."""
+
+    def token_bytes(self, skip_special_tokens: bool = False):
+        return None
+
+
+def _detokenize(tok, ids, skip_special_tokens):
+    detok, seen, text = IncrementalDetokenizer(tok, skip_special_tokens=skip_special_tokens), [], ""
+    for t in ids:
+        seen.append(t)
+        text += detok.new_text(seen)
+    return text + detok.flush(seen)
+
+
+def test_byte_level_fast_path_gives_the_tokenizers_text(tiny_model_dir):
+    """Token by token through the byte table (no tokenizer call per token) and through the windowed decode, the
+    text equals one decode of all the ids: random ids, many of them pieces of multi-byte characters (broken and
+    completed), special tokens kept or skipped."""
+    import random
+
+    tok, windowed = Tokenizer(tiny_model_dir), _WindowedOnly(tiny_model_dir)
+    table = tok.token_bytes()
+    assert table is not None and len(table) == tok.vocab_size
+    assert tok.token_bytes(skip_special_tokens=True)[tok.token_to_id("<|endoftext|>")] == b""
+    multibyte = [i for i, b in enumerate(table) if any(c >= 0x80 for c in b)]
+    assert multibyte
+    rng = random.Random(0)
+    for _ in range(400):
+        # ids past the tokenizer's vocabulary too: a model may have more rows than its tokenizer has tokens
+        ids = [rng.choice(multibyte) if rng.random() < 0.6 else rng.randrange(tok.vocab_size + 20)
+               for _ in range(rng.randint(1, 16))]
+        for skip in (False, True):
+            expected = tok.decode(ids, skip_special_tokens=skip)
+            assert _detokenize(tok, ids, skip) == expected, ids
+            assert _detokenize(windowed, ids, skip) == expected, ids

@@ -5,7 +5,8 @@
 // the Python wrappers, stage1/engine/layers/norm.py, activation.py and stage1/engine/attention.py).
 //
 // On the CPU these passes are small next to a layer's matmuls; they are plain loops in the baseline ISA, parallel
-// over rows. Their point is the GPU, where each replaces several kernel launches (cuda/fused_ops.cuh).
+// over rows (silu_and_mul: ATen's vectorized silu and mul). Their point is the GPU, where each replaces several
+// kernel launches (cuda/fused_ops.cuh).
 #include "fused_ops.h"
 
 #include <ATen/Dispatch.h>
@@ -97,11 +98,15 @@ void rms_norm_rows(T* out, const T* x, T* residual, const T* weight, int64_t row
       } else {
         for (int64_t i = 0; i < hidden; ++i) h[i] = static_cast<float>(xr[i]);
       }
-      for (int64_t i = 0; i < hidden; ++i) sums[i % 8] += h[i] * h[i];
+      int64_t i = 0;
+      for (; i + 8 <= hidden; i += 8) {
+        for (int j = 0; j < 8; ++j) sums[j] += h[i + j] * h[i + j];
+      }
+      for (; i < hidden; ++i) sums[i % 8] += h[i] * h[i];
       const float total = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
       const float inv_rms = 1.0f / std::sqrt(total / static_cast<float>(hidden) + eps);
       T* o = out + r * hidden;
-      for (int64_t i = 0; i < hidden; ++i) {
+      for (i = 0; i < hidden; ++i) {
         o[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(h[i] * inv_rms)));
       }
     }
@@ -136,33 +141,14 @@ void fused_add_rms_norm_meta(const at::Tensor&, const at::Tensor&, const at::Ten
 
 // -------------------------------------------------------------------------------------------- silu_and_mul (CPU)
 
+// ATen's silu, then the product into the same output: ATen's CPU kernels vectorize exp with the machine's widest
+// ISA (a scalar expf loop here measured 2-8x slower than the unfused ops at M = 1 and 32 on the 0.5B's 4864
+// channels), and the result rounds as F.silu(gate).mul_(up) does. The fused single pass is the CUDA kernel's.
 at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   check_silu_and_mul_args(x);
   const int64_t d = x.size(-1) / 2;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = d;
-  at::Tensor out = at::empty(shape, x.options());
-  if (d == 0 || x.numel() == 0) return out;
-  const at::Tensor xc = x.contiguous();
-  const int64_t rows = xc.numel() / (2 * d);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
-    const scalar_t* in = xc.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(2 * d), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* gate = in + r * 2 * d;
-        const scalar_t* up = gate + d;
-        scalar_t* orow = o + r * d;
-        for (int64_t i = 0; i < d; ++i) {
-          const float g = static_cast<float>(gate[i]);
-          // rounded to the dtype between the two, as F.silu(gate).mul_(up) is
-          const scalar_t silu = static_cast<scalar_t>(g / (1.0f + std::exp(-g)));
-          orow[i] = static_cast<scalar_t>(static_cast<float>(silu) * static_cast<float>(up[i]));
-        }
-      }
-    });
-  });
-  return out;
+  at::Tensor out = at::silu(x.narrow(-1, 0, d));
+  return out.mul_(x.narrow(-1, d, d));
 }
 
 at::Tensor silu_and_mul_meta(const at::Tensor& x) {

@@ -55,8 +55,9 @@ def cpu_isa() -> str | None:
     return None if module is None else module.cpu_isa()
 
 
+@functools.cache
 def native_cuda_available() -> bool:
-    """Whether stage1._C has its CUDA kernels (built against a CUDA torch, csrc/cuda/)."""
+    """Whether stage1._C has its CUDA kernels (built against a CUDA torch, csrc/cuda/); asked once."""
     return native_available() and torch._C._dispatch_has_kernel_for_dispatch_key("stage1::silu_and_mul", "CUDA")
 
 

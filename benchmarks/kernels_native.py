@@ -11,6 +11,12 @@ linear_bf16w (bf16 weights, fp32 x and arithmetic) at M = 1 and 32 on Qwen2.5-0.
 896->896, gate_up 896->9728, down 4864->896, LM head 896->151936) against torch's F.linear on fp32 weights (the
 same arithmetic, twice the bytes) and on bf16 weights with bf16 x (torch's bf16 path: lower precision); GB/s
 counts each one's own weight bytes, GFLOP/s 2*M*N*K. `--linear-only` / `--attention-only` run one part.
+
+The fused elementwise ops (fused_add_rms_norm, silu_and_mul, rotary_write_kv) against the PyTorch ops they replace
+(their references: residual add + RMSNorm, silu + mul, apply_rotary + write_kv) at decode (M = 1, 32 tokens) and
+prefill (M = 512) shapes of the 0.5B (hidden 896, intermediate 4864, 14/2 heads, head_dim 64), fp32 and bf16;
+`--fused-only` runs only these. `run_fused(device)` runs on CUDA tensors as well (where stage1._C has its CUDA
+kernels), for the GPU check.
 """
 
 from __future__ import annotations
@@ -158,6 +164,77 @@ def run(warmup: int = 3, reps: int = 20, batch: int = 32, context: int = 1024, h
     return rows
 
 
+FUSED_SHAPE = dict(hidden=896, intermediate=4864, heads=14, kv_heads=2, head_dim=64, block_size=16)
+
+
+def fused_cases(m: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """op -> (native, reference) closures on the 0.5B's shapes for M tokens. The in-place ops rewrite their inputs
+    every call (the residual grows by x, the rotation turns further): fine for timing."""
+    from stage1.engine import native
+    from stage1.engine.attention import rotary_write_kv_reference
+    from stage1.engine.layers.activation import silu_and_mul_reference
+    from stage1.engine.layers.norm import fused_add_rms_norm_reference
+    from stage1.engine.model import RotaryEmbedding
+
+    c = FUSED_SHAPE
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    x, residual, weight = rand(m, c["hidden"]), rand(m, c["hidden"]), rand(c["hidden"])
+    gate_up = rand(m, 2 * c["intermediate"])
+    all_heads = c["heads"] + 2 * c["kv_heads"]
+    qkv = rand(m, all_heads * c["head_dim"])
+    qk = qkv[:, :(all_heads - c["kv_heads"]) * c["head_dim"]].view(m, all_heads - c["kv_heads"], c["head_dim"])
+    v = qkv[:, (all_heads - c["kv_heads"]) * c["head_dim"]:].view(m, c["kv_heads"], c["head_dim"])
+    rope = RotaryEmbedding(c["head_dim"], 1_000_000.0, 32_768)(torch.arange(m, device=device) * 7)
+    blocks = -(-m // c["block_size"]) + 1
+    cache = rand(2, blocks, c["block_size"], c["kv_heads"], c["head_dim"])
+    slots = torch.randperm(blocks * c["block_size"], generator=g)[:m].to(device)
+    eps = 1e-6
+    return {
+        "fused_add_rms_norm": (lambda: native.fused_add_rms_norm(x, residual, weight, eps),
+                               lambda: fused_add_rms_norm_reference(x, residual, weight, eps)),
+        "silu_and_mul": (lambda: native.silu_and_mul(gate_up), lambda: silu_and_mul_reference(gate_up)),
+        "rotary_write_kv": (lambda: native.rotary_write_kv(qk, v, rope, cache, slots),
+                            lambda: rotary_write_kv_reference(qk, v, rope, cache, slots)),
+    }
+
+
+def run_fused(device: torch.device = torch.device("cpu"), ms=(1, 32, 512), dtypes=(torch.float32, torch.bfloat16),
+              warmup: int = 3, reps: int = 20) -> list[dict]:
+    """One row per (op, M, dtype, impl): ms, ratio_vs_reference (the PyTorch ops' ms / this one's)."""
+    from stage1.engine.native import native_available, native_cuda_available, native_error
+
+    if not native_available() or (device.type == "cuda" and not native_cuda_available()):
+        print(f"native fused ops on {device}: skipped ({native_error() or 'stage1._C has no CUDA kernels'})")
+        return []
+    rows = []
+    for m in ms:
+        for dtype in dtypes:
+            for op, (fused, reference) in fused_cases(m, dtype, device).items():
+                timings = {"torch ops": try_timing(lambda: time_ms(reference, device, warmup, reps)),
+                           "native fused": try_timing(lambda: time_ms(fused, device, warmup, reps))}
+                shape = f"M {m}, {str(dtype).removeprefix('torch.')}, {device.type}"
+                for impl, t in timings.items():
+                    base = timings["torch ops"]
+                    rows.append(dict(kernel=op, impl=impl, shape=shape, m=m, ms=t,
+                                     ratio_vs_reference=(base / t) if impl == "native fused" and base and t else None))
+    return rows
+
+
+def print_fused_rows(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print(f"fused elementwise ops on {machine()} (0.5B shapes: {FUSED_SHAPE})")
+    print(f"  {'op':20s} {'shape':24s} {'torch ops ms':>12s} {'native ms':>10s} {'native vs torch':>16s}")
+    for r in rows:
+        if r["impl"] != "native fused":
+            continue
+        base = next(o for o in rows if o["kernel"] == r["kernel"] and o["shape"] == r["shape"] and o is not r)
+        fmt = lambda t: "failed" if t is None else f"{t:.4f}"  # noqa: E731
+        ratio = "" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x"
+        print(f"  {r['kernel']:20s} {r['shape']:24s} {fmt(base['ms']):>12s} {fmt(r['ms']):>10s} {ratio:>16s}")
+
+
 def print_rows(rows: list[dict]) -> None:
     if not rows:
         return
@@ -178,13 +255,17 @@ def main() -> None:
     part = parser.add_mutually_exclusive_group()
     part.add_argument("--linear-only", action="store_true")
     part.add_argument("--attention-only", action="store_true")
+    part.add_argument("--fused-only", action="store_true")
     args = parser.parse_args()
     print(f"machine: {machine()}; commit {git_commit()}; torch {torch.__version__}", flush=True)
-    rows = [] if args.linear_only else run(reps=args.reps)
+    only = args.linear_only or args.attention_only or args.fused_only
+    rows = run(reps=args.reps) if args.attention_only or not only else []
     print_rows(rows)
-    linear_rows = [] if args.attention_only else run_linear()
+    linear_rows = run_linear() if args.linear_only or not only else []
     print_linear_rows(linear_rows)
-    rows += linear_rows
+    fused_rows = run_fused(reps=args.reps) if args.fused_only or not only else []
+    print_fused_rows(fused_rows)
+    rows += linear_rows + fused_rows
     facts = {"machine": machine(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
              "torch": torch.__version__, "rows": rows}
     if args.out:

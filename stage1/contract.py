@@ -54,6 +54,15 @@ class AttentionBackend(abc.ABC):
     def write_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Stores this step's K/V in their slots."""
 
+    def rotary_write_kv(self, qk: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                        cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotary on qk `[tokens, heads + kv_heads, head_dim]` (q heads, then k heads), then its k heads and v
+        `[tokens, kv_heads, head_dim]` stored in their slots; returns the rotated qk (qk itself, overwritten, where
+        a kernel does both in one pass: the caller passes a qk it no longer needs)."""
+        qk = self.rotary(qk, rope)
+        self.write_kv(cache, qk[:, qk.shape[1] - v.shape[1]:], v, slot_mapping)
+        return qk
+
     @abc.abstractmethod
     def prefill(self, q, k, v, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
         """Causal attention of packed ragged prompts whose queries may start after cached tokens (K/V already

@@ -41,23 +41,26 @@ class ReferenceAttentionBackend(AttentionBackend):
 
 
 class PagedAttention(nn.Module):
-    """The model's view of attention: store this step's K/V, then attend. Which kernels run is the context's."""
+    """The model's view of attention: rotate q and k, store this step's K/V, then attend. Which kernels run is the
+    context's."""
 
     def __init__(self, layer_index: int, scale: float):
         super().__init__()
         self.layer_index = layer_index
         self.scale = scale
 
-    def rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
-        """Rotary position embedding on q and/or k heads `[tokens, heads, head_dim]`, with the context's kernels."""
-        return (ctx.backend or _REFERENCE).rotary(x, rope)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        if ctx.kv_cache is None:  # a prefill with no cache (tests, benchmarks): this step's K/V is the context
-            return _REFERENCE.prefill(q, k, v, None, ctx, self.scale)
+    def forward(self, qk: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                ctx: AttentionContext) -> torch.Tensor:
+        """qk `[tokens, heads + kv_heads, head_dim]` before rotary (overwritten), v `[tokens, kv_heads, head_dim]`;
+        returns `[tokens, heads, head_dim]`."""
         backend = ctx.backend or _REFERENCE
+        num_kv_heads = v.shape[1]
+        if ctx.kv_cache is None:  # a prefill with no cache (tests, benchmarks): this step's K/V is the context
+            q, k = backend.rotary(qk, rope).split([qk.shape[1] - num_kv_heads, num_kv_heads], dim=1)
+            return _REFERENCE.prefill(q, k, v, None, ctx, self.scale)
         cache = ctx.kv_cache[self.layer_index]
-        backend.write_kv(cache, k, v, ctx.slot_mapping)
+        qk = backend.rotary_write_kv(qk, v, rope, cache, ctx.slot_mapping)
+        q, k = qk.split([qk.shape[1] - num_kv_heads, num_kv_heads], dim=1)
         if ctx.is_prefill:
             return backend.prefill(q, k, v, cache, ctx, self.scale)
         return backend.decode(q, cache, ctx, self.scale)
@@ -67,6 +70,15 @@ def write_kv_reference(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sl
     num_kv_heads, head_dim = k.shape[1:]
     cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(cache.dtype))
     cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(cache.dtype))
+
+
+def rotary_write_kv_reference(qk: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                              cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """apply_rotary on the q|k heads, then write_kv_reference of the k heads and v: the ground truth of
+    `stage1::rotary_write_kv` (which rotates in place and skips negative slots). Returns the rotated qk."""
+    qk = apply_rotary(qk, rope)
+    write_kv_reference(cache, qk[:, qk.shape[1] - v.shape[1]:], v, slot_mapping)
+    return qk
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,10 @@ ops of stage1._C (csrc/, optional: built by `pip install --no-build-isolation -e
 
 `auto` picks Triton for CUDA tensors when it is installed, and the reference everywhere else: Triton launched on
 CPU tensors only works in its interpreter (TRITON_INTERPRET=1), which is for tests, not for speed. `native` (CPU
-only for now) runs decode attention and KV writes through stage1._C and the rest through the reference; `auto`
-does not pick it on the CPU yet (tests/engine/test_backends.py pins `auto` to the reference there).
+only for now) runs decode attention, rotary + KV writes, RMSNorm (+ residual add) and SiLU-and-mul through
+stage1._C and the rest through the reference; `auto` does not pick it on the CPU yet (tests/engine/test_backends.py
+pins `auto` to the reference there). On a GPU, Triton's kernels get stage1._C's fused CUDA ops beside them
+wherever stage1._C was built with CUDA (`with_native_cuda_ops`).
 
 The linear layers' matmul (`Kernels.linear`, installed in every layer by the loader) is F.linear, except with
 `native` on a CPU in bfloat16 (`for_dtype`): then the matmul weights stay bf16 in memory and
@@ -27,6 +29,7 @@ from stage1.kernels import triton_available
 from stage1.contract import AttentionBackend
 
 from .attention import ReferenceAttentionBackend
+from .layers import ElementwiseKernels
 from .sampler import SamplingBatch, sample
 
 CHOICES = ("auto", "torch", "triton", "native")
@@ -41,6 +44,8 @@ class Kernels:
     sample: Callable[[torch.Tensor, SamplingBatch], torch.Tensor]
     linear: Callable = F.linear  # y = linear(x, weight, bias) in every linear layer and the LM head
     weight_dtype: torch.dtype | None = None  # the matmul weights are stored in this dtype; None: the run dtype
+    # the norms' and the activation's kernels (installed in the layers by the loader): references or stage1._C's
+    elementwise: ElementwiseKernels = ElementwiseKernels()
 
     def for_dtype(self, dtype: torch.dtype, device: torch.device) -> tuple["Kernels", torch.dtype]:
         """These kernels as they run a model in `dtype`, and the run dtype (activations, KV cache, other
@@ -70,7 +75,18 @@ def select_kernels(choice: str, device: torch.device) -> Kernels:
                          "before starting Python (slow, meant for tests), or use kernels='torch'")
     from stage1.kernels.attention import TritonAttentionBackend
 
-    return Kernels("triton", TritonAttentionBackend(), triton_sample)
+    return with_native_cuda_ops(Kernels("triton", TritonAttentionBackend(), triton_sample), device)
+
+
+def with_native_cuda_ops(kernels: Kernels, device: torch.device) -> Kernels:
+    """On a GPU, where stage1._C was built with its CUDA kernels: its fused RMSNorm (+ residual add), SiLU-and-mul
+    and rotary + KV write in place of the PyTorch ops and the Triton rotary/write_kv launches they replace."""
+    from .native import ELEMENTWISE, WithNativeRotaryKV, native_cuda_available
+
+    if device.type != "cuda" or not native_cuda_available():
+        return kernels
+    logger.info("stage1: stage1._C has CUDA kernels: RMSNorm, SiLU-and-mul and rotary + KV write run fused")
+    return replace(kernels, attention=WithNativeRotaryKV(kernels.attention), elementwise=ELEMENTWISE)
 
 
 def native_kernels(device: torch.device) -> Kernels:
@@ -81,9 +97,11 @@ def native_kernels(device: torch.device) -> Kernels:
     if device.type != "cpu":
         raise ValueError(f"kernels='native' has CPU kernels only so far (device {device}): use kernels='triton' "
                          f"or 'torch'")
-    logger.info("stage1: kernels native (stage1._C, CPU kernels %s): decode attention and KV writes native, "
-                "prefill and sampling through the PyTorch reference", cpu_isa())
-    return Kernels("native", NativeAttentionBackend(), sample)
+    from .native import ELEMENTWISE
+
+    logger.info("stage1: kernels native (stage1._C, CPU kernels %s): decode attention, rotary + KV writes, RMSNorm "
+                "and SiLU-and-mul native, prefill and sampling through the PyTorch reference", cpu_isa())
+    return Kernels("native", NativeAttentionBackend(), sample, elementwise=ELEMENTWISE)
 
 
 def triton_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

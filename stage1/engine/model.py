@@ -4,32 +4,20 @@ It takes packed token ids (all sequences of a step back to back, no padding), th
 context; it knows shapes and math, not requests. The KV cache and the attention kernel live behind
 `PagedAttention` (attention.py). Under tensor parallelism the layers in layers/ hold this rank's share (its query and
 KV heads, MLP channels, vocabulary rows) and communicate themselves; the model is built under the parallel
-state of the rank that runs it (distributed.py) and reads the same either way.
+state of the rank that runs it (distributed.py) and reads the same either way. The residual stream runs beside
+the hidden states from block to block, so each norm adds it in the same pass (layers/norm.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionContext, PagedAttention
 from .config import ModelConfig
 from .distributed import check_tensor_parallel_size, current
-from .layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
-                     VocabParallelEmbedding)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32; apply the weight after casting back (as Qwen2 does). F.rms_norm is
-        # x * rsqrt(mean(x^2) + eps) in one op where torch has a fused kernel.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+from .layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm, RowParallelLinear,
+                     SiluAndMul, VocabParallelEmbedding)
 
 
 class RotaryEmbedding(nn.Module):
@@ -70,11 +58,9 @@ class Attention(nn.Module):
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # q and k heads lie side by side: rotate them together (one call, one kernel on a GPU)
-        qk = self.attn.rotate(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), rope, ctx)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        o = self.attn(q, k, v, ctx)
+        # q and k heads lie side by side: attention rotates them together and stores k and v
+        qk = qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        o = self.attn(qk, v.view(-1, self.num_kv_heads, self.head_dim), rope, ctx)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -85,11 +71,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        # in place: on the CPU these elementwise passes cost as much memory traffic as a matmul's weights
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -100,9 +85,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this block's MLP output, the residual stream before it is added); residual None: x starts it."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(rope, x, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -122,9 +114,11 @@ class Qwen2ForCausalLM(nn.Module):
         """Hidden states of every packed token, [tokens, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions)
+        residual = None
         for layer in self.layers:
-            x = layer(rope, x, ctx)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, ctx)
+        x, _ = self.norm(x, residual)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits of the given rows, [rows, vocab], on rank 0; None on the other ranks (their shards went to it)."""

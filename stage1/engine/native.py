@@ -1,14 +1,20 @@
 """The native ops (`stage1._C`, built from csrc/ by setup.py when it can be) and the attention backend on them.
 
 `stage1._C` is optional: importing it registers `torch.ops.stage1.paged_decode_attention` and
-`torch.ops.stage1.write_kv` (CPU and Meta kernels). `native_available()` says whether it loaded, and
-`native_error()` why not. `NativeAttentionBackend` runs decode and the cache writes through those ops on CPU
+`torch.ops.stage1.write_kv` (CPU and Meta kernels), and the ops below. `native_available()` says whether it loaded,
+and `native_error()` why not. `NativeAttentionBackend` runs decode and the cache writes through those ops on CPU
 tensors it supports (fp32/bf16 cache, head_dim a multiple of 8 up to 256) and the plain-PyTorch reference
 everywhere else (prefill, rotary, other dtypes/devices).
 
 `linear_bf16w` (`torch.ops.stage1.linear_bf16w`: bf16 weights widened to fp32 in registers, fp32 sums) is the
 linear layers' matmul when the native kernels run a bf16 model on a CPU (backends.py); its plain-PyTorch
 reference is `linear_bf16w_reference`.
+
+The fused elementwise ops (csrc/fused_ops.cpp; CUDA kernels in csrc/cuda/ where stage1._C was built against a CUDA
+torch, `native_cuda_available()`): `rms_norm` and `fused_add_rms_norm` (references in layers/norm.py),
+`silu_and_mul` (layers/activation.py), installed in the layers as `ELEMENTWISE`; and `rotary_write_kv` (reference
+`rotary_write_kv_reference`, attention.py), the attention backends' fused rotary + KV write: the native backend's
+on the CPU, and `WithNativeRotaryKV` puts it in front of another backend's kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from stage1.contract import AttentionBackend, AttentionContext
 
 from .attention import apply_rotary, decode_attention_reference, prefill_attention_reference, write_kv_reference
+from .layers import ElementwiseKernels
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -48,6 +55,12 @@ def cpu_isa() -> str | None:
     return None if module is None else module.cpu_isa()
 
 
+@functools.cache
+def native_cuda_available() -> bool:
+    """Whether stage1._C has its CUDA kernels (built against a CUDA torch, csrc/cuda/); asked once."""
+    return native_available() and torch._C._dispatch_has_kernel_for_dispatch_key("stage1::silu_and_mul", "CUDA")
+
+
 def linear_bf16w(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ b): x fp32 [..., K], W bf16 [N, K] as stored (nn.Linear's layout), b fp32 [N]; fp32 out."""
     y = torch.ops.stage1.linear_bf16w(x.reshape(-1, x.shape[-1]), weight, bias)
@@ -58,6 +71,46 @@ def linear_bf16w_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """The same product in plain PyTorch: the weight widened to fp32 (exact), then an fp32 matmul."""
     y = x @ weight.float().T
     return y if bias is None else y + bias
+
+
+# ------------------------------------------------------------------------------------ fused elementwise ops
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rms_norm(x) (rms_norm_reference), one pass."""
+    return torch.ops.stage1.rms_norm(x.contiguous(), weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual) in x's and residual's memory (fused_add_rms_norm_reference), one pass."""
+    if not (x.is_contiguous() and residual.is_contiguous()):
+        x, residual = x.contiguous(), residual.contiguous()
+    torch.ops.stage1.fused_add_rms_norm(x, residual, weight, eps)
+    return x, residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:] into a new tensor (silu_and_mul_reference), one pass."""
+    return torch.ops.stage1.silu_and_mul(x)
+
+
+# module-level functions: the kernel choice is pickled to the tensor-parallel workers (where unpickling the native
+# attention backend that always comes with these loads the ops)
+ELEMENTWISE = ElementwiseKernels("native", rms_norm, fused_add_rms_norm, silu_and_mul)
+
+
+def rotary_write_kv(qk: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """qk rotated in place, its k heads and v stored in their slots (negative slots skipped); returns qk."""
+    cos, sin = rope
+    torch.ops.stage1.rotary_write_kv(qk, v, cos, sin, cache, slot_mapping)
+    return qk
+
+
+def _fused_rotary_fits(qk: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> bool:
+    on_device = qk.device.type == "cpu" or (qk.device.type == "cuda" and native_cuda_available())
+    return on_device and qk.dtype == v.dtype == cache.dtype and qk.stride(-1) == 1 and v.stride(-1) == 1 \
+        and cache.stride(-1) == 1
 
 
 def _supported(cache: torch.Tensor) -> bool:
@@ -86,6 +139,11 @@ class NativeAttentionBackend(AttentionBackend):
         else:
             write_kv_reference(cache, k, v, slot_mapping)
 
+    def rotary_write_kv(self, qk, v, rope, cache, slot_mapping) -> torch.Tensor:
+        if _fused_rotary_fits(qk, v, cache):
+            return rotary_write_kv(qk, v, rope, cache, slot_mapping)
+        return super().rotary_write_kv(qk, v, rope, cache, slot_mapping)
+
     def prefill(self, q, k, v, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
         return prefill_attention_reference(q, k, v, cache, ctx, scale)
 
@@ -93,3 +151,34 @@ class NativeAttentionBackend(AttentionBackend):
         if not _supported(cache):
             return decode_attention_reference(q, cache, ctx.block_tables, ctx.context_lens, scale)
         return torch.ops.stage1.paged_decode_attention(q, cache, ctx.block_tables, ctx.context_lens, scale)
+
+
+class WithNativeRotaryKV(AttentionBackend):
+    """Another backend's kernels (the Triton ones on a GPU) with rotary + KV write fused in stage1::rotary_write_kv
+    where it fits; the name stays the other backend's."""
+
+    def __init__(self, inner: AttentionBackend):
+        if not native_available():
+            raise ValueError(f"kernels='native': {native_error()}")
+        self.inner = inner
+        self.name = inner.name
+
+    def __reduce__(self):  # a tensor-parallel worker loads the ops again
+        return (WithNativeRotaryKV, (self.inner,))
+
+    def rotary(self, x, rope):
+        return self.inner.rotary(x, rope)
+
+    def write_kv(self, cache, k, v, slot_mapping) -> None:
+        self.inner.write_kv(cache, k, v, slot_mapping)
+
+    def rotary_write_kv(self, qk, v, rope, cache, slot_mapping) -> torch.Tensor:
+        if _fused_rotary_fits(qk, v, cache):
+            return rotary_write_kv(qk, v, rope, cache, slot_mapping)
+        return self.inner.rotary_write_kv(qk, v, rope, cache, slot_mapping)
+
+    def prefill(self, q, k, v, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
+        return self.inner.prefill(q, k, v, cache, ctx, scale)
+
+    def decode(self, q, cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
+        return self.inner.decode(q, cache, ctx, scale)

@@ -26,7 +26,7 @@ import torch
 
 from .config import ModelConfig
 from .distributed import current
-from .layers import use_linear_kernel
+from .layers import ElementwiseKernels, use_elementwise_kernels, use_linear_kernel
 from .model import Qwen2ForCausalLM
 
 logger = logging.getLogger("stage1")
@@ -233,11 +233,13 @@ class LoadReport:
 
 
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               weight_dtype: torch.dtype | None = None, linear=None) -> Qwen2ForCausalLM:
+               weight_dtype: torch.dtype | None = None, linear=None,
+               elementwise: ElementwiseKernels | None = None) -> Qwen2ForCausalLM:
     """Builds this rank's model (the current parallel state's) with no initialization and fills every parameter
     from its slice of the checkpoint, in `dtype`; the matmul weights (linear layers, LM head, embedding) in
     `weight_dtype` when given, multiplied by `linear(x, weight, bias)` when given (backends.py's choice, e.g. bf16
-    weights with fp32 activations: `dtype` fp32, `weight_dtype` bf16)."""
+    weights with fp32 activations: `dtype` fp32, `weight_dtype` bf16); the norms and the activation run
+    `elementwise`'s kernels when given."""
     model_dir = Path(model_dir)
     narrow = weight_dtype is not None and weight_dtype != dtype
     if narrow and linear is None:
@@ -286,6 +288,8 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
         model.lm_head.weight = model.embed_tokens.weight  # one Parameter, not two wrappers of the same storage
     if linear is not None:
         use_linear_kernel(model, linear, dtype if narrow else None)
+    if elementwise is not None:
+        use_elementwise_kernels(model, elementwise)
     tp = current()
     report = LoadReport(tp.rank, tp.size, checkpoint_bytes, bytes_read, largest_read,
                         sum(p.numel() * p.element_size() for p in model.parameters()), rss_before, peak_rss_bytes())

@@ -21,7 +21,8 @@ import torch
 pytest.importorskip("triton")
 
 from stage1.engine.attention import (AttentionContext, PagedAttention, ReferenceAttentionBackend,  # noqa: E402
-                                     decode_attention_reference, prefill_attention_reference, write_kv_reference)
+                                     apply_rotary, decode_attention_reference, prefill_attention_reference,
+                                     write_kv_reference)
 from stage1.engine.kv_cache import BlockManager, slot_index  # noqa: E402
 from stage1.kernels.attention import (TritonAttentionBackend, paged_decode_attention,  # noqa: E402
                                       paged_prefill_attention, write_kv)
@@ -218,9 +219,10 @@ def test_backend_steps_match_the_reference_backend():
                                      for p in range(lengths[i] - new[i], lengths[i])], device=DEVICE)
     attn = PagedAttention(0, head_dim ** -0.5)
     k, v = 2 * k, v - 1  # different from what the cache holds: the step must write them
+    qk, rope = torch.cat([q, k], dim=1), rope_of(len(q), head_dim)  # attention rotates q and k itself
     ref_cache = cache.clone()
-    got = attn(q, k, v, ctx_with(ctx, [cache], TritonAttentionBackend()))
-    expected = attn(q, k, v, ctx_with(ctx, [ref_cache], ReferenceAttentionBackend()))
+    got = attn(qk.clone(), v, rope, ctx_with(ctx, [cache], TritonAttentionBackend()))
+    expected = attn(qk.clone(), v, rope, ctx_with(ctx, [ref_cache], ReferenceAttentionBackend()))
     torch.testing.assert_close(got, expected, **FP32)
     assert torch.equal(cache, ref_cache)
 
@@ -233,10 +235,17 @@ def test_backend_steps_match_the_reference_backend():
                                                        for i in range(2)], device=DEVICE),
                             context_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                             context_lens_host=lens)
-    got = attn(dq, dk, dv, ctx_with(dctx, [cache], TritonAttentionBackend()))
-    expected = attn(dq, dk, dv, ctx_with(dctx, [ref_cache], ReferenceAttentionBackend()))
+    dqk, rope = torch.cat([dq, dk], dim=1), rope_of(2, head_dim, first=40)
+    got = attn(dqk.clone(), dv, rope, ctx_with(dctx, [cache], TritonAttentionBackend()))
+    expected = attn(dqk.clone(), dv, rope, ctx_with(dctx, [ref_cache], ReferenceAttentionBackend()))
     torch.testing.assert_close(got, expected, **FP32)
     assert torch.equal(cache, ref_cache)
+
+
+def rope_of(tokens: int, head_dim: int, first: int = 0):
+    from stage1.engine.model import RotaryEmbedding
+
+    return RotaryEmbedding(head_dim, 10_000.0, 2048)(torch.arange(first, first + tokens, device=DEVICE))
 
 
 def ctx_with(ctx: AttentionContext, kv_cache, backend) -> AttentionContext:
@@ -247,7 +256,9 @@ def test_prefill_without_cache_runs_the_reference_whatever_the_backend():
     lengths = [5, 9]
     q, k, v, _, ctx, _ = prefill_case(lengths, lengths, 4, 2, 64, 16)
     attn = PagedAttention(0, 0.125)
-    out = attn(q, k, v, ctx_with(ctx, None, TritonAttentionBackend()))
+    rope = rope_of(len(q), 64)
+    out = attn(torch.cat([q, k], dim=1), v, rope, ctx_with(ctx, None, TritonAttentionBackend()))
+    q, k = apply_rotary(q, rope), apply_rotary(k, rope)
     torch.testing.assert_close(out, ReferenceAttentionBackend().prefill(q, k, v, None, ctx, 0.125), **FP32)
     with pytest.raises(ValueError, match="paged KV cache"):
         TritonAttentionBackend().prefill(q, k, v, None, ctx, 0.125)

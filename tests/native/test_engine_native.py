@@ -1,5 +1,7 @@
 """The whole engine with kernels='native' against kernels='torch' on the tiny checkpoints (fp32): the same greedy
-tokens, on every GQA ratio and head size the tiny shapes cover, decode through the native op."""
+tokens, on every GQA ratio and head size the tiny shapes cover, decode through the native op, the norms, the
+activation and rotary + KV write through the fused ops; and over two tensor-parallel ranks (the kernel choice
+pickled to the worker)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,15 @@ if not native_available():
     pytest.skip(f"stage1._C is not built: {native_error()}", allow_module_level=True)
 
 from stage1 import LLM, SamplingParams  # noqa: E402
+from stage1.engine import native  # noqa: E402
 from stage1.engine.backends import select_kernels  # noqa: E402
+from stage1.engine.native import rotary_write_kv  # noqa: E402
 
 LENGTHS = [1, 16, 17, 5, 33, 7]
 
 
 @pytest.mark.parametrize("shape", ["gqa1-d64-tied", "gqa2-d128-untied", "gqa7-d64-sharded"])
-def test_native_engine_gives_the_reference_greedy_tokens(checkpoint, shape):
+def test_native_engine_gives_the_reference_greedy_tokens(checkpoint, shape, monkeypatch):
     path = checkpoint(shape)
     g = torch.Generator().manual_seed(0)
     prompts = [{"prompt_token_ids": torch.randint(3, 300, (n,), generator=g).tolist()} for n in LENGTHS]
@@ -29,9 +33,27 @@ def test_native_engine_gives_the_reference_greedy_tokens(checkpoint, shape):
     ref = LLM(path, dtype="float32", kernels="torch", max_num_batched_tokens=24)
     nat = LLM(path, dtype="float32", kernels="native", max_num_batched_tokens=24)
     assert ref.config.kernels.name == "torch" and nat.config.kernels.name == "native"
+    layer = nat.core.runner.model.layers[0]
+    assert layer.input_layernorm.add_rms_norm is native.fused_add_rms_norm
+    assert layer.mlp.act_fn.silu_and_mul is native.silu_and_mul
+    fused_steps = []
+    monkeypatch.setattr(native, "rotary_write_kv", lambda *args: fused_steps.append(1) or rotary_write_kv(*args))
     expected = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in nat.generate(prompts, params, use_tqdm=False)]
     assert got == expected
+    assert fused_steps  # rotary + KV write went through the fused op
+
+
+@pytest.mark.slow
+def test_native_engine_over_two_ranks(checkpoint):
+    path = checkpoint("gqa2-d128-untied")
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"prompt_token_ids": torch.randint(3, 300, (n,), generator=g).tolist()} for n in LENGTHS]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in
+                LLM(path, dtype="float32", kernels="torch").generate(prompts, params, use_tqdm=False)]
+    with LLM(path, dtype="float32", kernels="native", tensor_parallel_size=2) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
 
 
 def test_select_native_on_cpu_and_its_errors(caplog):

@@ -10,10 +10,11 @@ real sizes. Every decode step's time is split into
 
     schedule     Scheduler.schedule
     inputs       ModelRunner.prepare (host arrays) + upload (device tensors, attention context)
-    sample       ModelRunner.sample without its device work (sampling parameters to tensors, tokens back to lists)
+    sample       ModelRunner.sample without the sampler's kernel (parameters to tensors, tokens back to lists)
     postprocess  EngineCore._postprocess (tokens appended, text, stop rules, blocks)
-    device       ModelRunner.forward + the LM head + the sampler's kernel: what a GPU would run (here the CPU
-                 runs it; it is reported, not counted as host time)
+    device       ModelRunner.forward + compute_logits (the LM head) + the sampler's kernel: what a GPU would
+                 run (here the CPU runs it; reported, not counted as host time)
+    other        the step's wall time outside these (the engine core's own lines); reported apart
 
 `host_ms_per_decode_step` is schedule + inputs + sample + postprocess, the mean over the decode steps that ran the
 full batch. The phases are timed by wrapping the engine's methods from outside (nothing in the engine knows). The
@@ -85,18 +86,18 @@ def instrument(llm: LLM) -> PhaseClock:
     clock.wrap(runner, "prepare", "inputs")
     clock.wrap(runner, "upload", "inputs")
     clock.wrap(runner, "forward", "device")
-    # the sampler's device work is counted as device and taken out of `sample`, which wraps it
-    clock.wrap(runner, "sample", "sample")
-    lm_head = clock.wrap(runner.model, "compute_logits", "device")
+    compute_logits = runner.compute_logits
 
-    def logits_kept_until_next_step(hidden):
-        # the logits are freed inside the next call, as device time: freeing a [256, 151936] fp32 tensor on the
-        # CPU is a ~20 ms munmap that a GPU's caching allocator does not have
+    def logits_kept_until_next_step(hidden, plan):
+        # freed inside the next call, as device time: freeing a [256, 151936] fp32 tensor on the CPU is a ~20 ms
+        # munmap that a GPU's caching allocator does not have
         clock.last_logits = None
-        clock.last_logits = lm_head(hidden)
+        clock.last_logits = compute_logits(hidden, plan)
         return clock.last_logits
-    runner.model.compute_logits = logits_kept_until_next_step
-    clock.wrap(runner.model, "compute_logits", "sample", sign=-1.0)
+    runner.compute_logits = logits_kept_until_next_step
+    clock.wrap(runner, "compute_logits", "device")
+    # the sampler's kernel is device work, taken out of `sample`, which wraps it
+    clock.wrap(runner, "sample", "sample")
     kernels = runner.config.kernels
     sampler = kernels.sample
 
@@ -115,7 +116,7 @@ def instrument(llm: LLM) -> PhaseClock:
     postprocess = clock.wrap(core, "_postprocess", "postprocess")
 
     def timed_step():
-        seen = {}
+        seen, start = {}, time.perf_counter()
 
         def remember(batch, result):
             seen["batch"] = batch
@@ -125,6 +126,7 @@ def instrument(llm: LLM) -> PhaseClock:
             return step()
         finally:
             core._postprocess = postprocess
+            clock.current["step"] = time.perf_counter() - start
             if "batch" in seen:
                 clock.end_step(seen["batch"].is_prefill, len(seen["batch"].seqs))
             else:
@@ -155,7 +157,8 @@ def run_batch(model_dir: Path, batch: int, new_tokens: int, prompt_len: int, ker
     wall = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == new_tokens for o in outputs)
     full = [phases for is_prefill, seqs, phases in clock.steps if not is_prefill and seqs == batch]
-    mean_ms = {p: 1e3 * statistics.fmean(s.get(p, 0.0) for s in full) for p in HOST_PHASES + ("device",)}
+    mean_ms = {p: 1e3 * statistics.fmean(s.get(p, 0.0) for s in full) for p in HOST_PHASES + ("device", "step")}
+    mean_ms["other"] = mean_ms.pop("step") - sum(mean_ms.values())
     host = [1e3 * sum(s.get(p, 0.0) for p in HOST_PHASES) for s in full]
     llm.shutdown()
     return dict(batch=batch, decode_steps=len(full), wall_s=round(wall, 3),
@@ -176,14 +179,14 @@ def main() -> None:
     model_dir = probe_checkpoint()
     print(f"machine: {machine()}; commit {git_commit()}; {datetime.date.today()}; probe model {model_dir}")
     print(f"{'batch':>6} {'host ms/step':>13} {'schedule':>9} {'inputs':>8} {'sample':>8} {'postproc':>9} "
-          f"{'device*':>9}   (*model + LM head + sampler, run by the CPU here; not host time)")
+          f"{'device*':>9} {'other':>7}   (*model + LM head + sampler, run by the CPU here; not host time)")
     results = []
     for batch in (int(b) for b in args.batch.split(",")):
         r = run_batch(model_dir, batch, args.new_tokens, args.prompt_len, args.kernels, args.device,
                       args.temperature)
         ph = r["phases_ms"]
         print(f"{batch:>6} {r['host_ms_per_decode_step']:>13.3f} {ph['schedule']:>9.3f} {ph['inputs']:>8.3f} "
-              f"{ph['sample']:>8.3f} {ph['postprocess']:>9.3f} {ph['device']:>9.2f}   "
+              f"{ph['sample']:>8.3f} {ph['postprocess']:>9.3f} {ph['device']:>9.2f} {ph['other']:>7.3f}   "
               f"({r['decode_steps']} full decode steps, kernels {r['kernels']})")
         results.append(r)
     print(json.dumps(dict(benchmark="bench_host", machine=machine(), commit=git_commit(),

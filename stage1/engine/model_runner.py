@@ -135,7 +135,7 @@ class ModelRunner:
             seq_of_token = rows
         table = self.block_tables.table
         slots = table[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
-        block_tables = table[rows, :int(self.block_tables.lengths(rows).max())]
+        block_tables = table[rows, :self.block_tables.width(rows)]
         sampling = batch.sampling_seqs
         sampling = SamplingRows([s.params for s in sampling], np.array([s.seed for s in sampling], dtype=np.int64),
                                 np.array([s.num_output_tokens for s in sampling], dtype=np.int64))
@@ -147,7 +147,10 @@ class ModelRunner:
         """Runs the step; rank 0 samples and returns the tokens, the other ranks return None."""
         inputs = self.upload(plan)
         hidden = self.forward(inputs)
-        return self.sample(hidden, plan)
+        if not plan.sampling.params:
+            return StepResult([])
+        logits = self.compute_logits(hidden, plan)
+        return None if logits is None else self.sample(logits, plan)
 
     def upload(self, plan: StepPlan) -> StepInputs:
         """The plan's host arrays as the step's device tensors and attention context."""
@@ -166,15 +169,14 @@ class ModelRunner:
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.ctx)
         return self.model(inputs.input_ids, inputs.positions, inputs.ctx)
 
-    def sample(self, hidden: torch.Tensor, plan: StepPlan) -> StepResult | None:
-        if not plan.sampling.params:
-            return StepResult([])
-        # Only the rows that get a new token go through the LM head (the vocab-wide matmul is the step's largest);
-        # with tensor parallelism their logits are gathered on rank 0, which alone samples.
+    def compute_logits(self, hidden: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
+        """fp32 logits of the sampling rows on rank 0 (None on the others). Only the rows that get a new token go
+        through the LM head (the vocab-wide matmul is the step's largest); with tensor parallelism their logits
+        are gathered on rank 0, which alone samples."""
         logits = self.model.compute_logits(hidden[plan.sample_rows])
-        if logits is None:
-            return None
-        logits = logits.float()
+        return None if logits is None else logits.float()
+
+    def sample(self, logits: torch.Tensor, plan: StepPlan) -> StepResult:
         rows = plan.sampling
         sampling = SamplingBatch.build(rows.params, self.device, seeds=rows.seeds, steps=rows.steps)
         tokens = self.config.kernels.sample(logits, sampling)

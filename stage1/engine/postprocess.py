@@ -26,19 +26,19 @@ class Postprocessor:
         sp = seq.params
         may_stop = seq.num_output_tokens >= sp.min_tokens
         if may_stop and not sp.ignore_eos and token in self.config.eos_token_ids:
-            return _finish(seq, "stop", None)
+            return _finish_with_text(seq, "stop", None, last_token_is_text=False)
         if may_stop and token in sp.stop_token_ids:
-            return _finish(seq, "stop", token)
-        if seq.detokenizer is not None:
+            return _finish_with_text(seq, "stop", token, last_token_is_text=False)
+        # Only stop strings need the text at every step; without them it is decoded once, when the sequence ends
+        # (the same text: the detokenizer does not depend on how often it is asked).
+        if sp.stop_strings and seq.detokenizer is not None:
             before = len(seq.text)
             seq.text += seq.detokenizer.new_text(seq.token_ids)
-            if may_stop and sp.stop_strings and _cut_at_stop_string(seq, before):
+            if may_stop and _cut_at_stop_string(seq, before):
                 return
         if (sp.max_tokens is not None and seq.num_output_tokens >= sp.max_tokens) or \
                 seq.num_tokens >= self.config.max_model_len:
-            if seq.detokenizer is not None:
-                seq.text += seq.detokenizer.flush(seq.token_ids)
-            return _finish(seq, "length", None)
+            return _finish_with_text(seq, "length", None, last_token_is_text=True)
 
     def _append_logprobs(self, seq: Sequence, token: int, logprobs) -> None:
         chosen, rank, top_ids, top_values = logprobs
@@ -64,6 +64,17 @@ def _cut_at_stop_string(seq: Sequence, before: int) -> bool:
     seq.text = seq.text[:at + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:at]
     _finish(seq, "stop", stop)
     return True
+
+
+def _finish_with_text(seq: Sequence, reason: str, stop_reason: str | int | None, last_token_is_text: bool) -> None:
+    """Ends the sequence with the text of the tokens not decoded yet: an EOS or stop token adds no text (and a
+    character it cut short stays out), a length limit flushes what is held back."""
+    if seq.detokenizer is not None:
+        if last_token_is_text:
+            seq.text += seq.detokenizer.flush(seq.token_ids)
+        else:
+            seq.text += seq.detokenizer.new_text(seq.token_ids[:-1])
+    _finish(seq, reason, stop_reason)
 
 
 def _finish(seq: Sequence, reason: str, stop_reason: str | int | None) -> None:

@@ -25,27 +25,25 @@ class BlockTableRows:
     def __init__(self, max_seqs: int, max_blocks: int):
         self.table = np.zeros((2 * max_seqs, max_blocks), dtype=np.int32)
         self._row_of: dict[int, int] = {}  # seq_id -> row
-        self._written = np.zeros(len(self.table), dtype=np.int64)  # entries of each row that are current
+        self._written = [0] * len(self.table)  # entries of each row that are current
         self._free = list(range(len(self.table) - 1, -1, -1))
 
     def rows(self, seqs: list, full: bool) -> np.ndarray:
         """The rows of `seqs` (sequences with `seq_id` and `block_table`), up to date; `full`: rewrite them (a
         prefill step)."""
-        rows = np.empty(len(seqs), dtype=np.int64)
-        table, written = self.table, self._written
-        for i, seq in enumerate(seqs):
-            row = self._row_of.get(seq.seq_id)
+        rows, table, written, row_of = [], self.table, self._written, self._row_of
+        for seq in seqs:  # plain ints and lists here: this runs for every sequence at every step
+            row = row_of.get(seq.seq_id)
             if row is None:
-                row = self._assign(seq.seq_id, seqs)
-                start = 0
+                row, start = self._assign(seq.seq_id, seqs), 0
             else:
                 start = 0 if full else written[row]
             blocks = seq.block_table
             if len(blocks) > start:
                 table[row, start:len(blocks)] = blocks[start:]
                 written[row] = len(blocks)
-            rows[i] = row
-        return rows
+            rows.append(row)
+        return np.array(rows, dtype=np.int64)
 
     def _assign(self, seq_id: int, step_seqs: list) -> int:
         if not self._free:  # drop every row not in this step; those sequences are rewritten when they return
@@ -59,8 +57,9 @@ class BlockTableRows:
         self._written[row] = 0
         return row
 
-    def lengths(self, rows: np.ndarray) -> np.ndarray:
-        return self._written[rows]
+    def width(self, rows: np.ndarray) -> int:
+        """The most blocks any of these rows holds."""
+        return max(self._written[row] for row in rows.tolist())
 
 
 class StagedUpload:

@@ -79,50 +79,61 @@ class IncrementalDetokenizer:
     """Turns a sequence's growing token ids into text without ever emitting half a UTF-8 character.
 
     Byte-level BPE splits multi-byte characters across tokens; decoding such a prefix yields U+FFFD. With a
-    byte-level tokenizer each token's bytes go through an incremental UTF-8 decoder, which holds back an incomplete
-    character until its bytes arrive (no tokenizer call per token: this runs for every sequence at every step).
-    Otherwise we decode a short window of recent tokens each step (vLLM's prefix/read offsets) and hold the text
-    back while it ends in U+FFFD. Either way the text is the tokenizer's decode of all the tokens; only offsets
-    live here: the tokens and the text are the sequence's, passed in and appended to by the caller.
+    byte-level tokenizer each token's bytes go through an incremental UTF-8 decode, which holds back an incomplete
+    character until its bytes arrive (no tokenizer call per token). Otherwise we decode a short window of recent
+    tokens per token (vLLM's prefix/read offsets) and hold the text back while it ends in U+FFFD. Either way the
+    text is the tokenizer's decode of all the tokens, and the same whether `new_text` is called after every token
+    or once after many. Only offsets live here: the tokens and the text are the sequence's, passed in and appended
+    to by the caller.
     """
 
     def __init__(self, tokenizer: Tokenizer, start: int = 0, skip_special_tokens: bool = False):
         """`start`: where the text to decode begins in the token list (a sequence's first output token)."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self._prefix_offset = start  # start of the window whose decoded text is already out
-        self._read_offset = start  # end of that window
+        self._seen = start  # tokens handled so far
         self._bytes = tokenizer.token_bytes(skip_special_tokens)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._bytes is not None else None
+        self._held = b""  # byte path: the start of a character whose other bytes have not come yet
+        self._prefix_offset = start  # windowed path: start of the window whose decoded text is already out
+        self._read_offset = start  # windowed path: end of that window
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def new_text(self, token_ids: list[int]) -> str:
-        """After a token was appended to `token_ids`: the newly completed text (possibly empty)."""
-        if self._utf8 is not None:
-            new, self._read_offset = token_ids[self._read_offset:], len(token_ids)
-            table = self._bytes
-            try:
-                data = table[new[0]] if len(new) == 1 else b"".join(table[t] for t in new)
-            except IndexError:  # an id past the tokenizer's vocabulary (a model may have more rows) decodes to ""
-                data = b"".join(table[t] if t < len(table) else b"" for t in new)
-            return self._utf8.decode(data)
+        """After tokens were appended to `token_ids`: the newly completed text (possibly empty)."""
+        new, self._seen = token_ids[self._seen:], len(token_ids)
+        if self._bytes is None:
+            return "".join(self._window_text(token_ids, end) for end in range(len(token_ids) - len(new) + 1,
+                                                                                len(token_ids) + 1))
+        table = self._bytes
+        try:
+            data = table[new[0]] if len(new) == 1 else b"".join(table[t] for t in new)
+        except IndexError:  # an id past the tokenizer's vocabulary (a model may have more rows) decodes to ""
+            data = b"".join(table[t] if t < len(table) else b"" for t in new)
+        text, used = codecs.utf_8_decode(self._held + data if self._held else data, "replace", False)
+        self._held = (self._held + data)[used:] if self._held else data[used:]
+        return text
+
+    def _window_text(self, token_ids: list[int], end: int) -> str:
+        """The windowed decode's new text once token_ids[:end] are in."""
         prefix_text = self._decode(token_ids[self._prefix_offset:self._read_offset])
-        full_text = self._decode(token_ids[self._prefix_offset:])
+        full_text = self._decode(token_ids[self._prefix_offset:end])
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            self._prefix_offset, self._read_offset = self._read_offset, len(token_ids)
+            self._prefix_offset, self._read_offset = self._read_offset, end
             return full_text[len(prefix_text):]
         return ""
 
     def flush(self, token_ids: list[int]) -> str:
         """At the end of generation: whatever is still held back (an incomplete character stays U+FFFD)."""
-        if self._utf8 is not None:
-            return self.new_text(token_ids) + self._utf8.decode(b"", final=True)
+        text = self.new_text(token_ids)
+        if self._bytes is not None:
+            held, self._held = self._held, b""
+            return text + held.decode("utf-8", "replace")
         full_text = self._decode(token_ids[self._prefix_offset:])
         prefix_text = self._decode(token_ids[self._prefix_offset:self._read_offset])
         self._prefix_offset = self._read_offset = len(token_ids)
-        return full_text[len(prefix_text):]
+        return text + full_text[len(prefix_text):]
 
 
 @functools.cache

@@ -12,10 +12,12 @@
 #include <atomic>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/decode_attention.h"
 #include "cpu/linear_bf16w.h"
+#include "cpu/sampler.h"
 
 namespace stage1 {
 namespace {
@@ -55,6 +57,20 @@ cpu::LinearBf16wFn linear_bf16w_kernel() {
   if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::linear_bf16w_avx2;
 #endif
   return cpu::linear_bf16w_scalar;
+}
+
+cpu::SampleRowsFn sample_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::sample_rows_avx2;
+#endif
+  return cpu::sample_rows_scalar;
+}
+
+cpu::GumbelNoiseFn gumbel_noise_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::gumbel_noise_avx2;
+#endif
+  return cpu::gumbel_noise_scalar;
 }
 
 // -------------------------------------------------------------------------------------- paged decode attention
@@ -243,6 +259,84 @@ at::Tensor linear_bf16w_meta(const at::Tensor& x, const at::Tensor& w, const std
   return at::empty_symint({x.sym_size(0), w.sym_size(0)}, x.options());
 }
 
+// -------------------------------------------------------------------------------------------------------- sample
+
+void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                       const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds,
+                       const at::Tensor& steps) {
+  TORCH_CHECK(logits.dim() == 2, "sample: logits must be [rows, vocab], got ", logits.sizes());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat, "sample: logits must be float32, got ", logits.scalar_type());
+  const int64_t rows = logits.size(0);
+  const std::pair<const char*, const at::Tensor*> floats[] = {{"temperature", &temperature}, {"top_p", &top_p},
+                                                              {"min_p", &min_p}};
+  const std::pair<const char*, const at::Tensor*> ints[] = {{"top_k", &top_k}, {"seeds", &seeds}, {"steps", &steps}};
+  for (const auto& [name, t] : floats) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, "sample: ", name, " must be [rows] (", rows, "), got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "sample: ", name, " must be float32, got ", t->scalar_type());
+  }
+  for (const auto& [name, t] : ints) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, "sample: ", name, " must be [rows] (", rows, "), got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kLong, "sample: ", name, " must be int64, got ", t->scalar_type());
+  }
+}
+
+at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                      const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds,
+                      const at::Tensor& steps) {
+  check_sample_args(logits, temperature, top_k, top_p, min_p, seeds, steps);
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(vocab > 0 || rows == 0, "sample: the vocabulary is empty");
+  TORCH_CHECK(vocab < (int64_t{1} << 31), "sample (CPU): at most 2^31 - 1 tokens per row, got ", vocab);
+  at::Tensor tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  if (rows == 0) return tokens;
+  const at::Tensor lc = logits.stride(1) == 1 ? logits : logits.contiguous();
+  const at::Tensor tc = temperature.contiguous(), kc = top_k.contiguous(), pc = top_p.contiguous();
+  const at::Tensor mc = min_p.contiguous(), sc = seeds.contiguous(), stc = steps.contiguous();
+  cpu::SamplerArgs args;
+  args.logits = lc.data_ptr<float>();
+  args.vocab = vocab;
+  args.ld = lc.stride(0);
+  args.temperature = tc.data_ptr<float>();
+  args.top_k = kc.data_ptr<int64_t>();
+  args.top_p = pc.data_ptr<float>();
+  args.min_p = mc.data_ptr<float>();
+  args.seeds = sc.data_ptr<int64_t>();
+  args.steps = stc.data_ptr<int64_t>();
+  args.tokens = tokens.data_ptr<int64_t>();
+  const cpu::SampleRowsFn kernel = sample_kernel();
+  // a row of Qwen's 152k tokens is work enough for a thread; small vocabularies share one
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / vocab);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  return tokens;
+}
+
+at::Tensor sample_meta(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                       const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds,
+                       const at::Tensor& steps) {
+  TORCH_CHECK(logits.dim() == 2, "sample: logits must be [rows, vocab], got ", logits.sizes());
+  return at::empty_symint({logits.sym_size(0)}, logits.options().dtype(at::kLong));
+}
+
+at::Tensor gumbel_noise_cpu(const at::Tensor& seeds, const at::Tensor& steps, const at::Tensor& tokens) {
+  TORCH_CHECK(seeds.sizes() == tokens.sizes() && steps.sizes() == tokens.sizes(),
+              "gumbel_noise: seeds, steps and tokens must have one shape, got ", seeds.sizes(), ", ", steps.sizes(),
+              ", ", tokens.sizes());
+  TORCH_CHECK(seeds.scalar_type() == at::kLong && steps.scalar_type() == at::kLong &&
+                  tokens.scalar_type() == at::kLong,
+              "gumbel_noise: seeds, steps and tokens must be int64");
+  const at::Tensor sc = seeds.contiguous(), stc = steps.contiguous(), tc = tokens.contiguous();
+  at::Tensor out = at::empty(tokens.sizes(), tokens.options().dtype(at::kFloat));
+  gumbel_noise_kernel()(sc.data_ptr<int64_t>(), stc.data_ptr<int64_t>(), tc.data_ptr<int64_t>(), tc.numel(),
+                        out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor gumbel_noise_meta(const at::Tensor& seeds, const at::Tensor& steps, const at::Tensor& tokens) {
+  return at::empty_symint(tokens.sym_sizes(), tokens.options().dtype(at::kFloat));
+}
+
 }  // namespace
 }  // namespace stage1
 
@@ -251,18 +345,25 @@ TORCH_LIBRARY(stage1, m) {
         " -> Tensor");
   m.def("write_kv(Tensor(a!) kv_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
   m.def("linear_bf16w(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seeds,"
+        " Tensor steps) -> Tensor");
+  m.def("gumbel_noise(Tensor seeds, Tensor steps, Tensor tokens) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(stage1, CPU, m) {
   m.impl("paged_decode_attention", &stage1::paged_decode_attention_cpu);
   m.impl("write_kv", &stage1::write_kv_cpu);
   m.impl("linear_bf16w", &stage1::linear_bf16w_cpu);
+  m.impl("sample", &stage1::sample_cpu);
+  m.impl("gumbel_noise", &stage1::gumbel_noise_cpu);
 }
 
 TORCH_LIBRARY_IMPL(stage1, Meta, m) {
   m.impl("paged_decode_attention", &stage1::paged_decode_attention_meta);
   m.impl("write_kv", &stage1::write_kv_meta);
   m.impl("linear_bf16w", &stage1::linear_bf16w_meta);
+  m.impl("sample", &stage1::sample_meta);
+  m.impl("gumbel_noise", &stage1::gumbel_noise_meta);
 }
 
 // ----------------------------------------------------------------------------------------------- Python module

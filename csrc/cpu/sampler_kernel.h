@@ -14,7 +14,7 @@
 //    that surely survive (the mass before them is below top_p - kMassMargin) and those that surely do not (above
 //    top_p + kMassMargin); only the few ranks in between are sorted and get the exact fp32 rule.
 //    Where equal probabilities straddle the cut, which of them survive depends on the order torch.topk gives ties
-//    (its heap / nth_element over (p, token) pairs, TopKImpl.h): then the row replays that order on all its tokens
+//    (std::partial_sort / nth_element over (p, token) pairs, TopKImpl.h): then the row replays that order on all its tokens
 //    (`reference_prefix`; slow, only on such ties).
 // 4. The race (Gumbel-max): argmax over survivors of x + g, g = -log(-log(U)) in fp32, U from Philox4x32-10 keyed by
 //    the row's seed at counter (token / 4, step, 0, 0), word token % 4 (stage1.contract). Noise only for survivors
@@ -249,22 +249,16 @@ struct Larger {
   bool operator()(const QueueEntry& a, const QueueEntry& b) const { return a.p > b.p; }
 };
 
-// torch.topk(p, k) on one row, as TopKImpl.h orders it: with k * 64 <= n a heap of the first k entries that every
-// larger later entry replaces into, then sort_heap; otherwise nth_element at k - 1, then a sort of the k - 1 before.
+// torch.topk(p, k) on one row, as TopKImpl.h orders it (torch 2.13): with k * 64 <= n std::partial_sort of the
+// (p, token) pairs, otherwise nth_element at k - 1, then a sort of the k - 1 before. (Later torch versions replace
+// the partial_sort by an explicit heap loop, which orders ties differently: the tie tests would show it.)
 inline void torch_topk_order(const std::vector<QueueEntry>& all, int64_t k, std::vector<QueueEntry>& queue) {
   const int64_t n = static_cast<int64_t>(all.size());
   const Larger larger;
   if (k * 64 <= n) {
-    queue.assign(all.begin(), all.begin() + k);
-    std::make_heap(queue.begin(), queue.end(), larger);
-    for (int64_t i = k; i < n; ++i) {
-      if (larger(all[i], queue.front())) {
-        std::pop_heap(queue.begin(), queue.end(), larger);
-        queue.back() = all[i];
-        std::push_heap(queue.begin(), queue.end(), larger);
-      }
-    }
-    std::sort_heap(queue.begin(), queue.end(), larger);
+    queue = all;
+    std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), larger);
+    queue.resize(k);
   } else {
     queue = all;
     std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), larger);

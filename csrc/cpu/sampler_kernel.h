@@ -46,8 +46,14 @@ constexpr float kRaceReach = 19.6f;
 // Prefix masses within this of top_p get the reference's exact fp32 rule; the rest are decided by a double sum
 // (its error, ~1e-12, and that of the fp32 cumsum, ~1e-7, are far below it).
 constexpr double kMassMargin = 1e-5;
+// Survivors within this of the top one (scaled logits) are scored first: their best score bounds the winner's.
+constexpr float kRaceBand = 4.0f;
 // torch.topk's rule in the reference: the prefix is first looked for among the 1024 most likely tokens.
 constexpr int64_t kPrefixCandidates = 1024;
+
+// Not std::min/max: their float instantiations would be shared with other translation units (see above).
+inline float least(float a, float b) { return b < a ? b : a; }
+inline float most(float a, float b) { return b > a ? b : a; }
 
 struct PhiloxWords {
   uint32_t w[4];
@@ -316,31 +322,55 @@ inline int64_t sample_row(const float* logits, int64_t vocab, float temperature,
   cand.clear();
   const float inv = 1.0f / gather_candidates(logits, vocab, t, x_max, x_max - kRaceReach, cand);
   float p_max = 0.0f;
-  for (const Candidate& c : cand) p_max = c.e * inv > p_max ? c.e * inv : p_max;
+  for (const Candidate& c : cand) p_max = most(p_max, c.e * inv);
   const float min_p_floor = min_p * p_max;
   const int64_t k = top_k > 0 && top_k < vocab ? top_k : vocab;
-  if (k < vocab || top_p < 1.0f) {
-    s.ranked.clear();
-    for (size_t i = 0; i < cand.size(); ++i) {
-      const float p = cand[i].e * inv;
-      if (p >= min_p_floor) s.ranked.push_back(Ranked{p, static_cast<int32_t>(i)});
-    }
-    if (!mark_prefix(s.ranked, cand, k, top_p)) {
-      reference_prefix(logits, vocab, t, x_max, inv, k, top_p, s);
-      for (Candidate& c : cand) c.keep = s.kept[c.token].on && c.e * inv >= min_p_floor;
-    }
-  } else {
-    for (Candidate& c : cand) c.keep = c.e * inv >= min_p_floor;
-  }
-  // The race: a survivor with the largest x bounds the winner's score from below.
-  const Candidate* top = nullptr;
-  for (const Candidate& c : cand)
-    if (c.keep && (top == nullptr || c.x > top->x)) top = &c;
-  if (top == nullptr) return 0;  // no survivor (min_p > 1): the reference's argmax over -inf scores
   RowNoise noise(seed, step);
-  const float floor = top->x + noise(top->token) - kGumbelMax;
+  // The tokens at x_max survive (min-p keeps p_max, and rank 0 is one of them): the least race score among them
+  // bounds the winner's from below, so tokens at or under `reach` cannot win.
+  float top_score = INFINITY;
+  for (const Candidate& c : cand)
+    if (c.x == x_max) top_score = least(top_score, c.x + noise(c.token));
+  float reach = top_score - kGumbelMax;
+  const bool cut = k < vocab || top_p < 1.0f;
+  for (bool restricted = cut;; restricted = false) {
+    if (cut) {
+      // Ranks only matter above `reach`; lower tokens come after them in the sorted order. Equal probabilities at
+      // the edge all stay in: which of them survive is one question.
+      float p_edge = INFINITY;
+      for (const Candidate& c : cand)
+        if (!restricted || c.x > reach) p_edge = least(p_edge, c.e * inv);
+      const float p_least = most(p_edge, min_p_floor);
+      s.ranked.clear();
+      for (size_t i = 0; i < cand.size(); ++i) {
+        cand[i].keep = false;
+        const float p = cand[i].e * inv;
+        if (p >= p_least) s.ranked.push_back(Ranked{p, static_cast<int32_t>(i)});
+      }
+      if (!mark_prefix(s.ranked, cand, k, top_p)) {
+        reference_prefix(logits, vocab, t, x_max, inv, k, top_p, s);
+        for (Candidate& c : cand) c.keep = s.kept[c.token].on && c.e * inv >= min_p_floor;
+      }
+    } else {
+      for (Candidate& c : cand) c.keep = c.e * inv >= min_p_floor;
+    }
+    const Candidate* top = nullptr;
+    for (const Candidate& c : cand)
+      if (c.keep && (top == nullptr || c.x > top->x)) top = &c;
+    if (top == nullptr) return 0;  // no survivor (min_p > 1): the reference's argmax over -inf scores
+    if (!restricted || top->x == x_max) break;
+    reach = -INFINITY;  // a token tied with p_max at a lower x took rank 0 (fp32 rounding): no bound from x_max
+  }
+  // The race. The best score among the survivors near the top raises the bound: only tokens above it get noise.
+  float band_best = -INFINITY;
+  float top_x = -INFINITY;
+  for (const Candidate& c : cand)
+    if (c.keep) top_x = most(top_x, c.x);
+  for (const Candidate& c : cand)
+    if (c.keep && c.x > top_x - kRaceBand) band_best = most(band_best, c.x + noise(c.token));
+  const float floor = band_best - kGumbelMax;
   float best = -INFINITY;
-  int64_t winner = top->token;
+  int64_t winner = 0;
   for (const Candidate& c : cand) {
     if (!c.keep || !(c.x > floor)) continue;
     const float score = c.x + noise(c.token);

@@ -3,7 +3,8 @@ ops of stage1._C (csrc/, optional: built by `pip install --no-build-isolation -e
 
 `auto` picks Triton for CUDA tensors when it is installed, and the reference everywhere else: Triton launched on
 CPU tensors only works in its interpreter (TRITON_INTERPRET=1), which is for tests, not for speed. `native` (CPU
-only for now) runs decode attention and KV writes through stage1._C and the rest through the reference; `auto`
+only for now) runs decode attention, KV writes and sampling (`native_sample`: the reference's tokens) through
+stage1._C and the rest through the reference; `auto`
 does not pick it on the CPU yet (tests/engine/test_backends.py pins `auto` to the reference there).
 
 The linear layers' matmul (`Kernels.linear`, installed in every layer by the loader) is F.linear, except with
@@ -74,16 +75,16 @@ def select_kernels(choice: str, device: torch.device) -> Kernels:
 
 
 def native_kernels(device: torch.device) -> Kernels:
-    from .native import NativeAttentionBackend, cpu_isa, native_available, native_error
+    from .native import NativeAttentionBackend, cpu_isa, native_available, native_error, native_sample
 
     if not native_available():
         raise ValueError(f"kernels='native': {native_error()}; or use kernels='torch'")
     if device.type != "cpu":
         raise ValueError(f"kernels='native' has CPU kernels only so far (device {device}): use kernels='triton' "
                          f"or 'torch'")
-    logger.info("stage1: kernels native (stage1._C, CPU kernels %s): decode attention and KV writes native, "
-                "prefill and sampling through the PyTorch reference", cpu_isa())
-    return Kernels("native", NativeAttentionBackend(), sample)
+    logger.info("stage1: kernels native (stage1._C, CPU kernels %s): decode attention, KV writes and sampling "
+                "native, prefill through the PyTorch reference", cpu_isa())
+    return Kernels("native", NativeAttentionBackend(), native_sample)
 
 
 def triton_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -9,6 +9,10 @@ everywhere else (prefill, rotary, other dtypes/devices).
 `linear_bf16w` (`torch.ops.stage1.linear_bf16w`: bf16 weights widened to fp32 in registers, fp32 sums) is the
 linear layers' matmul when the native kernels run a bf16 model on a CPU (backends.py); its plain-PyTorch
 reference is `linear_bf16w_reference`.
+
+`native_sample` (`torch.ops.stage1.sample`) is the native kernels' sampler: the same tokens as the reference
+`stage1.engine.sampler.sample` (same survivors, same Philox noise, same tie rule; csrc/cpu/sampler_kernel.h says
+where fp32 rounding could part them), without sorting the vocabulary.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from stage1.contract import AttentionBackend, AttentionContext
 
 from .attention import apply_rotary, decode_attention_reference, prefill_attention_reference, write_kv_reference
+from .sampler import SamplingBatch, sample
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -58,6 +63,16 @@ def linear_bf16w_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """The same product in plain PyTorch: the weight widened to fp32 (exact), then an fp32 matmul."""
     y = x @ weight.float().T
     return y if bias is None else y + bias
+
+
+def native_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """One token id per row of `logits` [rows, vocab], as `stage1.engine.sampler.sample` draws it, through
+    stage1::sample on CPU tensors (logits widened to fp32 first) and the reference elsewhere. A module-level
+    function: the tensor-parallel workers receive the kernel choice pickled."""
+    if logits.device.type != "cpu":
+        return sample(logits, batch)
+    return torch.ops.stage1.sample(logits.float(), batch.temperature, batch.top_k, batch.top_p, batch.min_p,
+                                   batch.seeds, batch.steps)
 
 
 def _supported(cache: torch.Tensor) -> bool:

@@ -17,8 +17,9 @@
 //    (std::partial_sort / nth_element over (p, token) pairs, TopKImpl.h): then the row replays that order on all its tokens
 //    (`reference_prefix`; slow, only on such ties).
 // 4. The race (Gumbel-max): argmax over survivors of x + g, g = -log(-log(U)) in fp32, U from Philox4x32-10 keyed by
-//    the row's seed at counter (token / 4, step, 0, 0), word token % 4 (stage1.contract). Noise only for survivors
-//    within GUMBEL_MAX of the best-scoring top token; ties go to the lower token.
+//    the row's seed at counter (token / 4, step, 0, 0), word token % 4 (stage1.contract); ties go to the lower
+//    token. Survivors more than GUMBEL_MAX under the top one's score are skipped, and the logs are only taken where
+//    the Philox word leaves the token a chance to beat the best score so far (see sample_row).
 //
 // What is not bit-exact: exp and the softmax sum's order differ from torch's (~1 ulp in p), and glibc's logf from
 // torch's vectorised log (~1 ulp in g). A survivor decision can then differ only where p sits within ~1e-7 of the
@@ -46,8 +47,8 @@ constexpr float kRaceReach = 19.6f;
 // Prefix masses within this of top_p get the reference's exact fp32 rule; the rest are decided by a double sum
 // (its error, ~1e-12, and that of the fp32 cumsum, ~1e-7, are far below it).
 constexpr double kMassMargin = 1e-5;
-// Survivors within this of the top one (scaled logits) are scored first: their best score bounds the winner's.
-constexpr float kRaceBand = 4.0f;
+// What the race's no-log test allows for rounding (scaled-logit units; plus 1e-6 of the score's magnitude).
+constexpr double kRaceSlack = 0.05;
 // torch.topk's rule in the reference: the prefix is first looked for among the 1024 most likely tokens.
 constexpr int64_t kPrefixCandidates = 1024;
 
@@ -74,8 +75,12 @@ inline PhiloxWords philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3
   return PhiloxWords{{c0, c1, c2, c3}};
 }
 
+inline float uniform_from_word(uint32_t word) {
+  return (static_cast<float>(word >> (32 - kUniformBits)) + 0.5f) * (1.0f / (1 << kUniformBits));
+}
+
 inline float gumbel_from_word(uint32_t word) {
-  const float u = (static_cast<float>(word >> (32 - kUniformBits)) + 0.5f) * (1.0f / (1 << kUniformBits));
+  const float u = uniform_from_word(word);
   return -logf(-logf(u));  // fp32 logs, as the reference's torch.log
 }
 
@@ -86,15 +91,17 @@ class RowNoise {
       : k0_(static_cast<uint32_t>(seed)), k1_(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32)),
         step_(static_cast<uint32_t>(step)) {}
 
-  float operator()(int64_t token) {
+  uint32_t word(int64_t token) {
     const uint32_t counter = static_cast<uint32_t>(token >> 2);
     if (!valid_ || counter != counter_) {
       words_ = philox4x32(counter, step_, 0, 0, k0_, k1_);
       counter_ = counter;
       valid_ = true;
     }
-    return gumbel_from_word(words_.w[token & 3]);
+    return words_.w[token & 3];
   }
+
+  float operator()(int64_t token) { return gumbel_from_word(word(token)); }
 
  private:
   uint32_t k0_, k1_, step_, counter_ = 0;
@@ -207,10 +214,12 @@ inline bool prefix_keeps(int64_t rank, double cumsum, float p, int64_t k, float 
   return rank == 0 || (rank < k && static_cast<float>(cumsum) - p < top_p);
 }
 
-// Marks the candidates in `ranked` (every candidate with p >= the min-p threshold: those below it are the tail
-// of the sorted order, so the ranks above are the same) that the top-k / top-p prefix keeps. Returns false where
-// equal probabilities straddle the cut: the survivors then depend on torch.topk's order of ties.
-inline bool mark_prefix(std::vector<Ranked>& ranked, std::vector<Candidate>& cand, int64_t k, float top_p) {
+// Marks the candidates in `ranked` (the most likely ones: every token outside has a lower p, so the ranks inside
+// are the row's) that the top-k / top-p prefix keeps. Returns false where equal probabilities straddle the cut:
+// the survivors then depend on torch.topk's order of ties. `reaches_end`: whether the ranks the exact rule decided
+// run to the last of `ranked` (the cut may then lie past it).
+inline bool mark_prefix(std::vector<Ranked>& ranked, std::vector<Candidate>& cand, int64_t k, float top_p,
+                        bool& reaches_end) {
   Ranked* a = ranked.data();
   const int64_t n = static_cast<int64_t>(ranked.size());
   double mass_lo = 0.0;
@@ -218,6 +227,7 @@ inline bool mark_prefix(std::vector<Ranked>& ranked, std::vector<Candidate>& can
   double mass_hi = mass_lo;
   const int64_t unsure = select_prefix(a, sure, n, k, top_p + kMassMargin, mass_hi);
   const int64_t end = unsure < n ? unsure + 1 : n;  // ranks from `end` on surely fall outside
+  reaches_end = end == n && sure < n;
   if (end > sure) {
     std::nth_element(a + sure, a + end - 1, a + n, ByProbDesc{});
     std::sort(a + sure, a + end - 1, ByProbDesc{});
@@ -312,74 +322,134 @@ inline void reference_prefix(const float* logits, int64_t vocab, float t, float 
 
 // ------------------------------------------------------------------------------------------------------- a row
 
+inline float prob_exponent(float p) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &p, 4);
+  return static_cast<float>(bits >> 23);  // p >= 0: the biased exponent
+}
+
+// Marks the candidates that min-p and the top-k / top-p prefix keep. The prefix is only ranked among the tokens
+// that can reach it: a histogram by p's exponent finds the first power-of-two band that lies wholly past the cut
+// (top_p + kMassMargin of the mass, or k tokens, above it), and only the bands above it are ranked. Returns false
+// where the candidates end at `gathered_floor` and the cut may lie past them: the caller gathers more.
+inline bool mark_cut(std::vector<Candidate>& cand, float inv, float min_p_floor, int64_t k, float top_p,
+                     bool gathered_floor, const float* logits, int64_t vocab, float t, float x_max, Scratch& s) {
+  double band_mass[256] = {};
+  int64_t band_count[256] = {};
+  bool all_ranked = true;
+  for (const Candidate& c : cand) {
+    const float p = c.e * inv;
+    if (p < min_p_floor) {
+      all_ranked = false;  // min-p drops it, and every token with a lower p
+      continue;
+    }
+    const int band = static_cast<int>(prob_exponent(p));
+    band_mass[band] += p;
+    ++band_count[band];
+  }
+  int past = -1;  // bands <= past are outside the prefix
+  double above = 0.0;
+  int64_t above_count = 0;
+  for (int band = 255; band >= 0; --band) {
+    if (above >= static_cast<double>(top_p) + kMassMargin || above_count >= k) {
+      past = band;
+      break;
+    }
+    above += band_mass[band];
+    above_count += band_count[band];
+  }
+  s.ranked.clear();
+  for (size_t i = 0; i < cand.size(); ++i) {
+    cand[i].keep = false;
+    const float p = cand[i].e * inv;
+    if (p < min_p_floor) continue;
+    if (static_cast<int>(prob_exponent(p)) <= past) {
+      all_ranked = false;
+      continue;
+    }
+    s.ranked.push_back(Ranked{p, static_cast<int32_t>(i)});
+  }
+  bool reaches_end = false;
+  if (!mark_prefix(s.ranked, cand, k, top_p, reaches_end)) {
+    reference_prefix(logits, vocab, t, x_max, inv, k, top_p, s);
+    for (Candidate& c : cand) c.keep = s.kept[c.token].on && c.e * inv >= min_p_floor;
+    return true;
+  }
+  return !(gathered_floor && all_ranked && reaches_end);
+}
+
+inline bool survives(const std::vector<Candidate>& cand, int64_t token) {
+  size_t lo = 0, hi = cand.size();  // candidates are in token order
+  while (lo < hi) {
+    const size_t mid = (lo + hi) / 2;
+    if (cand[mid].token < token) lo = mid + 1; else hi = mid;
+  }
+  return lo < cand.size() && cand[lo].token == token && cand[lo].keep;
+}
+
 inline int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_t top_k, float top_p,
                           float min_p, int64_t seed, int64_t step, Scratch& s) {
   if (temperature == 0.0f) return argmax_first(logits, vocab);
   const float t = temperature > 0.0f ? temperature : 1.0f;
-  const float x_max = logits[argmax_first(logits, vocab)] / t;  // division by t > 0 keeps the order
+  const int64_t first_top = argmax_first(logits, vocab);
+  const float x_max = logits[first_top] / t;  // division by t > 0 keeps the order
   if (!(x_max > -INFINITY)) return 0;  // no finite logit: the reference has no survivor, and argmax gives 0
-  std::vector<Candidate>& cand = s.candidates;
-  cand.clear();
-  const float inv = 1.0f / gather_candidates(logits, vocab, t, x_max, x_max - kRaceReach, cand);
-  float p_max = 0.0f;
-  for (const Candidate& c : cand) p_max = most(p_max, c.e * inv);
-  const float min_p_floor = min_p * p_max;
   const int64_t k = top_k > 0 && top_k < vocab ? top_k : vocab;
-  RowNoise noise(seed, step);
-  // The tokens at x_max survive (min-p keeps p_max, and rank 0 is one of them): the least race score among them
-  // bounds the winner's from below, so tokens at or under `reach` cannot win.
-  float top_score = INFINITY;
-  for (const Candidate& c : cand)
-    if (c.x == x_max) top_score = least(top_score, c.x + noise(c.token));
-  float reach = top_score - kGumbelMax;
   const bool cut = k < vocab || top_p < 1.0f;
-  for (bool restricted = cut;; restricted = false) {
+  RowNoise noise(seed, step);
+  std::vector<Candidate>& cand = s.candidates;
+  const float first_score = x_max + noise(first_top);
+  // First the tokens within GUMBEL_MAX of the first top token's race score: all that can win if it survives
+  // (min-p keeps p_max; the prefix's rank 0 is a token at p_max, this one unless a tie went to another). Else
+  // every token within kRaceReach of x_max.
+  for (int attempt = 0;; ++attempt) {
+    const bool tight = attempt == 0;
+    cand.clear();
+    const float floor = tight ? first_score - kGumbelMax : x_max - kRaceReach;
+    const float inv = 1.0f / gather_candidates(logits, vocab, t, x_max, floor, cand);
+    float p_max = 0.0f;
+    for (const Candidate& c : cand) p_max = most(p_max, c.e * inv);
+    const float min_p_floor = min_p * p_max;
     if (cut) {
-      // Ranks only matter above `reach`; lower tokens come after them in the sorted order. Equal probabilities at
-      // the edge all stay in: which of them survive is one question.
-      float p_edge = INFINITY;
-      for (const Candidate& c : cand)
-        if (!restricted || c.x > reach) p_edge = least(p_edge, c.e * inv);
-      const float p_least = most(p_edge, min_p_floor);
-      s.ranked.clear();
-      for (size_t i = 0; i < cand.size(); ++i) {
-        cand[i].keep = false;
-        const float p = cand[i].e * inv;
-        if (p >= p_least) s.ranked.push_back(Ranked{p, static_cast<int32_t>(i)});
-      }
-      if (!mark_prefix(s.ranked, cand, k, top_p)) {
-        reference_prefix(logits, vocab, t, x_max, inv, k, top_p, s);
-        for (Candidate& c : cand) c.keep = s.kept[c.token].on && c.e * inv >= min_p_floor;
-      }
+      if (!mark_cut(cand, inv, min_p_floor, k, top_p, tight, logits, vocab, t, x_max, s)) continue;
     } else {
       for (Candidate& c : cand) c.keep = c.e * inv >= min_p_floor;
     }
-    const Candidate* top = nullptr;
-    for (const Candidate& c : cand)
-      if (c.keep && (top == nullptr || c.x > top->x)) top = &c;
-    if (top == nullptr) return 0;  // no survivor (min_p > 1): the reference's argmax over -inf scores
-    if (!restricted || top->x == x_max) break;
-    reach = -INFINITY;  // a token tied with p_max at a lower x took rank 0 (fp32 rounding): no bound from x_max
-  }
-  // The race. The best score among the survivors near the top raises the bound: only tokens above it get noise.
-  float band_best = -INFINITY;
-  float top_x = -INFINITY;
-  for (const Candidate& c : cand)
-    if (c.keep) top_x = most(top_x, c.x);
-  for (const Candidate& c : cand)
-    if (c.keep && c.x > top_x - kRaceBand) band_best = most(band_best, c.x + noise(c.token));
-  const float floor = band_best - kGumbelMax;
-  float best = -INFINITY;
-  int64_t winner = 0;
-  for (const Candidate& c : cand) {
-    if (!c.keep || !(c.x > floor)) continue;
-    const float score = c.x + noise(c.token);
-    if (score > best) {  // token order: an equal score later loses
-      best = score;
-      winner = c.token;
+    float best = -INFINITY;
+    int64_t winner = 0;
+    if (survives(cand, first_top)) {
+      best = first_score;
+      winner = first_top;
+    } else if (tight) {
+      continue;
+    } else {
+      const Candidate* top = nullptr;
+      for (const Candidate& c : cand)
+        if (c.keep && (top == nullptr || c.x > top->x)) top = &c;
+      if (top == nullptr) return 0;  // no survivor (min_p > 1): the reference's argmax over -inf scores
+      best = top->x + noise(top->token);
+      winner = top->token;
     }
+    // The race, from a survivor's score. Since -log(U) >= 1 - U, a token's noise is at most -log(1 - U): it can
+    // reach the best score so far only if 1 - U <= exp(x - best) = e * exp(x_max - best). That test takes no log,
+    // and few tokens pass it (about sum(exp(x - best)): a handful), so most draw only their Philox word.
+    // kRaceSlack covers the fp32 rounding of x + g.
+    const float race_floor = best - kGumbelMax;
+    const auto reach_factor = [&] { return exp(static_cast<double>(x_max) - best + kRaceSlack + fabsf(best) * 1e-6); };
+    double factor = reach_factor();
+    for (const Candidate& c : cand) {
+      if (!c.keep || !(c.x > race_floor) || c.token == winner) continue;
+      const uint32_t word = noise.word(c.token);
+      if (1.0 - static_cast<double>(uniform_from_word(word)) > c.e * factor) continue;
+      const float score = c.x + gumbel_from_word(word);
+      if (score > best || (score == best && c.token < winner)) {  // ties go to the lower token
+        best = score;
+        winner = c.token;
+        factor = reach_factor();
+      }
+    }
+    return winner;
   }
-  return winner;
 }
 
 void run_rows(const SamplerArgs& a, int64_t begin, int64_t end) {

@@ -71,6 +71,7 @@ def native_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     function: the tensor-parallel workers receive the kernel choice pickled."""
     if logits.device.type != "cpu":
         return sample(logits, batch)
+    _load()  # registers the ops (a no-op once loaded)
     return torch.ops.stage1.sample(logits.float(), batch.temperature, batch.top_k, batch.top_p, batch.min_p,
                                    batch.seeds, batch.steps)
 

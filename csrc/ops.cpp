@@ -66,6 +66,13 @@ cpu::SampleRowsFn sample_kernel() {
   return cpu::sample_rows_scalar;
 }
 
+cpu::SampleRowWithPrefixFn sample_with_prefix_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::sample_row_with_prefix_avx2;
+#endif
+  return cpu::sample_row_with_prefix_scalar;
+}
+
 cpu::GumbelNoiseFn gumbel_noise_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
   if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::gumbel_noise_avx2;
@@ -282,6 +289,30 @@ void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, 
   }
 }
 
+// The reference's top-k / top-p keep mask for one row (stage1/engine/sampler.py, filtered_probs and
+// _prefix_keep), op for op in ATen: torch's softmax and topk are the only source of its order of tied
+// probabilities. row: [1, vocab] logits; t: [1, 1] the temperature as the reference divides by it; top_p: [1].
+at::Tensor reference_prefix_keep(const at::Tensor& row, const at::Tensor& t, int64_t k, const at::Tensor& top_p) {
+  constexpr int64_t kCandidates = 1024;  // the reference's _PREFIX_CANDIDATES
+  const int64_t vocab = row.size(1);
+  const at::Tensor probs = (row / t).softmax(-1);
+  const auto keep_among = [&](int64_t candidates, bool* reached) {
+    const auto [top, order] = probs.topk(candidates, -1);
+    const at::Tensor ranks = at::arange(candidates, probs.options().dtype(at::kLong)).unsqueeze(0);
+    const at::Tensor mass_before = top.cumsum(-1) - top;
+    const at::Tensor drop = ranks.ge(k).logical_or(mass_before.ge(top_p.unsqueeze(1)));
+    drop.select(1, 0).fill_(false);
+    if (reached != nullptr) {
+      *reached = candidates >= vocab || k <= candidates ||
+                 (top_p.item<float>() < 1.0f && top.sum(-1).ge(top_p).item<bool>());
+    }
+    return at::zeros_like(probs, probs.options().dtype(at::kBool)).scatter_(-1, order, drop.logical_not());
+  };
+  bool reached = false;
+  const at::Tensor keep = keep_among(std::min(vocab, kCandidates), &reached);
+  return (reached ? keep : keep_among(vocab, nullptr)).contiguous();
+}
+
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                       const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds,
                       const at::Tensor& steps) {
@@ -309,6 +340,13 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   // a row of Qwen's 152k tokens is work enough for a thread; small vocabularies share one
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / vocab);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  for (int64_t r = 0; r < rows; ++r) {
+    if (args.tokens[r] != cpu::kNeedsTorchOrder) continue;
+    const at::Tensor t = at::where(tc.narrow(0, r, 1).gt(0), tc.narrow(0, r, 1), 1.0).unsqueeze(1);
+    const int64_t k = args.top_k[r] > 0 && args.top_k[r] < vocab ? args.top_k[r] : vocab;
+    const at::Tensor prefix = reference_prefix_keep(lc.narrow(0, r, 1), t, k, pc.narrow(0, r, 1));
+    sample_with_prefix_kernel()(args, r, prefix.data_ptr<bool>());
+  }
   return tokens;
 }
 

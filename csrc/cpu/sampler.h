@@ -18,10 +18,20 @@ struct SamplerArgs {
   int64_t* tokens;           // [rows] out
 };
 
+// A row's token where equal probabilities straddle its top-k / top-p cut: which of them survive is torch.topk's
+// order of ties, which only torch's own softmax and topk give. ops.cpp then computes the reference's keep mask
+// with ATen and draws the row again with it.
+constexpr int64_t kNeedsTorchOrder = -1;
+
 // Rows [begin, end), each whole on the calling thread (its scratch is thread-local).
 using SampleRowsFn = void (*)(const SamplerArgs&, int64_t begin, int64_t end);
 void sample_rows_scalar(const SamplerArgs& args, int64_t begin, int64_t end);
 void sample_rows_avx2(const SamplerArgs& args, int64_t begin, int64_t end);
+
+// One row again, with the reference's top-k / top-p keep mask (`prefix`, [vocab]) instead of its own cut.
+using SampleRowWithPrefixFn = void (*)(const SamplerArgs&, int64_t row, const bool* prefix);
+void sample_row_with_prefix_scalar(const SamplerArgs& args, int64_t row, const bool* prefix);
+void sample_row_with_prefix_avx2(const SamplerArgs& args, int64_t row, const bool* prefix);
 
 // The race's noise -log(-log(U)) for n (seed, step, token) triples, as stage1.contract.gumbel_noise (tests).
 using GumbelNoiseFn = void (*)(const int64_t* seeds, const int64_t* steps, const int64_t* tokens, int64_t n,

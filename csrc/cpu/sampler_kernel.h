@@ -14,8 +14,9 @@
 //    that surely survive (the mass before them is below top_p - kMassMargin) and those that surely do not (above
 //    top_p + kMassMargin); only the few ranks in between are sorted and get the exact fp32 rule.
 //    Where equal probabilities straddle the cut, which of them survive depends on the order torch.topk gives ties
-//    (std::partial_sort / nth_element over (p, token) pairs, TopKImpl.h): then the row replays that order on all its tokens
-//    (`reference_prefix`; slow, only on such ties).
+//    (a partial_sort or nth_element over the whole row's (p, token) pairs, TopKImpl.h), which only torch's own
+//    softmax and topk reproduce: the row then returns kNeedsTorchOrder, ops.cpp computes the reference's prefix
+//    with ATen, and the row is drawn again with that mask (`prefix`).
 // 4. The race (Gumbel-max): argmax over survivors of x + g, g = -log(-log(U)) in fp32, U from Philox4x32-10 keyed by
 //    the row's seed at counter (token / 4, step, 0, 0), word token % 4 (stage1.contract); ties go to the lower
 //    token. Survivors more than GUMBEL_MAX under the top one's score are skipped, and the logs are only taken where
@@ -49,8 +50,6 @@ constexpr float kRaceReach = 19.6f;
 constexpr double kMassMargin = 1e-5;
 // What the race's no-log test allows for rounding (scaled-logit units; plus 1e-6 of the score's magnitude).
 constexpr double kRaceSlack = 0.05;
-// torch.topk's rule in the reference: the prefix is first looked for among the 1024 most likely tokens.
-constexpr int64_t kPrefixCandidates = 1024;
 
 // Not std::min/max: their float instantiations would be shared with other translation units (see above).
 inline float least(float a, float b) { return b < a ? b : a; }
@@ -255,70 +254,10 @@ inline bool mark_prefix(std::vector<Ranked>& ranked, std::vector<Candidate>& can
   return !split_tie;
 }
 
-// torch.topk's (p, token) queue element and comparator (TopKImpl.h: std::pair<double, int64_t>, larger first).
-struct QueueEntry {
-  double p;
-  int64_t token;
-};
-
-struct Larger {
-  bool operator()(const QueueEntry& a, const QueueEntry& b) const { return a.p > b.p; }
-};
-
-// torch.topk(p, k) on one row, as TopKImpl.h orders it (torch 2.13): with k * 64 <= n std::partial_sort of the
-// (p, token) pairs, otherwise nth_element at k - 1, then a sort of the k - 1 before. (Later torch versions replace
-// the partial_sort by an explicit heap loop, which orders ties differently: the tie tests would show it.)
-inline void torch_topk_order(const std::vector<QueueEntry>& all, int64_t k, std::vector<QueueEntry>& queue) {
-  const int64_t n = static_cast<int64_t>(all.size());
-  const Larger larger;
-  if (k * 64 <= n) {
-    queue = all;
-    std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), larger);
-    queue.resize(k);
-  } else {
-    queue = all;
-    std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), larger);
-    std::sort(queue.begin(), queue.begin() + k - 1, larger);
-    queue.resize(k);
-  }
-}
-
-struct Flag {
-  bool on;
-};
-
 struct Scratch {
   std::vector<Candidate> candidates;
   std::vector<Ranked> ranked;
-  std::vector<QueueEntry> all, queue;
-  std::vector<Flag> kept;
 };
-
-// The reference's _prefix_keep replayed in its own order (ties included): the 1024 most likely first, the whole
-// row where the prefix may reach further. Marks kept[token].
-inline void reference_prefix(const float* logits, int64_t vocab, float t, float x_max, float inv, int64_t k,
-                             float top_p, Scratch& s) {
-  s.all.resize(vocab);
-  for_scaled(logits, vocab, t, x_max, [&](int64_t base, Vec, Vec e) {
-    float es[8];
-    vstore(es, e);
-    for (int64_t i = 0; i < 8 && base + i < vocab; ++i) s.all[base + i] = QueueEntry{es[i] * inv, base + i};
-  });
-  s.kept.assign(vocab, Flag{false});
-  const int64_t candidates = vocab < kPrefixCandidates ? vocab : kPrefixCandidates;
-  torch_topk_order(s.all, candidates, s.queue);
-  double top_sum = 0.0;
-  for (const QueueEntry& q : s.queue) top_sum += q.p;
-  const bool reached = candidates >= vocab || k <= candidates ||
-                       (top_p < 1.0f && static_cast<float>(top_sum) >= top_p);
-  if (!reached) torch_topk_order(s.all, vocab, s.queue);
-  double cumsum = 0.0;
-  for (int64_t r = 0; r < static_cast<int64_t>(s.queue.size()); ++r) {
-    const float p = static_cast<float>(s.queue[r].p);
-    cumsum += p;
-    s.kept[s.queue[r].token].on = prefix_keeps(r, cumsum, p, k, top_p);
-  }
-}
 
 // ------------------------------------------------------------------------------------------------------- a row
 
@@ -328,12 +267,14 @@ inline float prob_exponent(float p) {
   return static_cast<float>(bits >> 23);  // p >= 0: the biased exponent
 }
 
+enum class Cut { kMarked, kGatherMore, kNeedsTorchOrder };
+
 // Marks the candidates that min-p and the top-k / top-p prefix keep. The prefix is only ranked among the tokens
 // that can reach it: a histogram by p's exponent finds the first power-of-two band that lies wholly past the cut
-// (top_p + kMassMargin of the mass, or k tokens, above it), and only the bands above it are ranked. Returns false
-// where the candidates end at `gathered_floor` and the cut may lie past them: the caller gathers more.
-inline bool mark_cut(std::vector<Candidate>& cand, float inv, float min_p_floor, int64_t k, float top_p,
-                     bool gathered_floor, const float* logits, int64_t vocab, float t, float x_max, Scratch& s) {
+// (top_p + kMassMargin of the mass, or k tokens, above it), and only the bands above it are ranked. kGatherMore
+// where the candidates end at `gathered_floor` and the cut may lie past them.
+inline Cut mark_cut(std::vector<Candidate>& cand, float inv, float min_p_floor, int64_t k, float top_p,
+                    bool gathered_floor, Scratch& s) {
   double band_mass[256] = {};
   int64_t band_count[256] = {};
   bool all_ranked = true;
@@ -370,12 +311,8 @@ inline bool mark_cut(std::vector<Candidate>& cand, float inv, float min_p_floor,
     s.ranked.push_back(Ranked{p, static_cast<int32_t>(i)});
   }
   bool reaches_end = false;
-  if (!mark_prefix(s.ranked, cand, k, top_p, reaches_end)) {
-    reference_prefix(logits, vocab, t, x_max, inv, k, top_p, s);
-    for (Candidate& c : cand) c.keep = s.kept[c.token].on && c.e * inv >= min_p_floor;
-    return true;
-  }
-  return !(gathered_floor && all_ranked && reaches_end);
+  if (!mark_prefix(s.ranked, cand, k, top_p, reaches_end)) return Cut::kNeedsTorchOrder;
+  return gathered_floor && all_ranked && reaches_end ? Cut::kGatherMore : Cut::kMarked;
 }
 
 inline bool survives(const std::vector<Candidate>& cand, int64_t token) {
@@ -387,8 +324,10 @@ inline bool survives(const std::vector<Candidate>& cand, int64_t token) {
   return lo < cand.size() && cand[lo].token == token && cand[lo].keep;
 }
 
+// One row's token; kNeedsTorchOrder where ties straddle the cut and `prefix` (the reference's top-k / top-p keep
+// mask, [vocab]) is null.
 inline int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_t top_k, float top_p,
-                          float min_p, int64_t seed, int64_t step, Scratch& s) {
+                          float min_p, int64_t seed, int64_t step, const bool* prefix, Scratch& s) {
   if (temperature == 0.0f) return argmax_first(logits, vocab);
   const float t = temperature > 0.0f ? temperature : 1.0f;
   const int64_t first_top = argmax_first(logits, vocab);
@@ -410,8 +349,12 @@ inline int64_t sample_row(const float* logits, int64_t vocab, float temperature,
     float p_max = 0.0f;
     for (const Candidate& c : cand) p_max = most(p_max, c.e * inv);
     const float min_p_floor = min_p * p_max;
-    if (cut) {
-      if (!mark_cut(cand, inv, min_p_floor, k, top_p, tight, logits, vocab, t, x_max, s)) continue;
+    if (cut && prefix != nullptr) {
+      for (Candidate& c : cand) c.keep = prefix[c.token] && c.e * inv >= min_p_floor;
+    } else if (cut) {
+      const Cut marked = mark_cut(cand, inv, min_p_floor, k, top_p, tight, s);
+      if (marked == Cut::kNeedsTorchOrder) return kNeedsTorchOrder;
+      if (marked == Cut::kGatherMore) continue;
     } else {
       for (Candidate& c : cand) c.keep = c.e * inv >= min_p_floor;
     }
@@ -456,8 +399,14 @@ void run_rows(const SamplerArgs& a, int64_t begin, int64_t end) {
   static thread_local Scratch scratch;
   for (int64_t row = begin; row < end; ++row) {
     a.tokens[row] = sample_row(a.logits + row * a.ld, a.vocab, a.temperature[row], a.top_k[row], a.top_p[row],
-                               a.min_p[row], a.seeds[row], a.steps[row], scratch);
+                               a.min_p[row], a.seeds[row], a.steps[row], nullptr, scratch);
   }
+}
+
+void run_row_with_prefix(const SamplerArgs& a, int64_t row, const bool* prefix) {
+  static thread_local Scratch scratch;
+  a.tokens[row] = sample_row(a.logits + row * a.ld, a.vocab, a.temperature[row], a.top_k[row], a.top_p[row],
+                             a.min_p[row], a.seeds[row], a.steps[row], prefix, scratch);
 }
 
 }  // namespace

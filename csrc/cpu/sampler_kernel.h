@@ -5,28 +5,33 @@
 // the same tie rule. Per row:
 // 1. Greedy rows (T == 0): argmax of the logits, the first index on ties (torch.argmax).
 // 2. One vector pass: x = logits / T (IEEE division, as torch), e = exp(x - x_max), their sum, and the candidates:
-//    tokens with x > x_max - kRaceReach, the only ones that can win the race (the top token, which always survives,
-//    scores at least x_max - 2.82, the least noise a 23-bit uniform gives, and no token gains more than 16.64).
-//    Probabilities as the reference's softmax forms them: p = e * (1 / sum). Min-p drops p < min_p * p_max.
+//    tokens with x above the first top token's race score minus GUMBEL_MAX, all that can win once that token
+//    survives (min-p keeps p_max; the prefix's rank 0 is a token at p_max, this one unless a tie went elsewhere).
+//    Where it does not survive, or the cut may lie past the candidates, the pass runs again with the floor at
+//    x_max - kRaceReach (a survivor at p_max scores at least x_max - 2.82; no noise exceeds 16.64). Probabilities as the
+//    reference's softmax forms them: p = e * (1 / sum). Min-p drops p < min_p * p_max.
 // 3. Top-k / top-p keep a prefix of the distribution sorted by p: rank r survives iff r == 0, or r < k and
 //    mass_before(r) < top_p, where mass_before is the reference's fp32 `cumsum - p` (torch's CPU cumsum adds in
-//    double). No sort of the row: a quickselect on the candidates' mass (nth_element halves, O(n)) finds the ranks
-//    that surely survive (the mass before them is below top_p - kMassMargin) and those that surely do not (above
-//    top_p + kMassMargin); only the few ranks in between are sorted and get the exact fp32 rule.
+//    double). No sort of the row: a histogram by p's exponent drops the bands wholly past the cut, then a
+//    quickselect on the rest's mass (nth_element halves, O(n)) finds the ranks that surely survive (the mass before
+//    them is below top_p - kMassMargin) and those that surely do not (above top_p + kMassMargin); only the few
+//    ranks in between are sorted and get the exact fp32 rule.
 //    Where equal probabilities straddle the cut, which of them survive depends on the order torch.topk gives ties
 //    (a partial_sort or nth_element over the whole row's (p, token) pairs, TopKImpl.h), which only torch's own
 //    softmax and topk reproduce: the row then returns kNeedsTorchOrder, ops.cpp computes the reference's prefix
 //    with ATen, and the row is drawn again with that mask (`prefix`).
 // 4. The race (Gumbel-max): argmax over survivors of x + g, g = -log(-log(U)) in fp32, U from Philox4x32-10 keyed by
 //    the row's seed at counter (token / 4, step, 0, 0), word token % 4 (stage1.contract); ties go to the lower
-//    token. Survivors more than GUMBEL_MAX under the top one's score are skipped, and the logs are only taken where
+//    token. Survivors more than GUMBEL_MAX under a survivor's score are skipped, and the logs are only taken where
 //    the Philox word leaves the token a chance to beat the best score so far (see sample_row).
 //
 // What is not bit-exact: exp and the softmax sum's order differ from torch's (~1 ulp in p), and glibc's logf from
-// torch's vectorised log (~1 ulp in g). A survivor decision can then differ only where p sits within ~1e-7 of the
-// min-p threshold or the prefix mass within ~1e-7 of top_p, and the drawn token only if that marginal token wins
-// the race (or two race scores fall within an ulp). tests/native/test_native_sampler.py shows equality on realistic
-// logits (random normal at several scales, vocabularies of 1000 and 151,936, exact ties, peaked and flat rows).
+// torch's vectorised log (within 2^-23 (1 + |g|) of its noise; 85% of draws identical). A survivor decision can then
+// differ only where p sits within ~1e-7 of the min-p threshold, the prefix mass within ~1e-7 of top_p, or two
+// distinct logits round to one p right at the cut; the drawn token only if that marginal token wins the race, or if
+// two race scores fall within an ulp. tests/native/test_native_sampler.py shows equality on realistic logits (random
+// normal at several scales, LLM-like, vocabularies of 1000 and 151,936, exact ties, bf16 values, peaked, flat and
+// masked rows).
 //
 // std algorithms and containers are used on this file's own types only: their instantiations then stay local to
 // the translation unit (one compiled with AVX2 could otherwise be picked by the linker for the whole library).

@@ -337,9 +337,16 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   args.steps = stc.data_ptr<int64_t>();
   args.tokens = tokens.data_ptr<int64_t>();
   const cpu::SampleRowsFn kernel = sample_kernel();
-  // a row of Qwen's 152k tokens is work enough for a thread; small vocabularies share one
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / vocab);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  // Rows cost what their candidates cost (a few hundred tokens to most of the vocabulary): each thread takes the
+  // next group of rows as it finishes one, rather than a fixed share. A group: ~64k tokens' work.
+  const int64_t group = std::max<int64_t>(1, (int64_t{1} << 16) / vocab);
+  const int64_t groups = (rows + group - 1) / group;
+  std::atomic<int64_t> next_group{0};
+  at::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t g = next_group++; g < groups; g = next_group++) {
+      kernel(args, g * group, std::min(rows, (g + 1) * group));
+    }
+  });
   for (int64_t r = 0; r < rows; ++r) {
     if (args.tokens[r] != cpu::kNeedsTorchOrder) continue;
     const at::Tensor t = at::where(tc.narrow(0, r, 1).gt(0), tc.narrow(0, r, 1), 1.0).unsqueeze(1);

@@ -33,6 +33,8 @@
 // normal at several scales, LLM-like, vocabularies of 1000 and 151,936, exact ties, bf16 values, peaked, flat and
 // masked rows).
 //
+// NaN logits are not supported (nor are they in the reference, whose argmax then returns the NaN).
+//
 // std algorithms and containers are used on this file's own types only: their instantiations then stay local to
 // the translation unit (one compiled with AVX2 could otherwise be picked by the linker for the whole library).
 //

@@ -8,8 +8,8 @@
 //    tokens with x above the first top token's race score minus GUMBEL_MAX, all that can win once that token
 //    survives (min-p keeps p_max; the prefix's rank 0 is a token at p_max, this one unless a tie went elsewhere).
 //    Where it does not survive, or the cut may lie past the candidates, the pass runs again with the floor at
-//    x_max - kRaceReach (a survivor at p_max scores at least x_max - 2.82; no noise exceeds 16.64). Probabilities as the
-//    reference's softmax forms them: p = e * (1 / sum). Min-p drops p < min_p * p_max.
+//    x_max - kRaceReach (a survivor at p_max scores at least x_max - 2.82; no noise exceeds 16.64).
+//    Probabilities as the reference's softmax forms them: p = e * (1 / sum). Min-p drops p < min_p * p_max.
 // 3. Top-k / top-p keep a prefix of the distribution sorted by p: rank r survives iff r == 0, or r < k and
 //    mass_before(r) < top_p, where mass_before is the reference's fp32 `cumsum - p` (torch's CPU cumsum adds in
 //    double). No sort of the row: a histogram by p's exponent drops the bands wholly past the cut, then a
@@ -58,8 +58,7 @@ constexpr double kMassMargin = 1e-5;
 // What the race's no-log test allows for rounding (scaled-logit units; plus 1e-6 of the score's magnitude).
 constexpr double kRaceSlack = 0.05;
 
-// Not std::min/max: their float instantiations would be shared with other translation units (see above).
-inline float least(float a, float b) { return b < a ? b : a; }
+// Not std::max: its float instantiation would be shared with other translation units (see above).
 inline float most(float a, float b) { return b > a ? b : a; }
 
 struct PhiloxWords {

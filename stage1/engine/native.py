@@ -1,7 +1,8 @@
-"""The native ops (`stage1._C`, built from csrc/ by setup.py when it can be) and the attention backend on them.
+"""The native ops (`stage1._C`, built from csrc/ by setup.py when it can be), the attention backend and the
+sampler on them.
 
-`stage1._C` is optional: importing it registers `torch.ops.stage1.paged_decode_attention` and
-`torch.ops.stage1.write_kv` (CPU and Meta kernels). `native_available()` says whether it loaded, and
+`stage1._C` is optional: importing it registers `torch.ops.stage1.*` (paged_decode_attention, write_kv,
+linear_bf16w, sample, gumbel_noise; CPU and Meta kernels). `native_available()` says whether it loaded, and
 `native_error()` why not. `NativeAttentionBackend` runs decode and the cache writes through those ops on CPU
 tensors it supports (fp32/bf16 cache, head_dim a multiple of 8 up to 256) and the plain-PyTorch reference
 everywhere else (prefill, rotary, other dtypes/devices).

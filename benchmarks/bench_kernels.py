@@ -61,7 +61,9 @@ def main() -> None:
         kernels_native.print_rows(native_rows)
         linear_rows = kernels_native.run_linear()
         kernels_native.print_linear_rows(linear_rows)
-        rows += native_rows + linear_rows
+        sampler_rows = kernels_native.run_sampler()
+        kernels_native.print_sampler_rows(sampler_rows)
+        rows += native_rows + linear_rows + sampler_rows
     facts = {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
              "torch": torch.__version__, "interpreted": device.type != "cuda", "rows": rows}
     if args.out:

@@ -10,13 +10,18 @@ each CPU kernel set the machine runs (avx2, scalar). bench_kernels.py prints the
 linear_bf16w (bf16 weights, fp32 x and arithmetic) at M = 1 and 32 on Qwen2.5-0.5B's shapes (qkv 896->1152, o
 896->896, gate_up 896->9728, down 4864->896, LM head 896->151936) against torch's F.linear on fp32 weights (the
 same arithmetic, twice the bytes) and on bf16 weights with bf16 x (torch's bf16 path: lower precision); GB/s
-counts each one's own weight bytes, GFLOP/s 2*M*N*K. `--linear-only` / `--attention-only` run one part.
+counts each one's own weight bytes, GFLOP/s 2*M*N*K.
 
 The fused elementwise ops (fused_add_rms_norm, silu_and_mul, rotary_write_kv) against the PyTorch ops they replace
 (their references: residual add + RMSNorm, silu + mul, apply_rotary + write_kv) at decode (M = 1, 32 tokens) and
 prefill (M = 512) shapes of the 0.5B (hidden 896, intermediate 4864, 14/2 heads, head_dim 64), fp32 and bf16;
 `--fused-only` runs only these. `run_fused(device)` runs on CUDA tensors as well (where stage1._C has its CUDA
 kernels), for the GPU check.
+
+sample (stage1::sample) against the reference sampler it replaces (stage1.engine.sampler.sample: the same tokens)
+at 1, 64 and 256 rows of Qwen's 151,936-token vocabulary, greedy and at temperature 0.8 / top-p 0.9, on the
+LLM-like logits of kernels_sampling.py (a broad normal base and 48 peaks per row); each row checks the tokens are
+equal. `--linear-only` / `--attention-only` / `--fused-only` / `--sampler-only` run one part.
 """
 
 from __future__ import annotations
@@ -111,6 +116,63 @@ def print_linear_rows(rows: list[dict]) -> None:
         ratio = "" if r["impl"] == "native bf16w" or not (r["ms"] and ours["ms"]) else f"{r['ms'] / ours['ms']:.2f}x"
         ms = "failed" if r["ms"] is None else f"{r['ms']:9.3f}"
         print(f"  {r['shape']:28s} {r['impl']:13s} {ms:>9s} {r['gbps'] or 0:6.1f} {r['gflops'] or 0:8.1f} {ratio:>10s}")
+
+
+SAMPLER_ROWS = (1, 64, 256)
+SAMPLER_VOCAB = 151936
+SAMPLER_PARAMS = {"greedy": dict(temperature=0.0), "T 0.8, top-p 0.9": dict(temperature=0.8, top_p=0.9)}
+
+
+def llm_like_logits(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """kernels_sampling.py's logits (fp32, CPU): normal * 2, plus 48 peaks of 4..12 per row."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 2
+    peaks = torch.randint(0, vocab, (rows, 48), generator=g)
+    return logits.scatter_add_(1, peaks, 4 + 8 * torch.rand(rows, 48, generator=g))
+
+
+def run_sampler(row_counts=SAMPLER_ROWS, warmup: int = 1, reps: int = 5) -> list[dict]:
+    """One row per (rows, parameters, impl): ms, ratio_vs_reference (the reference's ms / ours), same_tokens."""
+    from stage1.engine.native import native_available, native_error, native_sample
+    from stage1.engine.params import SamplingParams
+    from stage1.engine.sampler import SamplingBatch, sample
+
+    if not native_available():
+        print(f"native sampler: skipped ({native_error()})")
+        return []
+    cpu = torch.device("cpu")
+    out = []
+    for rows in row_counts:
+        logits = llm_like_logits(rows, SAMPLER_VOCAB)
+        for label, params in SAMPLER_PARAMS.items():
+            batch = SamplingBatch.build([SamplingParams(max_tokens=1, **params)] * rows, cpu,
+                                        seeds=list(range(rows)), steps=[5] * rows)
+            r = reps if rows < 256 or params["temperature"] == 0 else max(2, reps // 2)
+            impls = {"native": lambda: native_sample(logits, batch), "reference": lambda: sample(logits, batch)}
+            timings = {impl: try_timing(lambda: time_ms(fn, cpu, warmup, r)) for impl, fn in impls.items()}
+            same = torch.equal(native_sample(logits, batch), sample(logits, batch))
+            shape = f"{rows} x {SAMPLER_VOCAB}, {label}"
+            for impl in impls:
+                ours, ref = timings["native"], timings["reference"]
+                out.append(dict(kernel="sample", impl=impl, shape=shape, rows=rows, vocab=SAMPLER_VOCAB,
+                                ms=timings[impl], ratio_vs_reference=(ref / ours) if impl == "native" and ours and ref
+                                else None, same_tokens=same if impl == "native" else None))
+            print(f"  sample {shape:32s} native {ours or float('nan'):9.3f} ms | reference "
+                  f"{ref or float('nan'):9.3f} ms | x{(ref / ours) if ours and ref else 0:.2f} | same tokens {same}",
+                  flush=True)
+    return out
+
+
+def print_sampler_rows(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print(f"sample on {machine()}")
+    print(f"  {'shape':32s} {'impl':10s} {'ms':>10s} {'x reference':>12s}  same tokens")
+    for r in rows:
+        ms = "failed" if r["ms"] is None else f"{r['ms']:10.3f}"
+        ratio = "" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x"
+        same = "" if r["same_tokens"] is None else str(r["same_tokens"])
+        print(f"  {r['shape']:32s} {r['impl']:10s} {ms:>10s} {ratio:>12s}  {same}")
 
 
 def decode_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
@@ -256,16 +318,19 @@ def main() -> None:
     part.add_argument("--linear-only", action="store_true")
     part.add_argument("--attention-only", action="store_true")
     part.add_argument("--fused-only", action="store_true")
+    part.add_argument("--sampler-only", action="store_true")
     args = parser.parse_args()
     print(f"machine: {machine()}; commit {git_commit()}; torch {torch.__version__}", flush=True)
-    only = args.linear_only or args.attention_only or args.fused_only
+    only = args.linear_only or args.attention_only or args.fused_only or args.sampler_only
     rows = run(reps=args.reps) if args.attention_only or not only else []
     print_rows(rows)
     linear_rows = run_linear() if args.linear_only or not only else []
     print_linear_rows(linear_rows)
     fused_rows = run_fused(reps=args.reps) if args.fused_only or not only else []
     print_fused_rows(fused_rows)
-    rows += linear_rows + fused_rows
+    sampler_rows = run_sampler() if args.sampler_only or not only else []
+    print_sampler_rows(sampler_rows)
+    rows += linear_rows + fused_rows + sampler_rows
     facts = {"machine": machine(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
              "torch": torch.__version__, "rows": rows}
     if args.out:

@@ -12,10 +12,12 @@
 #include <atomic>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/decode_attention.h"
 #include "cpu/linear_bf16w.h"
+#include "cpu/sampler.h"
 
 namespace stage1 {
 namespace {
@@ -55,6 +57,27 @@ cpu::LinearBf16wFn linear_bf16w_kernel() {
   if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::linear_bf16w_avx2;
 #endif
   return cpu::linear_bf16w_scalar;
+}
+
+cpu::SampleRowsFn sample_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::sample_rows_avx2;
+#endif
+  return cpu::sample_rows_scalar;
+}
+
+cpu::SampleRowWithPrefixFn sample_with_prefix_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::sample_row_with_prefix_avx2;
+#endif
+  return cpu::sample_row_with_prefix_scalar;
+}
+
+cpu::GumbelNoiseFn gumbel_noise_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::gumbel_noise_avx2;
+#endif
+  return cpu::gumbel_noise_scalar;
 }
 
 // -------------------------------------------------------------------------------------- paged decode attention
@@ -243,6 +266,122 @@ at::Tensor linear_bf16w_meta(const at::Tensor& x, const at::Tensor& w, const std
   return at::empty_symint({x.sym_size(0), w.sym_size(0)}, x.options());
 }
 
+// -------------------------------------------------------------------------------------------------------- sample
+
+void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                       const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds,
+                       const at::Tensor& steps) {
+  TORCH_CHECK(logits.dim() == 2, "sample: logits must be [rows, vocab], got ", logits.sizes());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat, "sample: logits must be float32, got ", logits.scalar_type());
+  const int64_t rows = logits.size(0);
+  const std::pair<const char*, const at::Tensor*> floats[] = {{"temperature", &temperature}, {"top_p", &top_p},
+                                                              {"min_p", &min_p}};
+  const std::pair<const char*, const at::Tensor*> ints[] = {{"top_k", &top_k}, {"seeds", &seeds}, {"steps", &steps}};
+  for (const auto& [name, t] : floats) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, "sample: ", name, " must be [rows] (", rows, "), got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "sample: ", name, " must be float32, got ", t->scalar_type());
+  }
+  for (const auto& [name, t] : ints) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, "sample: ", name, " must be [rows] (", rows, "), got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kLong, "sample: ", name, " must be int64, got ", t->scalar_type());
+  }
+}
+
+// The reference's top-k / top-p keep mask for one row (stage1/engine/sampler.py, filtered_probs and
+// _prefix_keep), op for op in ATen: torch's softmax and topk are the only source of its order of tied
+// probabilities. row: [1, vocab] logits; t: [1, 1] the temperature as the reference divides by it; top_p: [1].
+at::Tensor reference_prefix_keep(const at::Tensor& row, const at::Tensor& t, int64_t k, const at::Tensor& top_p) {
+  constexpr int64_t kCandidates = 1024;  // the reference's _PREFIX_CANDIDATES
+  const int64_t vocab = row.size(1);
+  const at::Tensor probs = (row / t).softmax(-1);
+  const auto keep_among = [&](int64_t candidates, bool* reached) {
+    const auto [top, order] = probs.topk(candidates, -1);
+    const at::Tensor ranks = at::arange(candidates, probs.options().dtype(at::kLong)).unsqueeze(0);
+    const at::Tensor mass_before = top.cumsum(-1) - top;
+    const at::Tensor drop = ranks.ge(k).logical_or(mass_before.ge(top_p.unsqueeze(1)));
+    drop.select(1, 0).fill_(false);
+    if (reached != nullptr) {
+      *reached = candidates >= vocab || k <= candidates ||
+                 (top_p.item<float>() < 1.0f && top.sum(-1).ge(top_p).item<bool>());
+    }
+    return at::zeros_like(probs, probs.options().dtype(at::kBool)).scatter_(-1, order, drop.logical_not());
+  };
+  bool reached = false;
+  const at::Tensor keep = keep_among(std::min(vocab, kCandidates), &reached);
+  return (reached ? keep : keep_among(vocab, nullptr)).contiguous();
+}
+
+at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                      const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds,
+                      const at::Tensor& steps) {
+  check_sample_args(logits, temperature, top_k, top_p, min_p, seeds, steps);
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(vocab > 0 || rows == 0, "sample: the vocabulary is empty");
+  TORCH_CHECK(vocab < (int64_t{1} << 31), "sample (CPU): at most 2^31 - 1 tokens per row, got ", vocab);
+  at::Tensor tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  if (rows == 0) return tokens;
+  const at::Tensor lc = logits.stride(1) == 1 ? logits : logits.contiguous();
+  const at::Tensor tc = temperature.contiguous(), kc = top_k.contiguous(), pc = top_p.contiguous();
+  const at::Tensor mc = min_p.contiguous(), sc = seeds.contiguous(), stc = steps.contiguous();
+  cpu::SamplerArgs args;
+  args.logits = lc.data_ptr<float>();
+  args.vocab = vocab;
+  args.ld = lc.stride(0);
+  args.temperature = tc.data_ptr<float>();
+  args.top_k = kc.data_ptr<int64_t>();
+  args.top_p = pc.data_ptr<float>();
+  args.min_p = mc.data_ptr<float>();
+  args.seeds = sc.data_ptr<int64_t>();
+  args.steps = stc.data_ptr<int64_t>();
+  args.tokens = tokens.data_ptr<int64_t>();
+  const cpu::SampleRowsFn kernel = sample_kernel();
+  // Rows cost what their candidates cost (a few hundred tokens to most of the vocabulary): each thread takes the
+  // next group of rows as it finishes one, rather than a fixed share. A group: ~64k tokens' work.
+  const int64_t group = std::max<int64_t>(1, (int64_t{1} << 16) / vocab);
+  const int64_t groups = (rows + group - 1) / group;
+  std::atomic<int64_t> next_group{0};
+  at::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t g = next_group++; g < groups; g = next_group++) {
+      kernel(args, g * group, std::min(rows, (g + 1) * group));
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    if (args.tokens[r] != cpu::kNeedsTorchOrder) continue;
+    const at::Tensor t = at::where(tc.narrow(0, r, 1).gt(0), tc.narrow(0, r, 1), 1.0).unsqueeze(1);
+    const int64_t k = args.top_k[r] > 0 && args.top_k[r] < vocab ? args.top_k[r] : vocab;
+    const at::Tensor prefix = reference_prefix_keep(lc.narrow(0, r, 1), t, k, pc.narrow(0, r, 1));
+    sample_with_prefix_kernel()(args, r, prefix.data_ptr<bool>());
+  }
+  return tokens;
+}
+
+at::Tensor sample_meta(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                       const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds,
+                       const at::Tensor& steps) {
+  TORCH_CHECK(logits.dim() == 2, "sample: logits must be [rows, vocab], got ", logits.sizes());
+  return at::empty_symint({logits.sym_size(0)}, logits.options().dtype(at::kLong));
+}
+
+at::Tensor gumbel_noise_cpu(const at::Tensor& seeds, const at::Tensor& steps, const at::Tensor& tokens) {
+  TORCH_CHECK(seeds.sizes() == tokens.sizes() && steps.sizes() == tokens.sizes(),
+              "gumbel_noise: seeds, steps and tokens must have one shape, got ", seeds.sizes(), ", ", steps.sizes(),
+              ", ", tokens.sizes());
+  TORCH_CHECK(seeds.scalar_type() == at::kLong && steps.scalar_type() == at::kLong &&
+                  tokens.scalar_type() == at::kLong,
+              "gumbel_noise: seeds, steps and tokens must be int64");
+  const at::Tensor sc = seeds.contiguous(), stc = steps.contiguous(), tc = tokens.contiguous();
+  at::Tensor out = at::empty(tokens.sizes(), tokens.options().dtype(at::kFloat));
+  gumbel_noise_kernel()(sc.data_ptr<int64_t>(), stc.data_ptr<int64_t>(), tc.data_ptr<int64_t>(), tc.numel(),
+                        out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor gumbel_noise_meta(const at::Tensor& seeds, const at::Tensor& steps, const at::Tensor& tokens) {
+  return at::empty_symint(tokens.sym_sizes(), tokens.options().dtype(at::kFloat));
+}
+
 }  // namespace
 }  // namespace stage1
 
@@ -251,18 +390,25 @@ TORCH_LIBRARY(stage1, m) {
         " -> Tensor");
   m.def("write_kv(Tensor(a!) kv_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
   m.def("linear_bf16w(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seeds,"
+        " Tensor steps) -> Tensor");
+  m.def("gumbel_noise(Tensor seeds, Tensor steps, Tensor tokens) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(stage1, CPU, m) {
   m.impl("paged_decode_attention", &stage1::paged_decode_attention_cpu);
   m.impl("write_kv", &stage1::write_kv_cpu);
   m.impl("linear_bf16w", &stage1::linear_bf16w_cpu);
+  m.impl("sample", &stage1::sample_cpu);
+  m.impl("gumbel_noise", &stage1::gumbel_noise_cpu);
 }
 
 TORCH_LIBRARY_IMPL(stage1, Meta, m) {
   m.impl("paged_decode_attention", &stage1::paged_decode_attention_meta);
   m.impl("write_kv", &stage1::write_kv_meta);
   m.impl("linear_bf16w", &stage1::linear_bf16w_meta);
+  m.impl("sample", &stage1::sample_meta);
+  m.impl("gumbel_noise", &stage1::gumbel_noise_meta);
 }
 
 // ----------------------------------------------------------------------------------------------- Python module

@@ -13,8 +13,14 @@ inline Vec vload(const uint16_t* p) {  // 8 bf16 -> fp32: the bf16 bits are the 
 }
 inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }  // IEEE division, rounded as torch's
 inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+// Bit i set where lane i of a > b (== b): compare, then the lanes' sign bits.
+inline int vmask_gt(Vec a, Vec b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+inline int vmask_eq(Vec a, Vec b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)); }
 inline float hsum(Vec v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   __m128 shuf = _mm_movehdup_ps(x);

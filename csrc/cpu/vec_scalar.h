@@ -32,9 +32,31 @@ inline Vec vfma(Vec a, Vec b, Vec c) {
   for (int i = 0; i < 8; ++i) c.x[i] = a.x[i] * b.x[i] + c.x[i];
   return c;
 }
+inline Vec vadd(Vec a, Vec b) {
+  for (int i = 0; i < 8; ++i) a.x[i] += b.x[i];
+  return a;
+}
+inline Vec vsub(Vec a, Vec b) {
+  for (int i = 0; i < 8; ++i) a.x[i] -= b.x[i];
+  return a;
+}
 inline Vec vmul(Vec a, Vec b) {
   for (int i = 0; i < 8; ++i) a.x[i] *= b.x[i];
   return a;
+}
+inline Vec vdiv(Vec a, Vec b) {
+  for (int i = 0; i < 8; ++i) a.x[i] /= b.x[i];
+  return a;
+}
+inline int vmask_gt(Vec a, Vec b) {
+  int mask = 0;
+  for (int i = 0; i < 8; ++i) mask |= (a.x[i] > b.x[i]) << i;
+  return mask;
+}
+inline int vmask_eq(Vec a, Vec b) {
+  int mask = 0;
+  for (int i = 0; i < 8; ++i) mask |= (a.x[i] == b.x[i]) << i;
+  return mask;
 }
 inline Vec vmax(Vec a, Vec b) {
   for (int i = 0; i < 8; ++i) a.x[i] = a.x[i] > b.x[i] ? a.x[i] : b.x[i];

@@ -3,10 +3,10 @@ ops of stage1._C (csrc/, optional: built by `pip install --no-build-isolation -e
 
 `auto` picks Triton for CUDA tensors when it is installed, and the reference everywhere else: Triton launched on
 CPU tensors only works in its interpreter (TRITON_INTERPRET=1), which is for tests, not for speed. `native` (CPU
-only for now) runs decode attention, rotary + KV writes, RMSNorm (+ residual add) and SiLU-and-mul through
-stage1._C and the rest through the reference; `auto` does not pick it on the CPU yet (tests/engine/test_backends.py
-pins `auto` to the reference there). On a GPU, Triton's kernels get stage1._C's fused CUDA ops beside them
-wherever stage1._C was built with CUDA (`with_native_cuda_ops`).
+only for now) runs decode attention, rotary + KV writes, RMSNorm (+ residual add), SiLU-and-mul and sampling
+(`native_sample`: the reference's tokens) through stage1._C and the rest through the reference; `auto` does not pick
+it on the CPU yet (tests/engine/test_backends.py pins `auto` to the reference there). On a GPU, Triton's kernels get
+stage1._C's fused CUDA ops beside them wherever stage1._C was built with CUDA (`with_native_cuda_ops`).
 
 The linear layers' matmul (`Kernels.linear`, installed in every layer by the loader) is F.linear, except with
 `native` on a CPU in bfloat16 (`for_dtype`): then the matmul weights stay bf16 in memory and
@@ -90,7 +90,7 @@ def with_native_cuda_ops(kernels: Kernels, device: torch.device) -> Kernels:
 
 
 def native_kernels(device: torch.device) -> Kernels:
-    from .native import NativeAttentionBackend, cpu_isa, native_available, native_error
+    from .native import NativeAttentionBackend, cpu_isa, native_available, native_error, native_sample
 
     if not native_available():
         raise ValueError(f"kernels='native': {native_error()}; or use kernels='torch'")
@@ -99,9 +99,9 @@ def native_kernels(device: torch.device) -> Kernels:
                          f"or 'torch'")
     from .native import ELEMENTWISE
 
-    logger.info("stage1: kernels native (stage1._C, CPU kernels %s): decode attention, rotary + KV writes, RMSNorm "
-                "and SiLU-and-mul native, prefill and sampling through the PyTorch reference", cpu_isa())
-    return Kernels("native", NativeAttentionBackend(), sample, elementwise=ELEMENTWISE)
+    logger.info("stage1: kernels native (stage1._C, CPU kernels %s): decode attention, rotary + KV writes, RMSNorm, "
+                "SiLU-and-mul and sampling native, prefill attention through the PyTorch reference", cpu_isa())
+    return Kernels("native", NativeAttentionBackend(), native_sample, elementwise=ELEMENTWISE)
 
 
 def triton_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""The native ops (`stage1._C`, built from csrc/ by setup.py when it can be) and the attention backend on them.
+"""The native ops (`stage1._C`, built from csrc/ by setup.py when it can be), the attention backend and the
+sampler on them.
 
-`stage1._C` is optional: importing it registers `torch.ops.stage1.paged_decode_attention` and
-`torch.ops.stage1.write_kv` (CPU and Meta kernels), and the ops below. `native_available()` says whether it loaded,
-and `native_error()` why not. `NativeAttentionBackend` runs decode and the cache writes through those ops on CPU
-tensors it supports (fp32/bf16 cache, head_dim a multiple of 8 up to 256) and the plain-PyTorch reference
-everywhere else (prefill, rotary, other dtypes/devices).
+`stage1._C` is optional: importing it registers `torch.ops.stage1.*` (paged_decode_attention, write_kv,
+linear_bf16w, sample, gumbel_noise, and the fused ops below; CPU and Meta kernels). `native_available()` says
+whether it loaded, and `native_error()` why not. `NativeAttentionBackend` runs decode and the cache writes
+through those ops on CPU tensors it supports (fp32/bf16 cache, head_dim a multiple of 8 up to 256) and the
+plain-PyTorch reference everywhere else (prefill, other dtypes/devices).
 
 `linear_bf16w` (`torch.ops.stage1.linear_bf16w`: bf16 weights widened to fp32 in registers, fp32 sums) is the
 linear layers' matmul when the native kernels run a bf16 model on a CPU (backends.py); its plain-PyTorch
@@ -15,6 +16,10 @@ torch, `native_cuda_available()`): `rms_norm` and `fused_add_rms_norm` (referenc
 `silu_and_mul` (layers/activation.py), installed in the layers as `ELEMENTWISE`; and `rotary_write_kv` (reference
 `rotary_write_kv_reference`, attention.py), the attention backends' fused rotary + KV write: the native backend's
 on the CPU, and `WithNativeRotaryKV` puts it in front of another backend's kernels on a GPU.
+
+`native_sample` (`torch.ops.stage1.sample`) is the native kernels' sampler: the same tokens as the reference
+`stage1.engine.sampler.sample` (same survivors, same Philox noise, same tie rule; csrc/cpu/sampler_kernel.h says
+where fp32 rounding could part them), without sorting the vocabulary.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from stage1.contract import AttentionBackend, AttentionContext
 
 from .attention import apply_rotary, decode_attention_reference, prefill_attention_reference, write_kv_reference
 from .layers import ElementwiseKernels
+from .sampler import SamplingBatch, sample
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -111,6 +117,15 @@ def _fused_rotary_fits(qk: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -
     on_device = qk.device.type == "cpu" or (qk.device.type == "cuda" and native_cuda_available())
     return on_device and qk.dtype == v.dtype == cache.dtype and qk.stride(-1) == 1 and v.stride(-1) == 1 \
         and cache.stride(-1) == 1
+def native_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """One token id per row of `logits` [rows, vocab], as `stage1.engine.sampler.sample` draws it, through
+    stage1::sample on CPU tensors (logits widened to fp32 first) and the reference elsewhere. A module-level
+    function: the tensor-parallel workers receive the kernel choice pickled."""
+    if logits.device.type != "cpu":
+        return sample(logits, batch)
+    _load()  # registers the ops (a no-op once loaded)
+    return torch.ops.stage1.sample(logits.float(), batch.temperature, batch.top_k, batch.top_p, batch.min_p,
+                                   batch.seeds, batch.steps)
 
 
 def _supported(cache: torch.Tensor) -> bool:

@@ -1,7 +1,7 @@
 """The whole engine with kernels='native' against kernels='torch' on the tiny checkpoints (fp32): the same greedy
 tokens, on every GQA ratio and head size the tiny shapes cover, decode through the native op, the norms, the
-activation and rotary + KV write through the fused ops; and over two tensor-parallel ranks (the kernel choice
-pickled to the worker)."""
+activation and rotary + KV write through the fused ops; over two tensor-parallel ranks (the kernel choice pickled
+to the worker); and the same sampled tokens, drawn by the native sampler."""
 
 from __future__ import annotations
 
@@ -56,11 +56,29 @@ def test_native_engine_over_two_ranks(checkpoint):
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
 
 
+def test_native_engine_samples_the_reference_tokens(checkpoint):
+    path = checkpoint("gqa2-d128-untied")
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"prompt_token_ids": torch.randint(3, 300, (n,), generator=g).tolist()} for n in LENGTHS]
+    params = [SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=100 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    params[1] = SamplingParams(max_tokens=16, temperature=1.2, top_k=20, min_p=0.05, seed=7, ignore_eos=True)
+    params[2] = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)  # greedy in a sampled batch
+    outputs = {}
+    for kernels in ("torch", "native"):
+        llm = LLM(path, dtype="float32", kernels=kernels)
+        outputs[kernels] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs["native"] == outputs["torch"]
+    assert len({tuple(t) for t in outputs["native"]}) == len(prompts)  # the draws did differ
+
+
 def test_select_native_on_cpu_and_its_errors(caplog):
     with caplog.at_level("INFO", logger="stage1"):
         kernels = select_kernels("native", torch.device("cpu"))
     assert kernels.name == "native" and kernels.attention.name == "native"
+    assert kernels.sample.__name__ == "native_sample"
     assert "kernels native" in caplog.text
-    assert pickle.loads(pickle.dumps(kernels)).attention.name == "native"  # tensor-parallel workers get it pickled
+    unpickled = pickle.loads(pickle.dumps(kernels))  # tensor-parallel workers get it pickled
+    assert unpickled.attention.name == "native" and unpickled.sample is kernels.sample
     with pytest.raises(ValueError, match="CPU kernels only"):
         select_kernels("native", torch.device("cuda"))

@@ -495,7 +495,7 @@ def main() -> None:
         eager_step = es.decode_seconds / max(es.decode_steps, 1)
         eager = generated / eager_s
         print(f"ours eager:   {eager:10.1f} output tok/s  ({eager_s:.2f} s; decode step {eager_step * 1e3:.3f} ms): "
-              (f"graphs {ours / eager:.2f}x eager, decode step {eager_step / step:.2f}x shorter with graphs" if graphs
+              + (f"graphs {ours / eager:.2f}x eager, decode step {eager_step / step:.2f}x shorter with graphs" if graphs
                else "no CUDA graphs here: both runs were eager"),
               flush=True)
         result.update(ours_eager_tok_s=round(eager, 2), ours_eager_decode_step_ms=round(eager_step * 1e3, 4),

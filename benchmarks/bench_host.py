@@ -46,12 +46,54 @@ from stage1.models.fetch import default_model_dir  # noqa: E402
 PROBE = "host-probe"  # benchmarks/common.py PRESETS: 1 layer, hidden 64, the real vocabulary
 
 
+def stand_in_tokenizer(out: Path, regular: int = 151643) -> None:
+    """A byte-level BPE tokenizer.json of Qwen's size, for a machine without the default model and no network (the
+    GPU machine): the 256 byte-level characters, then tokens made by appending one of them to an earlier token (each
+    with its merge), up to `regular` tokens, then Qwen's three special tokens at 151643-151645. The engine decodes
+    through a per-token byte table, so its host cost depends on the vocabulary's size, not on which strings it holds
+    (the token ids here are random anyway)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet = sorted(alphabet)
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    tokens, merges, stem = list(alphabet), [], 0
+    while len(tokens) < regular:
+        for c in alphabet:
+            if len(tokens) >= regular:
+                break
+            token = tokens[stem] + c
+            vocab[token] = len(tokens)
+            tokens.append(token)
+            merges.append((tokens[stem], c))
+        stem += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(str(out))
+
+
 def probe_checkpoint() -> Path:
-    """The probe model's random fp32 weights with the default model's tokenizer beside them."""
+    """The probe model's random fp32 weights with the default model's tokenizer beside them; where the default
+    model is not cached (`python -m stage1.models fetch` puts it there) a stand-in of the same size. Prints which."""
     path = random_checkpoint(PROBE, torch.float32)
     if not (path / "tokenizer.json").is_file():
-        shutil.copy(default_model_dir() / "tokenizer.json", path / "tokenizer.json")
+        try:
+            shutil.copy(default_model_dir(fetch=False) / "tokenizer.json", path / "tokenizer.json")
+            (path / "tokenizer.source").write_text("the default model's")
+        except Exception as error:  # noqa: BLE001 - no cached model, and no network to fetch it (the GPU machine)
+            stand_in_tokenizer(path / "tokenizer.json")
+            (path / "tokenizer.source").write_text(
+                f"a stand-in byte-level BPE of 151,646 tokens (the default model's was not cached: "
+                f"{type(error).__name__})")
+    print(f"tokenizer: {tokenizer_source(path)}")
     return path
+
+
+def tokenizer_source(path: Path) -> str:
+    marker = path / "tokenizer.source"
+    return marker.read_text() if marker.is_file() else "the default model's"
 
 
 class PhaseClock:
@@ -191,7 +233,7 @@ def main() -> None:
         results.append(r)
     print(json.dumps(dict(benchmark="bench_host", machine=machine(), commit=git_commit(),
                           date=str(datetime.date.today()), new_tokens=args.new_tokens, prompt_len=args.prompt_len,
-                          temperature=args.temperature,
+                          temperature=args.temperature, tokenizer=tokenizer_source(model_dir),
                           host_ms_per_decode_step={r["batch"]: r["host_ms_per_decode_step"] for r in results},
                           runs=results)))
 

@@ -28,6 +28,11 @@ PRESETS = {
     # not a published model: one small layer with the real vocabulary, for timing the host's share of a step
     "host-probe": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    # not a published model: two small layers and a small vocabulary, for CPU smoke runs of the benchmarks' code
+    # paths (bench_generate.py --config smoke): every figure it gives is meaningless
+    "smoke": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                  bos_token_id=2047, eos_token_id=2047),
 }
 
 
@@ -67,6 +72,18 @@ def mixed_prompts(batch: int, vocab: int, min_len: int = 16, max_len: int = 256,
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (batch,), generator=g).tolist()
     return [torch.randint(100, vocab - 1000, (n,), generator=g).tolist() for n in lengths]
+
+
+def nano_workload(batch: int, vocab: int, min_len: int = 100, max_len: int = 1024,
+                  seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's offline benchmark: `batch` prompts of random token ids with lengths uniform in [min_len,
+    max_len], and for each an output length (max_tokens, EOS ignored) uniform in the same range. Token ids are drawn
+    from [100, vocab - 1000), away from the special tokens at the vocabulary's end."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens = torch.randint(min_len, max_len + 1, (batch,), generator=g).tolist()
+    output_lens = torch.randint(min_len, max_len + 1, (batch,), generator=g).tolist()
+    prompts = [torch.randint(100, vocab - 1000, (n,), generator=g).tolist() for n in prompt_lens]
+    return prompts, output_lens
 
 
 def device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:

@@ -16,8 +16,11 @@ real sizes. Every decode step's time is split into
                  run (here the CPU runs it; reported, not counted as host time)
     other        the step's wall time outside these (the engine core's own lines); reported apart
 
-`host_ms_per_decode_step` is schedule + inputs + sample + postprocess, the mean over the decode steps that ran the
-full batch. The phases are timed by wrapping the engine's methods from outside (nothing in the engine knows). The
+Each batch size runs twice: with the device work stubbed (placeholders that return at once: the host loop alone,
+as a GPU machine's CPU runs it) and with the model on the device (on a CPU its matmuls and logits also evict the
+host loop's data from the caches: an upper bound there). `host_ms_per_decode_step` is schedule + inputs + sample
++ postprocess of the stubbed run, the mean over the decode steps that ran the full batch
+(`host_ms_with_device_work`: the other run's). The phases are timed by wrapping the engine's methods from outside (nothing in the engine knows). The
 last line is one JSON object.
 """
 
@@ -185,14 +188,34 @@ def prompts(batch: int, length: int, vocab_text: int, seed: int) -> list[dict]:
 HOST_PHASES = ("schedule", "inputs", "sample", "postprocess")
 
 
+VOCAB_TEXT = 151643  # Qwen's ids below the special tokens
+
+
+def stub_device_work(llm: LLM, seed: int = 0) -> None:
+    """Replaces what a GPU would run (the forward, the LM head, the sampler's kernel) by placeholders that return at
+    once: a zero hidden state, a one-column logits tensor, and random token ids of the real vocabulary. Left is the
+    host's loop alone, as a GPU machine's CPU runs it: with the model on this CPU, its matmuls and the 151,936-wide
+    logits also evict the host loop's data from the caches between steps, which a GPU's work would not."""
+    runner = llm.core.runner
+    hidden = llm.config.model.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    runner.forward = lambda inputs: torch.zeros(len(inputs.input_ids), hidden)
+    runner.compute_logits = lambda states, plan: torch.zeros(len(plan.sample_rows), 1)
+    kernels = runner.config.kernels
+    object.__setattr__(runner.config, "kernels", replace(
+        kernels, sample=lambda logits, batch: torch.randint(0, VOCAB_TEXT, (logits.shape[0],), generator=g)))
+
+
 def run_batch(model_dir: Path, batch: int, new_tokens: int, prompt_len: int, kernels: str, device: str,
-              temperature: float) -> dict:
+              temperature: float, stub: bool) -> dict:
     llm = LLM(model_dir, dtype="float32", device=device, max_num_seqs=batch, kernels=kernels,
               max_num_batched_tokens=max(batch * prompt_len, 2048))
-    vocab_text = 151643  # below the special tokens
+    vocab_text = VOCAB_TEXT
     params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=0.9 if temperature else 1.0,
                             seed=0, ignore_eos=True)
     llm.generate(prompts(batch, prompt_len, vocab_text, seed=1), params, use_tqdm=False)  # warm-up
+    if stub:
+        stub_device_work(llm)
     clock = instrument(llm)
     start = time.perf_counter()
     outputs = llm.generate(prompts(batch, prompt_len, vocab_text, seed=2), params, use_tqdm=False)
@@ -222,20 +245,30 @@ def main() -> None:
     print(f"machine: {machine()}; commit {git_commit()}; {datetime.date.today()}; probe model {model_dir}")
     print(f"{'batch':>6} {'host ms/step':>13} {'schedule':>9} {'inputs':>8} {'sample':>8} {'postproc':>9} "
           f"{'device*':>9} {'other':>7}   (*model + LM head + sampler, run by the CPU here; not host time)")
-    results = []
+    results = {}
     for batch in (int(b) for b in args.batch.split(",")):
-        r = run_batch(model_dir, batch, args.new_tokens, args.prompt_len, args.kernels, args.device,
-                      args.temperature)
-        ph = r["phases_ms"]
-        print(f"{batch:>6} {r['host_ms_per_decode_step']:>13.3f} {ph['schedule']:>9.3f} {ph['inputs']:>8.3f} "
-              f"{ph['sample']:>8.3f} {ph['postprocess']:>9.3f} {ph['device']:>9.2f} {ph['other']:>7.3f}   "
-              f"({r['decode_steps']} full decode steps, kernels {r['kernels']})")
-        results.append(r)
+        for stub in (True, False):
+            r = run_batch(model_dir, batch, args.new_tokens, args.prompt_len, args.kernels, args.device,
+                          args.temperature, stub)
+            ph = r["phases_ms"]
+            print(f"{batch:>6} {r['host_ms_per_decode_step']:>13.3f} {ph['schedule']:>9.3f} {ph['inputs']:>8.3f} "
+                  f"{ph['sample']:>8.3f} {ph['postprocess']:>9.3f} {ph['device']:>9.2f} {ph['other']:>7.3f}   "
+                  f"({'device work stubbed' if stub else 'device work on ' + str(llm_device(args.device))}; "
+                  f"{r['decode_steps']} full decode steps, kernels {r['kernels']})", flush=True)
+            results.setdefault(batch, {})["stubbed" if stub else "device"] = r
     print(json.dumps(dict(benchmark="bench_host", machine=machine(), commit=git_commit(),
                           date=str(datetime.date.today()), new_tokens=args.new_tokens, prompt_len=args.prompt_len,
                           temperature=args.temperature, tokenizer=tokenizer_source(model_dir),
-                          host_ms_per_decode_step={r["batch"]: r["host_ms_per_decode_step"] for r in results},
+                          # the host loop alone (device work stubbed): what a GPU machine's CPU spends per step
+                          host_ms_per_decode_step={b: r["stubbed"]["host_ms_per_decode_step"]
+                                                   for b, r in results.items()},
+                          host_ms_with_device_work={b: r["device"]["host_ms_per_decode_step"]
+                                                    for b, r in results.items()},
                           runs=results)))
+
+
+def llm_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 if __name__ == "__main__":

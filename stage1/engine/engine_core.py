@@ -70,8 +70,9 @@ class EngineCore:
     def _postprocess(self, batch: ScheduledBatch, result: StepResult) -> list[Sequence]:
         self.scheduler.update(batch)
         finished = []
-        for row, (seq, token) in enumerate(zip(batch.sampling_seqs, result.tokens)):
-            self.postprocessor.append(seq, token, result.logprobs[row] if result.logprobs else None)
+        logprobs = result.logprobs or [None] * len(result.tokens)
+        for seq, token, token_logprobs in zip(batch.sampling_seqs, result.tokens, logprobs):
+            self.postprocessor.append(seq, token, token_logprobs)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 finished.append(seq)

@@ -24,7 +24,8 @@ class Postprocessor:
         if seq.logprobs is not None:
             self._append_logprobs(seq, token, logprobs)
         sp = seq.params
-        may_stop = seq.num_output_tokens >= sp.min_tokens
+        num_output_tokens = len(seq.token_ids) - seq.num_prompt_tokens
+        may_stop = num_output_tokens >= sp.min_tokens
         if may_stop and not sp.ignore_eos and token in self.config.eos_token_ids:
             return _finish_with_text(seq, "stop", None, last_token_is_text=False)
         if may_stop and token in sp.stop_token_ids:
@@ -36,8 +37,8 @@ class Postprocessor:
             seq.text += seq.detokenizer.new_text(seq.token_ids)
             if may_stop and _cut_at_stop_string(seq, before):
                 return
-        if (sp.max_tokens is not None and seq.num_output_tokens >= sp.max_tokens) or \
-                seq.num_tokens >= self.config.max_model_len:
+        if (sp.max_tokens is not None and num_output_tokens >= sp.max_tokens) or \
+                len(seq.token_ids) >= self.config.max_model_len:
             return _finish_with_text(seq, "length", None, last_token_is_text=True)
 
     def _append_logprobs(self, seq: Sequence, token: int, logprobs) -> None:

@@ -38,9 +38,12 @@ class SamplingBatch:
         """`seeds` and `steps` (sequences of ints or int64 arrays) default to the row index and 0: rows with the
         same seed and step draw the same noise. Rows usually share a few SamplingParams objects (one per request,
         often one for all): each distinct one is read once, then spread to its rows."""
-        first_seen: dict[int, tuple[int, SamplingParams]] = {}
-        index = [first_seen.setdefault(id(p), (len(first_seen), p))[0] for p in params]
-        unique = [p for _, p in first_seen.values()]
+        if params and params.count(params[0]) == len(params):  # one for all (a C loop, identity first)
+            unique, index = [params[0]], None
+        else:
+            first_seen: dict[int, tuple[int, SamplingParams]] = {}
+            index = [first_seen.setdefault(id(p), (len(first_seen), p))[0] for p in params]
+            unique = [p for _, p in first_seen.values()]
         asked = [p.logprobs for p in unique if p.logprobs is not None]
 
         def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:

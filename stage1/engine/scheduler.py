@@ -34,6 +34,8 @@ class ScheduledBatch:
 
     @property
     def sampling_seqs(self) -> list[Sequence]:
+        if not self.is_prefill:  # every decoding sequence samples
+            return self.seqs
         return [seq for seq, sampled in zip(self.seqs, self.samples) if sampled]
 
 
@@ -65,7 +67,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         # A sequence whose prompt was cut into chunks goes on first; then new (or preempted) ones join.
         for seq in self.running:
-            if seq.is_prefilling and budget > 0:
+            # seq.is_prefilling, inline: this scan runs over every running sequence at every step
+            if (len(seq.token_ids) - seq.num_computed_tokens > 1 or seq.num_computed_tokens == 0) and budget > 0:
                 n = min(seq.num_uncomputed_tokens, budget)
                 if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
                     continue
@@ -94,11 +97,12 @@ class Scheduler:
         batch = ScheduledBatch(is_prefill=False)
         block_capacity = self.blocks.block_size
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING or seq.is_prefilling:
+            # what this loop asks of every sequence at every step is written inline (seq.is_prefilling, and
+            # whether this step's token starts a new block: rarely)
+            num_tokens, computed = len(seq.token_ids), seq.num_computed_tokens
+            if seq.status is not Status.RUNNING or num_tokens - computed > 1 or computed == 0:
                 continue
-            # a new block only when this step's token starts one (the common case, checked inline: this loop runs
-            # for every sequence at every step); preempt the newest others until there is room for it
-            if len(seq.block_table) * block_capacity < len(seq.token_ids):
+            if len(seq.block_table) * block_capacity < num_tokens:  # preempt the newest others until it fits
                 while not self.blocks.can_allocate(seq.block_table, seq.num_tokens):
                     victim = self.running[-1]
                     self._preempt(victim)

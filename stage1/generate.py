@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng = p.add_argument_group("engine")
     eng.add_argument("--dtype", default="auto", metavar="DTYPE", help="model dtype: auto, bfloat16, float16, float32")
     eng.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    eng.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "native"],
+                     help="the engine's kernels: auto (Triton on a GPU, stage1._C's native ops on a CPU where built), "
+                          "torch (the plain-PyTorch reference), triton, native (default: %(default)s)")
     eng.add_argument("--max-model-len", type=int, metavar="N", help="context limit in tokens (default: the model's)")
     eng.add_argument("--max-num-seqs", type=int, default=256, metavar="N",
                      help="most sequences generating at once (--n samples of an instruction are n); new instructions "
@@ -241,7 +244,8 @@ def _load_llm(model_dir: Path, args: argparse.Namespace) -> Engine:
     except ImportError as e:
         raise DataError(f"the stage1 engine can't be imported ({e}); reinstall stage1 (pip install -e .)") from None
     try:
-        return LLM(str(model_dir), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        return LLM(str(model_dir), dtype=args.dtype, device=args.device, kernels=args.kernels,
+                   max_model_len=args.max_model_len,
                    max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
                    tensor_parallel_size=args.tensor_parallel_size)
     except (OSError, ValueError) as e:
@@ -265,15 +269,16 @@ def _identity(config: GenerationConfig, args: argparse.Namespace, model: dict[st
         "model_path": model["path"], "model_config_sha256": model["config_sha256"],
         "model_tokenizer_sha256": model["tokenizer_sha256"], "instructions_sha256": input_sha,
         "prompt_data_sha256": pool_fingerprint(), **config.identity(), "max_model_len": args.max_model_len,
-        # sampled rows can differ with the all-reduce's summation order in bf16
-        "tensor_parallel_size": args.tensor_parallel_size,
+        # the arithmetic: rows can differ with the dtype, the kernels and (in bf16) the all-reduce's summation order
+        "dtype": args.dtype, "kernels": args.kernels, "tensor_parallel_size": args.tensor_parallel_size,
         "num_shards": num_shards,  # a shard's rows skip the dataset-wide filters (its merge runs them)
     }
 
 
 def _implicit_identity() -> dict[str, Any]:
     """What an identity entry stands for in a manifest written before that entry existed."""
-    return {**GenerationConfig.identity_defaults(), "tensor_parallel_size": 1, "num_shards": 1}
+    return {**GenerationConfig.identity_defaults(), "dtype": "auto", "kernels": "auto", "tensor_parallel_size": 1,
+            "num_shards": 1}
 
 
 def _shard_of_run(args: argparse.Namespace) -> tuple[int, int] | None:

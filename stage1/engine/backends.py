@@ -1,12 +1,12 @@
 """The one place that chooses which kernels run: the plain-PyTorch reference, the Triton kernels, or the native
 ops of stage1._C (csrc/, optional: built by `pip install --no-build-isolation -e .` where it can be).
 
-`auto` picks Triton for CUDA tensors when it is installed, and the reference everywhere else: Triton launched on
-CPU tensors only works in its interpreter (TRITON_INTERPRET=1), which is for tests, not for speed. `native` (CPU
-only for now) runs decode attention, rotary + KV writes, RMSNorm (+ residual add), SiLU-and-mul and sampling
-(`native_sample`: the reference's tokens) through stage1._C and the rest through the reference; `auto` does not pick
-it on the CPU yet (tests/engine/test_backends.py pins `auto` to the reference there). On a GPU, Triton's kernels get
-stage1._C's fused CUDA ops beside them wherever stage1._C was built with CUDA (`with_native_cuda_ops`).
+`auto` (`auto_kernels`) picks Triton for CUDA tensors when it is installed; on a CPU without native bf16 the native
+ops where stage1._C is built; the reference everywhere else. Triton launched on CPU tensors only works in its
+interpreter (TRITON_INTERPRET=1), which is for tests, not for speed. `native` (CPU only for now) runs decode
+attention, rotary + KV writes, RMSNorm (+ residual add), SiLU-and-mul and sampling (`native_sample`: the reference's
+tokens) through stage1._C and prefill attention through the reference. On a GPU, Triton's kernels get stage1._C's
+fused CUDA ops beside them wherever stage1._C was built with CUDA (`with_native_cuda_ops`).
 
 The linear layers' matmul (`Kernels.linear`, installed in every layer by the loader) is F.linear, except with
 `native` on a CPU in bfloat16 (`for_dtype`): then the matmul weights stay bf16 in memory and
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -63,7 +64,7 @@ def select_kernels(choice: str, device: torch.device) -> Kernels:
     if choice not in CHOICES:
         raise ValueError(f"kernels={choice!r}: use one of {', '.join(CHOICES)}")
     if choice == "auto":
-        choice = "triton" if device.type == "cuda" and triton_available() else "torch"
+        choice = auto_kernels(device)
     if choice == "torch":
         return Kernels("torch", ReferenceAttentionBackend(), sample)
     if choice == "native":
@@ -87,6 +88,31 @@ def with_native_cuda_ops(kernels: Kernels, device: torch.device) -> Kernels:
         return kernels
     logger.info("stage1: stage1._C has CUDA kernels: RMSNorm, SiLU-and-mul and rotary + KV write run fused")
     return replace(kernels, attention=WithNativeRotaryKV(kernels.attention), elementwise=ELEMENTWISE)
+
+
+def auto_kernels(device: torch.device) -> str:
+    """Triton on a GPU where it is installed. On a CPU without native bf16, the native ops where stage1._C is built:
+    with a bf16 checkpoint they keep bf16 weights and compute in fp32, which on the main job gave the rows of torch
+    in fp32 at 1.67x its speed (README, Speed). A CPU with avx512_bf16/AMX keeps torch, whose bf16 matmuls ran the
+    same job 2.2x faster than the native ops (with other rows: bf16 arithmetic). Else the reference."""
+    if device.type == "cuda":
+        return "triton" if triton_available() else "torch"
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        from .native import native_available
+
+        if native_available():
+            return "native"
+    return "torch"
+
+
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: without them torch's bf16 matmuls on the CPU run an emulated path many times slower
+    than fp32 (0.2 vs 1.8 GB/s of weights measured on an AVX2-only EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def native_kernels(device: torch.device) -> Kernels:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import Kernels, select_kernels
+from .backends import Kernels, cpu_has_native_bf16, select_kernels
 from .config import ModelConfig, parse_dtype, read_eos_token_ids
 from .distributed import check_tensor_parallel_size, kv_heads_per_rank
 from .kv_cache import blocks_for_tokens, bytes_per_block
@@ -63,7 +63,7 @@ class EngineConfig:
         # Tokens per prefill step. On the CPU, ~1k keeps a layer's activations in the last-level cache while the
         # weights are still read once per 1k tokens (measured best on the 0.5B shape); a GPU wants bigger steps.
         chunk = max(max_num_batched_tokens or (8192 if dev.type == "cuda" else 1024), 1)
-        run_dtype = auto_dtype(model_config.torch_dtype, dev) if dtype == "auto" else parse_dtype(dtype)
+        run_dtype = auto_dtype(model_config.torch_dtype, dev, chosen) if dtype == "auto" else parse_dtype(dtype)
         chosen, run_dtype = chosen.for_dtype(run_dtype, dev)
         return cls(
             model_dir=model_dir, model=model_config,
@@ -110,19 +110,13 @@ class EngineConfig:
         return min(_CPU_KV_CACHE_BYTES // self.tensor_parallel_size, most_needed)
 
 
-def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or AMX: without them torch's bf16 matmuls on the CPU run an emulated path many times slower
-    than fp32 (0.2 vs 1.8 GB/s of weights measured on an AVX2-only EPYC)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The checkpoint's dtype, except half precision on a CPU that cannot compute in it fast: fp32 there."""
+def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device, kernels: Kernels) -> torch.dtype:
+    """The checkpoint's dtype, except half precision on a CPU that cannot compute in it fast: there a bf16
+    checkpoint keeps bf16 weights under the native kernels (multiplied in fp32: Kernels.for_dtype), and anything
+    else runs in fp32."""
     if device.type == "cpu" and checkpoint_dtype != torch.float32 and not cpu_has_native_bf16():
+        if kernels.name == "native" and checkpoint_dtype == torch.bfloat16:
+            return torch.bfloat16
         logger.info("stage1: this CPU has no native bf16 (avx512_bf16/AMX): running in float32; "
                     "pass dtype='bfloat16' to force it")
         return torch.float32

@@ -317,3 +317,22 @@ def test_manifest_describes_the_run(gen, make_llm, fake_model_dir, out):
     assert m["counts"]["completions"] == 20
     [session] = m["sessions"]
     assert session["generated_tokens"] > 0 and session["tokens_per_s"] > 0 and session["wall_s"] > 0
+
+
+def test_kernels_and_dtype_reach_the_engine_and_decide_the_run(gen, make_llm, fake_model_dir, out, capsys,
+                                                               monkeypatch):
+    """--kernels and --dtype go to the engine (stage1.LLM) and into the run's identity: the arithmetic decides the
+    rows, so a resume with other kernels is refused."""
+    import stage1
+    from stage1.generate import _load_llm
+
+    built = {}
+    monkeypatch.setattr(stage1, "LLM", lambda model_dir, **kw: built.update(kw) or make_llm())
+    argv = ["--model", str(fake_model_dir), "--out", str(out), "--no-progress", "--limit", "3",
+            "--kernels", "native", "--dtype", "float32"]
+    assert main(argv, llm_factory=_load_llm) == 0
+    assert built["kernels"] == "native" and built["dtype"] == "float32"
+    identity = json.loads((out / "manifest.json").read_text())["identity"]
+    assert identity["kernels"] == "native" and identity["dtype"] == "float32"
+    assert gen("--limit", 3, "--kernels", "torch", "--dtype", "float32", "--resume", llm=make_llm()) == 2
+    assert "kernels: 'native' there, 'torch' now" in capsys.readouterr().err

@@ -5,14 +5,34 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stage1.engine import backends, engine_config
 from stage1.engine.backends import select_kernels
 
 CPU = torch.device("cpu")
 
 
-def test_auto_on_cpu_is_the_reference():
+def test_auto_on_a_cpu_with_native_bf16_is_the_reference(monkeypatch):
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
+    assert select_kernels("auto", CPU).name == "torch"
+
+
+def test_auto_on_a_cpu_without_native_bf16_is_native_where_built(monkeypatch):
+    """Without avx512_bf16/AMX the native ops run a bf16 checkpoint with bf16 weights and fp32 arithmetic (dtype
+    auto keeps bf16 for them); with no stage1._C built, the reference in fp32."""
+    from stage1.engine import native
+    from stage1.engine.engine_config import auto_dtype
+
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(engine_config, "cpu_has_native_bf16", lambda: False)
+    if native.native_available():
+        kernels = select_kernels("auto", CPU)
+        assert kernels.name == "native"
+        assert auto_dtype(torch.bfloat16, CPU, kernels) == torch.bfloat16
+        assert kernels.for_dtype(torch.bfloat16, CPU)[1] == torch.float32  # bf16 weights, fp32 arithmetic
+        assert auto_dtype(torch.float16, CPU, kernels) == torch.float32
+    monkeypatch.setattr(native, "native_available", lambda: False)
     kernels = select_kernels("auto", CPU)
-    assert kernels.name == "torch"
+    assert kernels.name == "torch" and auto_dtype(torch.bfloat16, CPU, kernels) == torch.float32
 
 
 def test_unknown_choice_is_rejected():

@@ -4,8 +4,8 @@ ops of stage1._C (csrc/, optional: built by `pip install --no-build-isolation -e
 `auto` (`auto_kernels`) picks Triton for CUDA tensors when it is installed; on a CPU without native bf16 the native
 ops where stage1._C is built; the reference everywhere else. Triton launched on CPU tensors only works in its
 interpreter (TRITON_INTERPRET=1), which is for tests, not for speed. `native` (CPU only for now) runs decode
-attention, rotary + KV writes, RMSNorm (+ residual add), SiLU-and-mul and sampling (`native_sample`: the reference's
-tokens) through stage1._C and prefill attention through the reference. On a GPU, Triton's kernels get stage1._C's
+attention, rotary + KV writes, RMSNorm (+ residual add) and sampling (`native_sample`: the reference's tokens) through
+stage1._C, and prefill attention and SiLU-and-mul (ATen's in-place ops are faster on the CPU) through the reference. On a GPU, Triton's kernels get stage1._C's
 fused CUDA ops beside them wherever stage1._C was built with CUDA (`with_native_cuda_ops`).
 
 The linear layers' matmul (`Kernels.linear`, installed in every layer by the loader) is F.linear, except with
@@ -123,11 +123,11 @@ def native_kernels(device: torch.device) -> Kernels:
     if device.type != "cpu":
         raise ValueError(f"kernels='native' has CPU kernels only so far (device {device}): use kernels='triton' "
                          f"or 'torch'")
-    from .native import ELEMENTWISE
+    from .native import CPU_ELEMENTWISE
 
-    logger.info("stage1: kernels native (stage1._C, CPU kernels %s): decode attention, rotary + KV writes, RMSNorm, "
-                "SiLU-and-mul and sampling native, prefill attention through the PyTorch reference", cpu_isa())
-    return Kernels("native", NativeAttentionBackend(), native_sample, elementwise=ELEMENTWISE)
+    logger.info("stage1: kernels native (stage1._C, CPU kernels %s): decode attention, rotary + KV writes, RMSNorm and "
+                "sampling native, prefill attention and SiLU-and-mul through the PyTorch reference", cpu_isa())
+    return Kernels("native", NativeAttentionBackend(), native_sample, elementwise=CPU_ELEMENTWISE)
 
 
 def triton_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

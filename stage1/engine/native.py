@@ -32,6 +32,7 @@ from stage1.contract import AttentionBackend, AttentionContext
 
 from .attention import apply_rotary, decode_attention_reference, prefill_attention_reference, write_kv_reference
 from .layers import ElementwiseKernels
+from .layers.activation import silu_and_mul_reference
 from .sampler import SamplingBatch, sample
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16)
@@ -103,6 +104,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # module-level functions: the kernel choice is pickled to the tensor-parallel workers (where unpickling the native
 # attention backend that always comes with these loads the ops)
 ELEMENTWISE = ElementwiseKernels("native", rms_norm, fused_add_rms_norm, silu_and_mul)
+# On the CPU the activation stays ATen's in-place silu and mul: the op's separate output measured 0.74-0.85x of it
+# at M = 1-512 (benchmarks/kernels_native.py --fused-only, 2026-12-02); its one pass is for the GPU.
+CPU_ELEMENTWISE = ElementwiseKernels("native", rms_norm, fused_add_rms_norm, silu_and_mul_reference)
 
 
 def rotary_write_kv(qk: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor,
@@ -117,6 +121,8 @@ def _fused_rotary_fits(qk: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -
     on_device = qk.device.type == "cpu" or (qk.device.type == "cuda" and native_cuda_available())
     return on_device and qk.dtype == v.dtype == cache.dtype and qk.stride(-1) == 1 and v.stride(-1) == 1 \
         and cache.stride(-1) == 1
+
+
 def native_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """One token id per row of `logits` [rows, vocab], as `stage1.engine.sampler.sample` draws it, through
     stage1::sample on CPU tensors (logits widened to fp32 first) and the reference elsewhere. A module-level

@@ -200,11 +200,12 @@ def test_native_kernels_install_the_fused_ops_in_the_layers():
     from stage1.engine.layers.norm import RMSNorm as NormLayer
 
     kernels = select_kernels("native", torch.device("cpu"))
-    assert kernels.elementwise is native.ELEMENTWISE
-    assert pickle.loads(pickle.dumps(kernels)).elementwise == native.ELEMENTWISE  # as a TP worker receives it
+    assert kernels.elementwise is native.CPU_ELEMENTWISE
+    assert pickle.loads(pickle.dumps(kernels)).elementwise == native.CPU_ELEMENTWISE  # as a TP worker receives it
     model = torch.nn.Sequential(RMSNorm(8, EPS), SiluAndMul())
     use_elementwise_kernels(model, kernels.elementwise)
-    assert model[0].add_rms_norm is native.fused_add_rms_norm and model[1].silu_and_mul is native.silu_and_mul
+    # the activation stays ATen's in-place silu and mul on the CPU (measured faster there than the op)
+    assert model[0].add_rms_norm is native.fused_add_rms_norm and model[1].silu_and_mul is silu_and_mul_reference
     assert NormLayer.add_rms_norm is fused_add_rms_norm_reference  # the class default stays the reference
     assert select_kernels("torch", torch.device("cpu")).elementwise.name == "torch"
 

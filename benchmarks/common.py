@@ -67,22 +67,28 @@ def random_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16, seed: in
     return out
 
 
+def text_id_range(vocab: int) -> tuple[int, int]:
+    """Where random prompt ids are drawn from: [100, vocab - 1000) on a real vocabulary (away from the byte tokens
+    and the special tokens at its end), the middle half of a small one."""
+    return (100, vocab - 1000) if vocab > 2200 else (vocab // 4, max(vocab // 4 + 1, 3 * vocab // 4))
+
+
 def mixed_prompts(batch: int, vocab: int, min_len: int = 16, max_len: int = 256, seed: int = 0) -> list[list[int]]:
     """`batch` prompts of random token ids with lengths spread evenly over [min_len, max_len]."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (batch,), generator=g).tolist()
-    return [torch.randint(100, vocab - 1000, (n,), generator=g).tolist() for n in lengths]
+    return [torch.randint(*text_id_range(vocab), (n,), generator=g).tolist() for n in lengths]
 
 
 def nano_workload(batch: int, vocab: int, min_len: int = 100, max_len: int = 1024,
                   seed: int = 0) -> tuple[list[list[int]], list[int]]:
     """nano-vllm's offline benchmark: `batch` prompts of random token ids with lengths uniform in [min_len,
     max_len], and for each an output length (max_tokens, EOS ignored) uniform in the same range. Token ids are drawn
-    from [100, vocab - 1000), away from the special tokens at the vocabulary's end."""
+    from `text_id_range(vocab)`."""
     g = torch.Generator().manual_seed(seed)
     prompt_lens = torch.randint(min_len, max_len + 1, (batch,), generator=g).tolist()
     output_lens = torch.randint(min_len, max_len + 1, (batch,), generator=g).tolist()
-    prompts = [torch.randint(100, vocab - 1000, (n,), generator=g).tolist() for n in prompt_lens]
+    prompts = [torch.randint(*text_id_range(vocab), (n,), generator=g).tolist() for n in prompt_lens]
     return prompts, output_lens
 
 

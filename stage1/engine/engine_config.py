@@ -41,13 +41,16 @@ class EngineConfig:
     seed: int  # seeds the requests that set none
     skip_tokenizer_init: bool
     tensor_parallel_size: int = 1  # ranks the model is split over (tp_workers.py), rank 0 in this process
+    # step N+1 is scheduled and launched before step N's tokens are read back (engine_core.py)
+    async_scheduling: bool = False
 
     @classmethod
     def build(cls, model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "auto",
               block_size: int = 16, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
               max_model_len: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
               skip_tokenizer_init: bool = False, kernels: str = "auto", enforce_eager: bool = False,
-              enable_prefix_caching: bool = True, tensor_parallel_size: int = 1) -> "EngineConfig":
+              enable_prefix_caching: bool = True, tensor_parallel_size: int = 1,
+              async_scheduling: bool | None = None) -> "EngineConfig":
         model_dir = Path(model)
         model_config = ModelConfig.from_dir(model_dir)
         check_tensor_parallel_size(model_config, tensor_parallel_size)
@@ -56,6 +59,11 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs as many GPUs, but this node shows "
                              f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES)")
         chosen = select_kernels(kernels, dev)  # before any loading, so a bad choice fails at once
+        if async_scheduling is None:  # where the host would otherwise wait for the device at every step
+            async_scheduling = dev.type == "cuda" and tensor_parallel_size == 1
+        if async_scheduling and tensor_parallel_size > 1:
+            raise ValueError("async_scheduling=True needs tensor_parallel_size=1: the other ranks would need each "
+                             "step's sampled tokens before rank 0 reads them back")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if max_num_seqs < 1:
@@ -76,7 +84,7 @@ class EngineConfig:
             # block table (max_model_len tokens) in each replay
             decode_graphs=not enforce_eager and dev.type == "cuda" and chosen.name == "triton",
             enable_prefix_caching=enable_prefix_caching, seed=seed, skip_tokenizer_init=skip_tokenizer_init,
-            tensor_parallel_size=tensor_parallel_size)
+            tensor_parallel_size=tensor_parallel_size, async_scheduling=async_scheduling)
 
     @property
     def max_blocks_per_seq(self) -> int:

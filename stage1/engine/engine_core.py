@@ -13,10 +13,10 @@ from dataclasses import dataclass, fields
 
 from .engine_config import EngineConfig
 from .kv_cache import BlockManager
-from .model_runner import ModelRunner, StepResult
+from .model_runner import ModelRunner, PendingResult, StepResult
 from .postprocess import Postprocessor
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import Sequence
+from .sequence import PENDING, Sequence, Status
 from .tokenizer import Tokenizer
 from .tp_workers import TensorParallelRunner
 
@@ -30,6 +30,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.postprocessor = Postprocessor(config, tokenizer)
         self.stats = StepStats()
+        self._in_flight: _InFlight | None = None  # async scheduling: the step launched and not yet read back
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
@@ -39,6 +40,7 @@ class EngineCore:
             self.scheduler.abort(seq)
 
     def has_unfinished(self) -> bool:
+        # a step still in flight holds either running sequences (the scheduler's) or only void work
         return self.scheduler.has_unfinished()
 
     def shutdown(self) -> None:
@@ -47,15 +49,68 @@ class EngineCore:
             self.runner.shutdown()
 
     def step(self) -> list[Sequence]:
-        """Runs one scheduled step (a prefill or a decode); returns the sequences that finished in it."""
+        """Runs one scheduled step (a prefill or a decode); returns the sequences that finished in it.
+
+        With async scheduling the step is scheduled and launched first, and only then is the previous step's
+        result read back and postprocessed: the host's work for step N+1 overlaps the device's for step N. Its
+        sequences carry a PENDING token (sequence.py) until then, which the device feeds to the next step itself;
+        a sequence that step N finishes has one more step of work in flight, whose token is dropped. The tokens
+        are those of the synchronous loop (tested)."""
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("scheduler found nothing to run although requests are pending: "
-                                   "raise kv_cache_memory")
-            return []
-        result = self._run(batch)
-        return self._postprocess(batch, result)
+        if not self.config.async_scheduling:
+            if not batch.seqs:
+                self._check_progress()
+                return []
+            result = self._run(batch)
+            return self._postprocess(batch, result)
+        launched = self._launch(batch) if batch.seqs else None
+        if launched is None and self._in_flight is None:
+            self._check_progress()
+        finished = self._complete(self._in_flight) if self._in_flight is not None else []
+        self._in_flight = launched
+        return finished
+
+    def _check_progress(self) -> None:
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("scheduler found nothing to run although requests are pending: raise kv_cache_memory")
+
+    def _launch(self, batch: ScheduledBatch) -> "_InFlight":
+        started = time.perf_counter()
+        try:
+            pending = self.runner.launch(batch)
+        except BaseException:
+            self.scheduler.discard_step(batch)
+            raise
+        self.scheduler.update(batch)  # the next step is scheduled before this one's tokens are read back
+        placeholders = []
+        for seq in batch.sampling_seqs:
+            placeholders.append(len(seq.token_ids))
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+        return _InFlight(batch, pending, placeholders, started)
+
+    def _complete(self, step: "_InFlight") -> list[Sequence]:
+        """Reads a launched step's tokens back and postprocesses them in place of their PENDING tokens."""
+        result = step.pending.result()
+        self.stats.record(step.batch, len(result.tokens), time.perf_counter() - step.started,
+                          self.config.max_num_seqs)
+        finished = []
+        logprobs = result.logprobs or [None] * len(result.tokens)
+        for seq, at, token, token_logprobs in zip(step.batch.sampling_seqs, step.placeholders, result.tokens,
+                                                  logprobs):
+            if seq.status is Status.FINISHED:  # finished (or aborted) while this step ran: its token is void
+                continue
+            later = seq.token_ids[at + 1:]  # the next step's PENDING token, if that step took this sequence
+            del seq.token_ids[at:]
+            seq.num_pending -= 1
+            self.postprocessor.append(seq, token, token_logprobs)
+            if seq.finish_reason is not None:
+                seq.num_pending = 0  # the next step's token for it is void
+                self.scheduler.finish(seq)
+                finished.append(seq)
+            else:
+                seq.token_ids.extend(later)
+        return finished
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
         started = time.perf_counter()
@@ -77,6 +132,17 @@ class EngineCore:
                 self.scheduler.finish(seq)
                 finished.append(seq)
         return finished
+
+
+@dataclass
+class _InFlight:
+    """A step launched and not yet read back: its batch, its pending tokens, and where each sampling sequence's
+    PENDING token sits in its token_ids."""
+
+    batch: ScheduledBatch
+    pending: PendingResult
+    placeholders: list[int]
+    started: float
 
 
 @dataclass

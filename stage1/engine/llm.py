@@ -31,12 +31,14 @@ class LLM:
                  block_size: int = 16, kv_cache_memory: int | None = None, max_num_seqs: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
                  skip_tokenizer_init: bool = False, kernels: str = "auto", enforce_eager: bool = False,
-                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1):
+                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1,
+                 async_scheduling: bool | None = None):
         self.config = EngineConfig.build(
             model, dtype=dtype, device=device, block_size=block_size, kv_cache_memory=kv_cache_memory,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
             seed=seed, skip_tokenizer_init=skip_tokenizer_init, kernels=kernels, enforce_eager=enforce_eager,
-            enable_prefix_caching=enable_prefix_caching, tensor_parallel_size=tensor_parallel_size)
+            enable_prefix_caching=enable_prefix_caching, tensor_parallel_size=tensor_parallel_size,
+            async_scheduling=async_scheduling)
         self.tokenizer = None if skip_tokenizer_init else Tokenizer(self.config.model_dir)
         self.core = EngineCore(self.config, self.tokenizer)
         self._seed_stream = random.Random(seed)  # seeds for requests that set none

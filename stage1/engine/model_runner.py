@@ -10,7 +10,7 @@ sequences and blocks; this is the one place that turns the one into the other.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from .kv_cache import allocate_kv_cache, num_blocks_for_budget
 from .params import SamplingParams
 from .sampler import SamplingBatch, token_logprobs
 from .scheduler import ScheduledBatch
+from .sequence import PENDING
 from .step_inputs import BlockTableRows, StagedUpload
 from .weights import load_model
 
@@ -45,6 +46,10 @@ class StepPlan:
     context_lens: np.ndarray  # [seqs] int32: cached + new tokens
     sample_rows: list[int]  # the packed index of each sampling row's last token
     sampling: SamplingRows
+    # rows of input_ids whose token the previous step sampled and the host has not read (async scheduling), and
+    # that step's sampling row of each: the device fills them in
+    pending_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pending_from: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @dataclass
@@ -63,6 +68,23 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     ctx: AttentionContext
+
+
+@dataclass
+class PendingResult:
+    """A launched step's sampled tokens, on their way to the host; `result()` waits for them."""
+
+    tokens: torch.Tensor | None  # None: the step sampled nothing
+    logprobs: tuple[torch.Tensor, ...] | None = None  # token_logprobs' tensors, when a request asked
+    copied: "torch.cuda.Event | None" = None  # set when `tokens` is a host copy still in flight
+
+    def result(self) -> StepResult:
+        if self.tokens is None:
+            return StepResult([])
+        if self.copied is not None:
+            self.copied.synchronize()
+        logprobs = None if self.logprobs is None else list(zip(*(t.tolist() for t in self.logprobs)))
+        return StepResult(self.tokens.tolist(), logprobs)
 
 
 @dataclass
@@ -91,6 +113,8 @@ class ModelRunner:
         # with decode graphs the pool's last block is their padding rows' sink, owned by no sequence
         self.num_kv_blocks = num_blocks - config.decode_graphs  # the blocks sequences may hold
         self.block_tables = BlockTableRows(config.max_num_seqs, config.max_blocks_per_seq)
+        self._sample_row_of: dict[int, int] = {}  # seq_id -> its sampling row in the last step prepared
+        self._last_tokens: torch.Tensor | None = None  # the tokens the last step sampled, on the device
         max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
         self.staging = StagedUpload(self.device, 3 * max_tokens,
                                     config.max_num_seqs * (config.max_blocks_per_seq + 2) + 1)
@@ -105,6 +129,10 @@ class ModelRunner:
                     num_blocks * config.bytes_per_block / 2**30)
 
     def run(self, batch: ScheduledBatch) -> StepResult:
+        return self.launch(batch).result()
+
+    def launch(self, batch: ScheduledBatch) -> PendingResult:
+        """The step queued on the device; its tokens are read back when the result is asked for."""
         return self.execute(self.prepare(batch))
 
     def prepare(self, batch: ScheduledBatch) -> StepPlan:
@@ -126,7 +154,7 @@ class ModelRunner:
             context_lens = cu_seqlens[1:] - cu_seqlens[:-1] + np.array([s.num_computed_tokens for s in seqs],
                                                                        dtype=np.int32)
             seq_of_token = np.repeat(rows, batch.num_new_tokens)
-        else:  # one token per sequence: its last, at position num_tokens - 1
+        else:  # one token per sequence: its last, at position num_tokens - 1 (PENDING: still on the device)
             input_ids = np.array([seq.token_ids[-1] for seq in seqs], dtype=np.int64)
             positions = np.array([seq.num_computed_tokens for seq in seqs], dtype=np.int64)
             cu_seqlens = np.arange(len(seqs) + 1, dtype=np.int32)
@@ -136,19 +164,31 @@ class ModelRunner:
         table = self.block_tables.table
         slots = table[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
         block_tables = table[rows, :self.block_tables.width(rows)]
+        # a PENDING input is the token the previous step sampled for that sequence, read from the device there
+        pending_rows = np.flatnonzero(input_ids == PENDING)
+        pending_from = np.array([self._sample_row_of[seqs[i].seq_id] for i in pending_rows.tolist()], dtype=np.int64)
+        if batch.is_prefill and len(pending_rows):
+            raise RuntimeError("a prefill step got a token not read back yet: only a decode step can take one")
+        input_ids[pending_rows] = 0
         sampling = batch.sampling_seqs
+        self._sample_row_of = {seq.seq_id: row for row, seq in enumerate(sampling)}
         sampling = SamplingRows([s.params for s in sampling], np.array([s.seed for s in sampling], dtype=np.int64),
                                 np.array([s.num_output_tokens for s in sampling], dtype=np.int64))
         return StepPlan(batch.is_prefill, input_ids, positions, slots, block_tables, cu_seqlens, context_lens,
-                        sample_rows, sampling)
+                        sample_rows, sampling, pending_rows, pending_from)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult | None:
-        """Runs the step; rank 0 samples and returns the tokens, the other ranks return None."""
+    def execute(self, plan: StepPlan) -> PendingResult | None:
+        """Runs the step; rank 0 samples and returns its tokens (pending: read back when asked for), the other
+        ranks return None."""
         inputs = self.upload(plan)
+        if len(plan.pending_rows):
+            rows = torch.from_numpy(plan.pending_rows).to(self.device, non_blocking=True)
+            source = torch.from_numpy(plan.pending_from).to(self.device, non_blocking=True)
+            inputs.input_ids[rows] = self._last_tokens[source]
         hidden = self.forward(inputs)
         if not plan.sampling.params:
-            return StepResult([])
+            return PendingResult(None)
         logits = self.compute_logits(hidden, plan)
         return None if logits is None else self.sample(logits, plan)
 
@@ -176,14 +216,23 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[plan.sample_rows])
         return None if logits is None else logits.float()
 
-    def sample(self, logits: torch.Tensor, plan: StepPlan) -> StepResult:
+    def sample(self, logits: torch.Tensor, plan: StepPlan) -> PendingResult:
+        """The sampled tokens, kept on the device for the next step's PENDING inputs and copied to the host without
+        waiting (on a GPU into pinned memory, an event marking the copy's end)."""
         rows = plan.sampling
         sampling = SamplingBatch.build(rows.params, self.device, seeds=rows.seeds, steps=rows.steps)
         tokens = self.config.kernels.sample(logits, sampling)
+        self._last_tokens = tokens
         logprobs = None
         if sampling.max_logprobs is not None:
-            logprobs = list(zip(*(t.tolist() for t in token_logprobs(logits, tokens, sampling.max_logprobs))))
-        return StepResult(tokens.tolist(), logprobs)
+            logprobs = token_logprobs(logits, tokens, sampling.max_logprobs)
+        if self.device.type != "cuda":
+            return PendingResult(tokens, logprobs)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return PendingResult(host, logprobs, copied)
 
 
 def _fewest_over_ranks(num_blocks: int, state: ParallelState, device: torch.device) -> int:

@@ -148,16 +148,23 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update(self, batch: ScheduledBatch) -> None:
-        """After the model ran the batch: the computed tokens are in the cache now."""
+        """The batch's tokens are computed (after the model ran it; with async scheduling, once it is launched:
+        the device runs steps in order, so the next step reads their K/V after they are written). Full blocks are
+        registered for prefix caching as far as the tokens are known (a PENDING one waits for the next update)."""
         block_size = self.blocks.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens // block_size > len(seq.prefix_ids):  # it filled a block: register that
-                self.blocks.register(seq.block_table, seq.token_ids, seq.prefix_ids, seq.num_computed_tokens)
+            known = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending)
+            if known // block_size > len(seq.prefix_ids):  # it filled a block: register that
+                self.blocks.register(seq.block_table, seq.token_ids, seq.prefix_ids, known)
 
     def finish(self, seq: Sequence) -> None:
+        """`seq` is done. With async scheduling it may have been preempted since its last token was sampled."""
         seq.status = Status.FINISHED
-        self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
         self.blocks.free(seq.block_table)
 
     def abort(self, seq: Sequence) -> None:

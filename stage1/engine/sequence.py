@@ -10,6 +10,11 @@ from .params import SamplingParams
 from .tokenizer import IncrementalDetokenizer
 
 
+# A token sampled on the device whose value the host has not read yet (async scheduling, engine_core.py): it holds
+# its place at the end of `token_ids`, so every length below counts it, and the next step reads it on the device.
+PENDING = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -35,6 +40,7 @@ class Sequence:
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
+    num_pending: int = 0  # PENDING tokens at the end of token_ids
 
     @property
     def num_tokens(self) -> int:

@@ -85,7 +85,7 @@ class TensorParallelRunner:
             payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
             for worker in self.workers:
                 worker.conn.send_bytes(payload)
-            return self.runner.execute(plan)
+            return self.runner.execute(plan).result()
 
     def shutdown(self) -> None:
         self._closing = True

@@ -55,7 +55,7 @@ def test_a_failed_step_leaves_no_cached_prefix_behind(checkpoint, monkeypatch):
     def failing(batch):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(fresh.core.runner, "run", failing)
+    monkeypatch.setattr(fresh.core.runner, "launch", failing)  # what run() and async steps call
     try:
         fresh.generate([prompt], params, use_tqdm=False)
     except RuntimeError:
@@ -69,7 +69,7 @@ def test_a_failed_step_leaves_no_cached_prefix_behind(checkpoint, monkeypatch):
     # nobody fills them: the second must start over, not attend to them
     stepper = LLM(path, dtype="float32", kernels="torch")
     first, second = [stepper.add_request(prompt, params) for _ in range(2)]
-    monkeypatch.setattr(stepper.core.runner, "run", failing)
+    monkeypatch.setattr(stepper.core.runner, "launch", failing)
     try:
         stepper.step()
     except RuntimeError:

@@ -27,7 +27,8 @@ greedy), against two peers on the same model and dtype (`--peers generate,cb`):
   generated tokens / the timed call's wall time. The warm-up before it runs other (short) prompts that end one
   decode step apart, so the decode batch passes every CUDA-graph bucket and the timed run captures nothing; its
   prompts are not the timed ones (the timed run must find nothing in the prefix cache: asserted).
-  `--eager-too` also times ours with enforce_eager (no CUDA graphs) in the same run.
+  `--eager-too` also times ours with enforce_eager (no CUDA graphs) in the same run, `--sync-too` with
+  async_scheduling=False (on by default for one GPU).
 - `generate`: transformers `generate` on the prompts left-padded into batches of --generate-batch (default: all
   of them in one). A static batch runs until its longest request is done, so every batch generates to its
   largest max_tokens and only each request's asked tokens count (the rest is the waste a static batch pays);
@@ -94,9 +95,11 @@ def warm_requests(count: int, vocab: int, seed: int = 1) -> tuple[list[list[int]
 
 
 def run_ours(model_dir: Path, prompts, max_tokens: list[int], dtype: torch.dtype, device: str, temperature: float,
-             top_p: float, enforce_eager: bool = False, kernels: str = "auto") -> tuple[float, LLM]:
+             top_p: float, enforce_eager: bool = False, kernels: str = "auto",
+             async_scheduling: bool | None = None) -> tuple[float, LLM]:
     llm = LLM(model_dir, dtype=dtype, device=device, skip_tokenizer_init=True,
-              max_num_seqs=max(len(prompts), 1), enforce_eager=enforce_eager, kernels=kernels)
+              max_num_seqs=max(len(prompts), 1), enforce_eager=enforce_eager, kernels=kernels,
+              async_scheduling=async_scheduling)
     params = [SamplingParams(max_tokens=m, temperature=temperature, top_p=top_p, seed=i, ignore_eos=True)
               for i, m in enumerate(max_tokens)]
     # compiles what it runs; on a GPU every decode-graph bucket is captured here (see warm_requests)
@@ -418,6 +421,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="ours without CUDA graphs for decode steps")
     parser.add_argument("--eager-too", action="store_true",
                         help="also time ours with enforce_eager in the same run (graphs against eager)")
+    parser.add_argument("--sync-too", action="store_true",
+                        help="also time ours with async_scheduling=False in the same run (the host loop overlapped "
+                             "with the device's work or not)")
     parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "native"],
                         help="our kernels (native: stage1._C on the CPU; with bfloat16, bf16 weights + fp32 math)")
     parser.add_argument("--decode-step", metavar="KERNELS:DTYPE,...",
@@ -456,6 +462,7 @@ def main() -> None:
     ours_s, llm = run_ours(model_dir, prompts, max_tokens, dtype, args.device, args.temperature, args.top_p,
                            args.enforce_eager, args.kernels)
     device = llm.config.device
+    async_on = llm.config.async_scheduling
     ours = generated / ours_s
     s = llm.stats
     step = s.decode_seconds / max(s.decode_steps, 1)
@@ -501,6 +508,15 @@ def main() -> None:
         result.update(ours_eager_tok_s=round(eager, 2), ours_eager_decode_step_ms=round(eager_step * 1e3, 4),
                       graphs_vs_eager=ratio(ours, eager))
         del eager_llm
+        free_memory(device)
+    if args.sync_too:
+        sync_s, sync_llm = run_ours(model_dir, prompts, max_tokens, dtype, args.device, args.temperature,
+                                    args.top_p, args.enforce_eager, args.kernels, async_scheduling=False)
+        synced = generated / sync_s
+        print(f"ours sync:    {synced:10.1f} output tok/s  ({sync_s:.2f} s; async scheduling "
+              f"{'on' if async_on else 'off'} in the first run: {ours / synced:.2f}x this one)", flush=True)
+        result.update(ours_sync_tok_s=round(synced, 2), async_vs_sync=ratio(ours, synced), async_scheduling=async_on)
+        del sync_llm
         free_memory(device)
     print(json.dumps({**result, "partial": True}), flush=True)  # a run cut short in the peers keeps ours
 

@@ -94,7 +94,7 @@ want kernels && step 60 bench_kernels.txt $PY benchmarks/bench_kernels.py --out 
 #    The peers are capped (generate 15 s: it is there for scale; CB 60 / 40 s): a capped peer is marked truncated
 #    in the file and the summary. Ours runs first and its figures are printed (and a partial JSON line) before them.
 want nano05 && ckpt_ready && step 180 nano_0.5b.txt $PY benchmarks/bench_generate.py --workload nano \
-    --config qwen2.5-0.5b --dtype bfloat16 --eager-too --peers generate,cb --generate-max-time 15 --cb-max-time 60
+    --config qwen2.5-0.5b --dtype bfloat16 --eager-too --sync-too --peers generate,cb --generate-max-time 15 --cb-max-time 60
 want nano7 && ckpt_ready && step 150 nano_7b.txt $PY benchmarks/bench_generate.py --workload nano \
     --config qwen2.5-7b --dtype bfloat16 --peers cb --cb-max-time 40
 # 4. the host's share of a decode step (a one-layer model with the real vocabulary), on the GPU

@@ -114,6 +114,10 @@ def summarize(out: Path) -> list[str]:
         if result.get("ours_eager_tok_s"):
             rows.append((f"nano {label}: ours eager", fmt(result["ours_eager_tok_s"], ",.0f", " tok/s")
                          + f" (graphs {fmt(result.get('graphs_vs_eager'), '.2f', 'x')})", "-", "-"))
+        if result.get("ours_sync_tok_s"):
+            rows.append((f"nano {label}: ours without async scheduling",
+                         fmt(result["ours_sync_tok_s"], ",.0f", " tok/s")
+                         + f" (async {fmt(result.get('async_vs_sync'), '.2f', 'x')})", "-", "-"))
         cb = result.get("cb") or {}
         if "cb_tok_s" in result or cb:
             trunc = " TRUNCATED (understates the peer)" if cb.get("truncated") else ""

@@ -15,16 +15,7 @@ from stage1.engine.native import linear_bf16w, linear_bf16w_reference, native_av
 if not native_available():
     pytest.skip(f"stage1._C is not built: {native_error()}", allow_module_level=True)
 
-from stage1 import _C, LLM, SamplingParams  # noqa: E402
-
-ISAS = ["scalar"] + (["avx2"] if _C.cpu_isa() == "avx2" else [])
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = _C._set_cpu_isa(request.param)
-    yield request.param
-    _C._set_cpu_isa(previous)
+from stage1 import LLM, SamplingParams  # noqa: E402
 
 
 def randn(*shape, seed=0, dtype=torch.float32):

@@ -19,19 +19,10 @@ from stage1.engine.native import native_available, native_error
 if not native_available():
     pytest.skip(f"stage1._C is not built: {native_error()}", allow_module_level=True)
 
-from stage1 import _C  # noqa: E402
 
 FP32 = dict(atol=1e-5, rtol=1e-5)
 BF16 = dict(atol=2e-2, rtol=2e-2)
 LENGTHS = [17, 1000, 1, 16, 15]  # ragged, unsorted, odd batch
-ISAS = ["scalar"] + (["avx2"] if _C.cpu_isa() == "avx2" else [])
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = _C._set_cpu_isa(request.param)
-    yield request.param
-    _C._set_cpu_isa(previous)
 
 
 def paged(lengths, block_size, kv_heads, head_dim, dtype=torch.float32, seed=0):

@@ -23,18 +23,10 @@ from stage1.engine.sampler import SamplingBatch, sample
 if not native_available():
     pytest.skip(f"stage1._C is not built: {native_error()}", allow_module_level=True)
 
-from stage1 import _C  # noqa: E402
+
 from stage1.engine.native import native_sample  # noqa: E402
 
-ISAS = ["scalar"] + (["avx2"] if _C.cpu_isa() == "avx2" else [])
 QWEN_VOCAB = 151936
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = _C._set_cpu_isa(request.param)
-    yield request.param
-    _C._set_cpu_isa(previous)
 
 
 # Every row parameter combination; a batch's rows take them in turn from an offset (so each one meets each kind of

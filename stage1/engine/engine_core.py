@@ -94,23 +94,7 @@ class EngineCore:
         result = step.pending.result()
         self.stats.record(step.batch, len(result.tokens), time.perf_counter() - step.started,
                           self.config.max_num_seqs)
-        finished = []
-        logprobs = result.logprobs or [None] * len(result.tokens)
-        for seq, at, token, token_logprobs in zip(step.batch.sampling_seqs, step.placeholders, result.tokens,
-                                                  logprobs):
-            if seq.status is Status.FINISHED:  # finished (or aborted) while this step ran: its token is void
-                continue
-            later = seq.token_ids[at + 1:]  # the next step's PENDING token, if that step took this sequence
-            del seq.token_ids[at:]
-            seq.num_pending -= 1
-            self.postprocessor.append(seq, token, token_logprobs)
-            if seq.finish_reason is not None:
-                seq.num_pending = 0  # the next step's token for it is void
-                self.scheduler.finish(seq)
-                finished.append(seq)
-            else:
-                seq.token_ids.extend(later)
-        return finished
+        return self._append(step.batch.sampling_seqs, result, step.placeholders)
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
         started = time.perf_counter()
@@ -124,13 +108,30 @@ class EngineCore:
 
     def _postprocess(self, batch: ScheduledBatch, result: StepResult) -> list[Sequence]:
         self.scheduler.update(batch)
+        return self._append(batch.sampling_seqs, result)
+
+    def _append(self, seqs: list[Sequence], result: StepResult, placeholders: list[int] | None = None
+                ) -> list[Sequence]:
+        """Each sampled token joins its sequence (`placeholders`: in place of its PENDING token, where the
+        sequence's token_ids hold it); returns the sequences that finished."""
         finished = []
         logprobs = result.logprobs or [None] * len(result.tokens)
-        for seq, token, token_logprobs in zip(batch.sampling_seqs, result.tokens, logprobs):
+        for i, (seq, token, token_logprobs) in enumerate(zip(seqs, result.tokens, logprobs)):
+            later = []
+            if placeholders is not None:
+                if seq.status is Status.FINISHED:  # finished (or aborted) while this step ran: its token is void
+                    continue
+                at = placeholders[i]
+                later = seq.token_ids[at + 1:]  # the next step's PENDING token, if that step took this sequence
+                del seq.token_ids[at:]
+                seq.num_pending -= 1
             self.postprocessor.append(seq, token, token_logprobs)
             if seq.finish_reason is not None:
+                seq.num_pending = 0  # a later step's token for it is void
                 self.scheduler.finish(seq)
                 finished.append(seq)
+            else:
+                seq.token_ids.extend(later)
         return finished
 
 

@@ -9,9 +9,10 @@ stage1._C, and prefill attention and SiLU-and-mul (ATen's in-place ops are faste
 fused CUDA ops beside them wherever stage1._C was built with CUDA (`with_native_cuda_ops`).
 
 The linear layers' matmul (`Kernels.linear`, installed in every layer by the loader) is F.linear, except with
-`native` on a CPU in bfloat16 (`for_dtype`): then the matmul weights stay bf16 in memory and
-`stage1::linear_bf16w` multiplies them in fp32, and everything else (activations, norms, KV cache) runs fp32:
-fp32 arithmetic at half the weight bytes, instead of torch's bf16 matmuls.
+`native` on a CPU (`for_dtype`). In float32 it is oneDNN's (onednn.py: 2-3x MKL's sgemm here) on weights the loader
+prepacked (`Kernels.prepack`). In bfloat16 the matmul weights stay bf16 in memory and `stage1::linear_bf16w`
+multiplies them in fp32 (widened into oneDNN's product from a few rows of x on), and everything else
+(activations, norms, KV cache) runs fp32: fp32 arithmetic at half the weight bytes, instead of torch's bf16 matmuls.
 """
 
 from __future__ import annotations
@@ -45,18 +46,30 @@ class Kernels:
     sample: Callable[[torch.Tensor, SamplingBatch], torch.Tensor]
     linear: Callable = F.linear  # y = linear(x, weight, bias) in every linear layer and the LM head
     weight_dtype: torch.dtype | None = None  # the matmul weights are stored in this dtype; None: the run dtype
+    prepack: Callable | None = None  # the form `linear` reads each matmul weight in, made once at load
     # the norms' and the activation's kernels (installed in the layers by the loader): references or stage1._C's
     elementwise: ElementwiseKernels = ElementwiseKernels()
 
     def for_dtype(self, dtype: torch.dtype, device: torch.device) -> tuple["Kernels", torch.dtype]:
         """These kernels as they run a model in `dtype`, and the run dtype (activations, KV cache, other
-        weights). With the native kernels on a CPU, bfloat16 means bf16 matmul weights and fp32 arithmetic."""
-        if self.name == "native" and device.type == "cpu" and dtype == torch.bfloat16:
+        weights). With the native kernels on a CPU, bfloat16 means bf16 matmul weights and fp32 arithmetic, and
+        float32 means oneDNN's matmul on weights prepacked at load, where torch has oneDNN."""
+        if self.name != "native" or device.type != "cpu":
+            return self, dtype
+        from . import onednn
+
+        if dtype == torch.bfloat16:
             from .native import linear_bf16w
 
             logger.info("stage1: kernels native in bfloat16: linear layers and LM head keep bf16 weights, "
-                        "multiplied in fp32 (stage1::linear_bf16w); activations, norms and KV cache in float32")
+                        "multiplied in fp32 (stage1::linear_bf16w; from %d rows widened into oneDNN's product: "
+                        "%s); activations, norms and KV cache in float32", onednn.WIDENED_MIN_ROWS,
+                        "available" if onednn.onednn_available() else "unavailable in this torch")
             return replace(self, linear=linear_bf16w, weight_dtype=torch.bfloat16), torch.float32
+        if dtype == torch.float32 and onednn.onednn_available():
+            logger.info("stage1: kernels native in float32: linear layers and LM head through oneDNN, weights "
+                        "prepacked at load (a tied LM head multiplies by the plain embedding table)")
+            return replace(self, linear=onednn.linear, prepack=onednn.prepack), dtype
         return self, dtype
 
 

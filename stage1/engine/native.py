@@ -33,6 +33,7 @@ from stage1.contract import AttentionBackend, AttentionContext
 from .attention import apply_rotary, decode_attention_reference, prefill_attention_reference, write_kv_reference
 from .layers import ElementwiseKernels
 from .layers.activation import silu_and_mul_reference
+from .onednn import WIDENED_MIN_ROWS, linear_widened, onednn_available
 from .sampler import SamplingBatch, sample
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16)
@@ -69,8 +70,14 @@ def native_cuda_available() -> bool:
 
 
 def linear_bf16w(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ b): x fp32 [..., K], W bf16 [N, K] as stored (nn.Linear's layout), b fp32 [N]; fp32 out."""
-    y = torch.ops.stage1.linear_bf16w(x.reshape(-1, x.shape[-1]), weight, bias)
+    """y = x W^T (+ b): x fp32 [..., K], W bf16 [N, K] as stored (nn.Linear's layout), b fp32 [N]; fp32 out.
+    From a few rows of x on, the weight widened a slice at a time into oneDNN's fp32 product (onednn.py), which
+    then runs 1.1-3x faster than the op's own kernel; below, stage1::linear_bf16w, which reads half the bytes."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] >= WIDENED_MIN_ROWS and onednn_available():
+        y = linear_widened(x2, weight, bias)
+    else:
+        y = torch.ops.stage1.linear_bf16w(x2, weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -234,12 +234,13 @@ class LoadReport:
 
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
                weight_dtype: torch.dtype | None = None, linear=None,
-               elementwise: ElementwiseKernels | None = None) -> Qwen2ForCausalLM:
+               elementwise: ElementwiseKernels | None = None, prepack=None) -> Qwen2ForCausalLM:
     """Builds this rank's model (the current parallel state's) with no initialization and fills every parameter
     from its slice of the checkpoint, in `dtype`; the matmul weights (linear layers, LM head, embedding) in
     `weight_dtype` when given, multiplied by `linear(x, weight, bias)` when given (backends.py's choice, e.g. bf16
-    weights with fp32 activations: `dtype` fp32, `weight_dtype` bf16); the norms and the activation run
-    `elementwise`'s kernels when given."""
+    weights with fp32 activations: `dtype` fp32, `weight_dtype` bf16), after `prepack` put each in the form that
+    kernel reads when given (oneDNN's blocked layout); the norms and the activation run `elementwise`'s kernels
+    when given."""
     model_dir = Path(model_dir)
     narrow = weight_dtype is not None and weight_dtype != dtype
     if narrow and linear is None:
@@ -287,7 +288,7 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # one Parameter, not two wrappers of the same storage
     if linear is not None:
-        use_linear_kernel(model, linear, dtype if narrow else None)
+        use_linear_kernel(model, linear, dtype if narrow else None, prepack)
     if elementwise is not None:
         use_elementwise_kernels(model, elementwise)
     tp = current()

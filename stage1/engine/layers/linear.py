@@ -43,15 +43,22 @@ def copy_checked(dest: torch.Tensor, src: torch.Tensor, what: str) -> None:
 LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def use_linear_kernel(model: nn.Module, linear: LinearFn, activation_dtype: torch.dtype | None = None) -> None:
+def use_linear_kernel(model: nn.Module, linear: LinearFn, activation_dtype: torch.dtype | None = None,
+                      prepack: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Makes every layer of `model` that multiplies by a weight matrix call `linear(x, weight, bias)`; with
     `activation_dtype`, the embedding casts what it looks up to it (its table may be stored narrower, as the
-    matmul weights are)."""
-    from .embedding import VocabParallelEmbedding
+    matmul weights are). With `prepack`, each weight only a matmul reads is replaced by `prepack(weight)`, the
+    form `linear` wants (e.g. oneDNN's blocked layout), once; an embedding table stays as it is, so a tied LM head
+    multiplies by the plain table."""
+    from .embedding import ParallelLMHead, VocabParallelEmbedding
 
+    looked_up = {id(m.weight) for m in model.modules()
+                 if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
     for module in model.modules():
         if isinstance(module, (_ParallelLinear, VocabParallelEmbedding)):
             module.linear = linear
+            if prepack is not None and id(module.weight) not in looked_up:
+                module.weight = nn.Parameter(prepack(module.weight.data), requires_grad=False)
         if isinstance(module, VocabParallelEmbedding):
             module.activation_dtype = activation_dtype
 

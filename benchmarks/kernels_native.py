@@ -7,10 +7,12 @@ paged_decode_attention vs decode_attention_reference (gather the blocks, then SD
 context 1024, 14 query / 2 KV heads, head_dim 64 (the 0.5B's decode step, one layer), fp32 and bf16 caches;
 each CPU kernel set the machine runs (avx2, scalar). bench_kernels.py prints these rows on a CPU.
 
-linear_bf16w (bf16 weights, fp32 x and arithmetic) at M = 1 and 32 on Qwen2.5-0.5B's shapes (qkv 896->1152, o
-896->896, gate_up 896->9728, down 4864->896, LM head 896->151936) against torch's F.linear on fp32 weights (the
-same arithmetic, twice the bytes) and on bf16 weights with bf16 x (torch's bf16 path: lower precision); GB/s
-counts each one's own weight bytes, GFLOP/s 2*M*N*K.
+The native linears at M = 1, 32 (decode) and 512 (prefill; not the LM head) on Qwen2.5-0.5B's shapes (qkv
+896->1152, o 896->896, gate_up 896->9728, down 4864->896, LM head 896->151936): bf16 weights with fp32 arithmetic
+(native.linear_bf16w, as the engine calls it: stage1::linear_bf16w, or from 4 rows the weight widened into oneDNN's
+product) and fp32 through oneDNN on prepacked weights (onednn.py), against torch's F.linear on fp32 weights (the
+same arithmetic) and on bf16 weights with bf16 x (torch's bf16 path: lower precision); GB/s counts each one's own
+weight bytes, GFLOP/s 2*M*N*K; max err is against the fp32 product.
 
 The fused elementwise ops (fused_add_rms_norm, silu_and_mul, rotary_write_kv) against the PyTorch ops they replace
 (their references: residual add + RMSNorm, silu + mul, apply_rotary + write_kv) at decode (M = 1, 32 tokens) and
@@ -63,11 +65,13 @@ LINEAR_SHAPES = [("qkv", 896, 1152), ("o", 896, 896), ("gate_up", 896, 9728), ("
                  ("lm_head", 896, 151936)]
 
 
-def run_linear(ms=(1, 32), warmup: int = 2, reps: int = 10) -> list[dict]:
-    """One row per (M, shape, impl): ms, GB/s of its weights, GFLOP/s, ratio_vs_torch_fp32 / _bf16 (theirs / ours)."""
+def run_linear(ms=(1, 32, 512), warmup: int = 2, reps: int = 10) -> list[dict]:
+    """One row per (M, shape, impl): ms, GB/s of its weights, GFLOP/s, and for the native ones ratio_vs_torch_fp32
+    (torch's time / ours) and the largest error against their reference."""
     import torch.nn.functional as F
 
-    from stage1.engine.native import linear_bf16w_reference, native_available, native_error
+    from stage1.engine import onednn
+    from stage1.engine.native import linear_bf16w, linear_bf16w_reference, native_available, native_error
 
     if not native_available():
         print(f"native linear: skipped ({native_error()})")
@@ -76,46 +80,49 @@ def run_linear(ms=(1, 32), warmup: int = 2, reps: int = 10) -> list[dict]:
     rows = []
     for m in ms:
         for name, k, n in LINEAR_SHAPES:
+            if name == "lm_head" and m > 32:
+                continue  # the LM head multiplies one row per sequence, never a prefill's tokens
             g = torch.Generator().manual_seed(0)
             x = torch.randn(m, k, generator=g)
             w = torch.randn(n, k, generator=g).bfloat16()
             wf, xb = w.float(), x.bfloat16()
-            r = reps if n * k < 50e6 else max(3, reps // 3)
-            impls = {"native bf16w": (lambda: torch.ops.stage1.linear_bf16w(x, w, None), 2),
+            reference = linear_bf16w_reference(x, w)
+            # impl -> (the call, weight bytes per element, its output for the error check)
+            impls = {"native bf16w": (lambda: linear_bf16w(x, w, None), 2),
                      "torch fp32": (lambda: F.linear(x, wf), 4),
                      "torch bf16": (lambda: F.linear(xb, w), 2)}
+            if onednn.onednn_available():
+                packed = onednn.prepack(wf)
+                impls["native fp32"] = (lambda: onednn.linear(x, packed, None), 4)
+            r = reps if n * k < 50e6 else max(3, reps // 3)
             timings = {impl: try_timing(lambda: time_ms(fn, cpu, warmup, r)) for impl, (fn, _) in impls.items()}
-            err = (torch.ops.stage1.linear_bf16w(x, w, None) - linear_bf16w_reference(x, w)).abs().max().item()
-            for impl, (_, nbytes) in impls.items():
+            base = timings["torch fp32"]
+            for impl, (fn, nbytes) in impls.items():
                 t = timings[impl]
-                ours = timings["native bf16w"]
+                native = impl.startswith("native")
                 rows.append(dict(kernel="linear", impl=impl, shape=f"{name} {k}->{n}, M {m}", m=m, k=k, n=n, ms=t,
                                  gbps=n * k * nbytes / t / 1e6 if t else None,
                                  gflops=2 * m * n * k / t / 1e6 if t else None,
-                                 ratio_vs_torch_fp32=(timings["torch fp32"] / ours) if impl == "native bf16w" and
-                                 ours and timings["torch fp32"] else None,
-                                 ratio_vs_torch_bf16=(timings["torch bf16"] / ours) if impl == "native bf16w" and
-                                 ours and timings["torch bf16"] else None,
-                                 max_abs_err_vs_reference=err if impl == "native bf16w" else None))
-            mine = rows[-3]
-            print(f"  linear {mine['shape']:28s} native {ours or float('nan'):8.3f} ms "
-                  f"({mine['gbps'] or 0:5.1f} GB/s, {mine['gflops'] or 0:5.1f} GFLOP/s) | torch fp32 "
-                  f"{timings['torch fp32'] or float('nan'):8.3f} ms | torch bf16 {timings['torch bf16'] or float('nan'):8.3f} ms"
-                  f" | x{mine['ratio_vs_torch_fp32'] or 0:.2f} vs fp32, x{mine['ratio_vs_torch_bf16'] or 0:.2f} vs bf16",
-                  flush=True)
+                                 ratio_vs_torch_fp32=base / t if native and t and base else None,
+                                 max_abs_err_vs_reference=(fn() - reference).abs().max().item() if native else None))
+            print(f"  linear {name + f' {k}->{n}, M {m}':28s} " + " | ".join(
+                f"{impl} {timings[impl] or float('nan'):8.3f} ms" for impl in impls), flush=True)
     return rows
 
 
 def print_linear_rows(rows: list[dict]) -> None:
     if not rows:
         return
-    print(f"linear_bf16w on {machine()}")
-    print(f"  {'shape':28s} {'impl':13s} {'ms':>9s} {'GB/s':>6s} {'GFLOP/s':>8s} {'ours vs it':>10s}")
+    print(f"linear layers on {machine()}: native bf16w = bf16 weights, fp32 arithmetic (stage1::linear_bf16w, "
+          "from 4 rows widened into oneDNN); native fp32 = oneDNN on prepacked weights; torch = F.linear")
+    print(f"  {'shape':28s} {'impl':13s} {'ms':>9s} {'GB/s':>6s} {'GFLOP/s':>8s} {'vs torch fp32':>13s} "
+          f"{'max err':>8s}")
     for r in rows:
-        ours = next(o for o in rows if o["shape"] == r["shape"] and o["impl"] == "native bf16w")
-        ratio = "" if r["impl"] == "native bf16w" or not (r["ms"] and ours["ms"]) else f"{r['ms'] / ours['ms']:.2f}x"
         ms = "failed" if r["ms"] is None else f"{r['ms']:9.3f}"
-        print(f"  {r['shape']:28s} {r['impl']:13s} {ms:>9s} {r['gbps'] or 0:6.1f} {r['gflops'] or 0:8.1f} {ratio:>10s}")
+        ratio = f"{r['ratio_vs_torch_fp32']:.2f}x" if r["ratio_vs_torch_fp32"] else ""
+        err = f"{r['max_abs_err_vs_reference']:.1e}" if r["max_abs_err_vs_reference"] is not None else ""
+        print(f"  {r['shape']:28s} {r['impl']:13s} {ms:>9s} {r['gbps'] or 0:6.1f} {r['gflops'] or 0:8.1f} "
+              f"{ratio:>13s} {err:>8s}")
 
 
 SAMPLER_ROWS = (1, 64, 256)

@@ -285,6 +285,7 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
     if config.tie_word_embeddings:
         params["lm_head.weight"] = params["embed_tokens.weight"]
     model.load_state_dict(params, assign=True, strict=True)
+    del params  # the model holds them now: a prepack below then frees each plain weight as it replaces it
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # one Parameter, not two wrappers of the same storage
     if linear is not None:

@@ -49,6 +49,7 @@ def both(path, reqs, params, **engine):
         runs[mode] = outputs(llm, reqs, params)
         assert llm.core.stats.generated_tokens == sum(len(c[0]) for o in runs[mode] for c in o)
         assert (fed_on_device[0] > 0) is mode  # async: decode inputs came from the device's last tokens
+        assert bool(llm.core.runner._sample_row_of) is mode  # where those are read from: kept only when needed
         assert not llm.core.has_unfinished()
         assert llm.core.block_manager.num_free_blocks == llm.core.block_manager.num_blocks
         if "kv_cache_memory" in engine:

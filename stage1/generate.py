@@ -32,14 +32,14 @@ from stage1.data.manifest import (
     prepare_out_dir,
     write_manifest,
 )
-from stage1.data.merge import check_merge_target, load_shards, merge, shard_report, write_merged
+from stage1.data.merge import check_merge_target, load_shards, shard_report, write_merged
 from stage1.data.pipeline import Pipeline, SessionStats
 from stage1.data.progress import RunProgress
 from stage1.data.prompts import load_styles, pool_fingerprint
 from stage1.data.readers import instructions_fingerprint, read_instructions
 from stage1.data.settings import GenerationConfig, add_sampling_flags, from_args
 from stage1.data.shards import SHARDS_DIR, resolve_shard, select, shard_counts_in, shard_dir, shard_name
-from stage1.data.writer import DATA_FILE, REJECTS_FILE, DatasetWriter, read_jsonl
+from stage1.data.writer import DATA_FILE, REJECTS_FILE, DatasetWriter, iter_jsonl
 
 DEFAULT_OUT = "out/stage1-sft"
 
@@ -342,7 +342,7 @@ def _run(args: argparse.Namespace, argv: list[str], llm_factory) -> int:
         with writer:
             stats = _generate(args, out, pipeline, instructions)
 
-    summary = dataset_summary(read_jsonl(writer.data_path), read_jsonl(writer.rejects_path))
+    summary = dataset_summary(iter_jsonl(writer.data_path), iter_jsonl(writer.rejects_path))
     session = {"started_at": started, "finished_at": now(), "resumed": bool(args.resume and previous),
                **_this_process(), "wall_s": round(time.perf_counter() - t_wall, 2), **stats.as_dict()}
     manifest.update(status="complete", updated_at=now(), **summary, sessions=manifest["sessions"] + [session])
@@ -373,8 +373,8 @@ def _merge(args: argparse.Namespace, argv: list[str], config: GenerationConfig, 
     implicit = _implicit_identity()
     shards = load_shards(out, count, identity, implicit, instructions, config.n)
     check_merge_target(out, identity, implicit, replace=args.overwrite)
-    merged = merge(shards, instructions, config)
-    summary = dataset_summary(merged.kept, merged.rejected)
+    merged = write_merged(out, shards, instructions, config)
+    summary = merged.summary
     first = shards[0].manifest
     manifest = {
         "format": FORMAT, "status": "complete", "created_at": started, "updated_at": now(),
@@ -386,7 +386,7 @@ def _merge(args: argparse.Namespace, argv: list[str], config: GenerationConfig, 
                   "dataset_filter_rejected": merged.dedup_rejected},
         "merged_shards": [shard_report(s) for s in shards],
     }
-    write_merged(out, merged, manifest)
+    write_manifest(out, manifest)
     c = summary["counts"]
     reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none"
     print(f"merged {count} shards: {c['instructions']} instructions, {c['completions']} completions: {c['kept']} kept, "

@@ -8,17 +8,17 @@ holds another run.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from stage1.data.errors import DataError
 from stage1.data.hashing import sha256_file
-from stage1.data.writer import DATA_FILE, REJECTS_FILE
+from stage1.data.writer import DATA_FILE, REJECTS_FILE, replaced_whole
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "stage1-sft-manifest/1"
@@ -78,14 +78,8 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
 
 def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> None:
     """Atomic: a kill leaves either the old manifest or the new one."""
-    path = Path(out_dir) / MANIFEST_FILE
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with replaced_whole(Path(out_dir) / MANIFEST_FILE) as f:
+        f.write((json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
 
 
 def prepare_out_dir(out_dir: str | Path, identity: dict[str, Any], *, resume: bool, overwrite: bool,
@@ -128,22 +122,54 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any], implicit: dict[str, 
     return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
 
 
-def dataset_summary(kept: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts over the whole dataset on disk (all sessions of a resumed run)."""
-    generated = [r for r in kept + rejected if r.get("index") is not None]
+class DatasetSummary:
+    """The counts of a dataset, taken one row at a time, so a dataset of any size is summarised without holding it.
+    Keeps the instruction ids (to count them) and the histograms, never a row."""
 
-    def stop_label(row: dict[str, Any]) -> str:
-        if row.get("stop_reason") is not None:
-            return str(row["stop_reason"])
-        return "length" if row.get("finish_reason") == "length" else "eos"
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._completions = self._kept = self._rejected = 0
+        self._finish_reasons: Counter[str] = Counter()
+        self._stop_reasons: Counter[str] = Counter()
+        self._rejected_by_reason: Counter[str] = Counter()
 
-    def histogram(values) -> dict[str, int]:
-        return dict(sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0])))
+    def add(self, row: dict[str, Any], *, kept: bool) -> None:
+        self._ids.add(row["id"])
+        if kept:
+            self._kept += 1
+        else:
+            self._rejected += 1
+            self._rejected_by_reason[row["reason"]] += 1
+        if row.get("index") is not None:  # a completion (index None: an instruction rejected before generation)
+            self._completions += 1
+            self._finish_reasons[str(row.get("finish_reason"))] += 1
+            self._stop_reasons[_stop_label(row)] += 1
 
-    return {
-        "counts": {"instructions": len({r["id"] for r in kept + rejected}), "completions": len(generated),
-                   "kept": len(kept), "rejected": len(rejected)},
-        "finish_reasons": histogram(str(r.get("finish_reason")) for r in generated),
-        "stop_reasons": histogram(stop_label(r) for r in generated),
-        "rejected_by_reason": histogram(r["reason"] for r in rejected),
-    }
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "counts": {"instructions": len(self._ids), "completions": self._completions, "kept": self._kept,
+                       "rejected": self._rejected},
+            "finish_reasons": _histogram(self._finish_reasons),
+            "stop_reasons": _histogram(self._stop_reasons),
+            "rejected_by_reason": _histogram(self._rejected_by_reason),
+        }
+
+
+def _stop_label(row: dict[str, Any]) -> str:
+    if row.get("stop_reason") is not None:
+        return str(row["stop_reason"])
+    return "length" if row.get("finish_reason") == "length" else "eos"
+
+
+def _histogram(counts: Counter[str]) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def dataset_summary(kept: Iterable[dict[str, Any]], rejected: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Counts over the whole dataset on disk (all sessions of a resumed run); the rows may come one at a time."""
+    summary = DatasetSummary()
+    for row in kept:
+        summary.add(row, kept=True)
+    for row in rejected:
+        summary.add(row, kept=False)
+    return summary.as_dict()

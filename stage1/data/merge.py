@@ -4,24 +4,30 @@ Each shard ran the per-row filters only. The merge checks that the shards are th
 with nothing written, a missing, incomplete, duplicated or foreign shard), puts their rows back in input order, and
 runs the dataset-wide filters (exact and near duplicates) over them in that order, as an unsharded run does while it
 generates. So duplicates that fell in different shards are found, and the first in input order is the one kept.
+
+It streams, for datasets of any size: the checks (`load_shards`) read each shard's files once, keeping only that
+shard's row keys; the merge (`merge`) reads them again, each file lazily. A shard's files are in input order (the
+pipeline writes its rows so, and the checks refuse a file that is not), so a k-way merge over all the files gives
+the rows in input order holding one row per file; memory holds that and the dedup state, never the dataset.
 """
 
 from __future__ import annotations
 
-import os
+import heapq
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from stage1.data.errors import DataError
 from stage1.data.filters import Candidate, Deduplicator, dataset_checks, dedup_key, first_rejection
 from stage1.data.hashing import sha256_file
-from stage1.data.manifest import MANIFEST_FILE, identity_diff, read_manifest, write_manifest
+from stage1.data.manifest import MANIFEST_FILE, DatasetSummary, identity_diff, read_manifest
 from stage1.data.readers import Instruction
 from stage1.data.rows import row_key, with_reason
 from stage1.data.settings import GenerationConfig
 from stage1.data.shards import SHARDS_DIR, shard_dir, shard_name, shard_of
-from stage1.data.writer import DATA_FILE, REJECTS_FILE, dumps_line, read_jsonl
+from stage1.data.writer import DATA_FILE, REJECTS_FILE, dumps_line, iter_jsonl, replaced_whole
 
 Row = dict[str, Any]
 RUN_SHARDS_HINT = "run it with --num-shards {count} --shard-index {index} --resume (and the run's other arguments)"
@@ -33,21 +39,29 @@ class Shard:
     name: str
     path: Path
     manifest: dict[str, Any]
-    kept: list[Row]  # rows that passed the per-row filters
-    rejected: list[Row]
+    kept: int  # rows that passed the per-row filters (data.jsonl)
+    rejected: int  # rejects.jsonl
 
 
 @dataclass
 class Merged:
-    kept: list[Row]
-    rejected: list[Row]
-    dedup_rejected: int  # of `rejected`, the rows the merge's dataset-wide filters rejected
-    shards: list[Shard]
+    summary: dict[str, Any]  # dataset_summary of the merged files
+    dedup_rejected: int  # of the rejected rows, those the merge's dataset-wide filters rejected
+
+
+def input_order(instructions: list[Instruction]) -> Callable[[Row], tuple[int, int]]:
+    """A row's place in the run's input: its instruction's position, then its completion index (None first)."""
+    position = {inst.id: p for p, inst in enumerate(instructions)}
+
+    def key(row: Row) -> tuple[int, int]:
+        return position[row["id"]], -1 if row["index"] is None else row["index"]
+    return key
 
 
 def load_shards(out: str | Path, count: int, identity: dict[str, Any], implicit: dict[str, Any],
                 instructions: list[Instruction], n: int) -> list[Shard]:
-    """Every shard of the run in OUT, checked: this run's (identity), complete, and holding exactly its rows."""
+    """Every shard of the run in OUT, checked: this run's (identity), complete, and holding exactly its rows, each
+    file in input order."""
     out = Path(out)
     root = out / SHARDS_DIR
     if not root.is_dir():
@@ -60,11 +74,12 @@ def load_shards(out: str | Path, count: int, identity: dict[str, Any], implicit:
                         f" of this {count}-shard run (another run's, or another --num-shards); move "
                         f"{'it' if len(strangers) == 1 else 'them'} out of {root}")
     by_id = {inst.id: inst for inst in instructions}
-    return [_load_shard(out, index, count, identity, implicit, by_id, n) for index in range(count)]
+    order = input_order(instructions)
+    return [_load_shard(out, index, count, identity, implicit, by_id, order, n) for index in range(count)]
 
 
 def _load_shard(out: Path, index: int, count: int, identity: dict[str, Any], implicit: dict[str, Any],
-                by_id: dict[str, Instruction], n: int) -> Shard:
+                by_id: dict[str, Instruction], order: Callable[[Row], tuple[int, int]], n: int) -> Shard:
     path = shard_dir(out, index, count)
     name = f"shard {shard_name(index, count)} ({path})"
     hint = RUN_SHARDS_HINT.format(count=count, index=index)
@@ -83,16 +98,21 @@ def _load_shard(out: Path, index: int, count: int, identity: dict[str, Any], imp
                         + hint)
     if manifest.get("status") != "complete":
         raise DataError(f"{name} is incomplete (status {manifest.get('status')!r}); {hint}")
-    kept, rejected = read_jsonl(path / DATA_FILE), read_jsonl(path / REJECTS_FILE)
-    _check_rows(name, hint, index, count, kept + rejected, by_id, n)
+    seen: set[tuple[str, int | None]] = set()
+    kept = _check_rows(name, index, count, path / DATA_FILE, seen, by_id, order)
+    rejected = _check_rows(name, index, count, path / REJECTS_FILE, seen, by_id, order)
+    _check_complete(name, hint, index, count, seen, by_id, n)
     return Shard(index, shard_name(index, count), path, manifest, kept, rejected)
 
 
-def _check_rows(name: str, hint: str, index: int, count: int, rows: list[Row], by_id: dict[str, Instruction],
-                n: int) -> None:
-    """Every row is of one of this shard's instructions, once; every instruction of the shard has all its rows."""
-    seen: set[tuple[str, int | None]] = set()
-    for row in rows:
+def _check_rows(name: str, index: int, count: int, file: Path, seen: set[tuple[str, int | None]],
+                by_id: dict[str, Instruction], order: Callable[[Row], tuple[int, int]]) -> int:
+    """Every row of `file` is of one of this shard's instructions, once in the shard (`seen`: the keys so far), and
+    after the row before it in input order (what the merge relies on). Returns how many rows it holds."""
+    rows = 0
+    previous: tuple[str, int | None] | None = None  # the row before, and its place
+    previous_place: tuple[int, int] | None = None
+    for row in iter_jsonl(file):
         key = row_key(row)
         if row["id"] not in by_id:
             raise DataError(f"{name} holds rows of instruction {row['id']!r}, which is not in this run's input "
@@ -102,7 +122,19 @@ def _check_rows(name: str, hint: str, index: int, count: int, rows: list[Row], b
                             f"{shard_name(shard_of(row['id'], count), count)}: it is not a shard of this run")
         if key in seen:
             raise DataError(f"{name} holds row {key} twice; it was not written by a clean run")
+        place = order(row)
+        if previous_place is not None and place < previous_place:
+            raise DataError(f"{name}: {file.name} holds row {key} after row {previous}, out of input order; it was "
+                            "not written by a clean run")
         seen.add(key)
+        previous, previous_place = key, place
+        rows += 1
+    return rows
+
+
+def _check_complete(name: str, hint: str, index: int, count: int, seen: set[tuple[str, int | None]],
+                    by_id: dict[str, Instruction], n: int) -> None:
+    """Every instruction of the shard has all its rows (`seen`: the shard's row keys)."""
     ids = {row_id for row_id, _ in seen}
     for inst in by_id.values():
         if shard_of(inst.id, count) != index or (inst.id, None) in seen:
@@ -114,26 +146,45 @@ def _check_rows(name: str, hint: str, index: int, count: int, rows: list[Row], b
                             f"or another --n); {hint}")
 
 
-def merge(shards: list[Shard], instructions: list[Instruction], config: GenerationConfig) -> Merged:
-    """The shards' rows in input order, with the dataset-wide filters run over the kept ones in that order."""
-    position = {inst.id: p for p, inst in enumerate(instructions)}
+def merge(shards: list[Shard], instructions: list[Instruction], config: GenerationConfig, data: BinaryIO,
+          rejects: BinaryIO) -> Merged:
+    """The shards' rows in input order into `data` (kept) and `rejects`, with the dataset-wide filters run over the
+    kept ones in that order. The shards must have passed `load_shards`: each file in input order, no row twice."""
+    order = input_order(instructions)
 
-    def input_order(row: Row) -> tuple[int, int]:
-        return position[row["id"]], -1 if row["index"] is None else row["index"]
+    def tagged(file: Path, candidate: bool) -> Iterator[tuple[bool, Row]]:
+        return ((candidate, row) for row in iter_jsonl(file))
 
-    candidates = sorted((row for s in shards for row in s.kept), key=input_order)
+    files = [tagged(s.path / DATA_FILE, True) for s in shards] + [tagged(s.path / REJECTS_FILE, False) for s in shards]
     dedup = Deduplicator(config.near_dedup, config.near_dup_threshold)
     checks = dataset_checks(dedup)
-    kept, dedup_rejected = [], []
-    for row in candidates:
-        verdict = first_rejection(checks, Candidate(row["instruction"], row["response"], row["finish_reason"], {}))
-        if verdict:
-            dedup_rejected.append(with_reason(row, *verdict))
-        else:
-            dedup.add(dedup_key(row["id"], row["index"]), row["instruction"], row["response"])
-            kept.append(row)
-    rejected = sorted([row for s in shards for row in s.rejected] + dedup_rejected, key=input_order)
-    return Merged(kept, rejected, len(dedup_rejected), shards)
+    summary = DatasetSummary()
+    dedup_rejected = 0
+    # One row per file in memory. Places are unique across files (load_shards): this is the order a sort of all the
+    # rows gives.
+    for candidate, row in heapq.merge(*files, key=lambda item: order(item[1])):
+        kept = False
+        if candidate:  # passed its shard's per-row filters: the dataset-wide ones decide
+            verdict = first_rejection(checks, Candidate(row["instruction"], row["response"], row["finish_reason"], {}))
+            if verdict:
+                row = with_reason(row, *verdict)
+                dedup_rejected += 1
+            else:
+                dedup.add(dedup_key(row["id"], row["index"]), row["instruction"], row["response"])
+                kept = True
+        (data if kept else rejects).write(dumps_line(row))
+        summary.add(row, kept=kept)
+    return Merged(summary.as_dict(), dedup_rejected)
+
+
+def write_merged(out: str | Path, shards: list[Shard], instructions: list[Instruction],
+                 config: GenerationConfig) -> Merged:
+    """The merge streamed into data.jsonl and rejects.jsonl beside OUT's, renamed into place once both are whole: an
+    error leaves OUT's old files, a kill the old file or the new one, never a part of one. The manifest comes after
+    (write_manifest), so a merge whose manifest is missing or older is redone."""
+    out = Path(out)
+    with replaced_whole(out / DATA_FILE) as data, replaced_whole(out / REJECTS_FILE) as rejects:
+        return merge(shards, instructions, config, data, rejects)
 
 
 def check_merge_target(out: str | Path, identity: dict[str, Any], implicit: dict[str, Any], *,
@@ -157,28 +208,13 @@ def check_merge_target(out: str | Path, identity: dict[str, Any], implicit: dict
         raise DataError(f"{out} holds the merge of another run ({diff}); move it away, or choose another --out")
 
 
-def write_merged(out: str | Path, merged: Merged, manifest: dict[str, Any]) -> None:
-    """data.jsonl and rejects.jsonl each written whole to a temporary file and renamed into place, then the
-    manifest: a kill leaves the old files or the new ones, never a mix within a file."""
-    out = Path(out)
-    for name, rows in ((DATA_FILE, merged.kept), (REJECTS_FILE, merged.rejected)):
-        tmp = out / f".{name}.merging"
-        with open(tmp, "wb") as f:
-            for row in rows:
-                f.write(dumps_line(row))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / name)
-    write_manifest(out, manifest)
-
-
 def shard_report(shard: Shard) -> dict[str, Any]:
     """What the merged manifest says of one shard: its rows, its files' hashes, where and how fast it ran."""
     sessions = shard.manifest.get("sessions", [])
     generated = sum(s.get("generated_tokens", 0) for s in sessions)
     seconds = sum(s.get("generate_seconds", 0.0) for s in sessions)
     return {
-        "name": shard.name, "index": shard.index, "kept": len(shard.kept), "rejected": len(shard.rejected),
+        "name": shard.name, "index": shard.index, "kept": shard.kept, "rejected": shard.rejected,
         "data_sha256": sha256_file(shard.path / DATA_FILE), "rejects_sha256": sha256_file(shard.path / REJECTS_FILE),
         "hosts": sorted({s["host"] for s in sessions if s.get("host")}), "sessions": len(sessions),
         "wall_s": round(sum(s.get("wall_s", 0.0) for s in sessions), 2), "generated_tokens": generated,

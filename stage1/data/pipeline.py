@@ -25,7 +25,7 @@ from stage1.data.readers import Instruction
 from stage1.data.rows import REASON_PROMPT_TOO_LONG, make_row, row_key, with_reason
 from stage1.data.settings import GenerationConfig
 from stage1.data.stream import Job, RequestStream
-from stage1.data.writer import DatasetWriter, read_jsonl
+from stage1.data.writer import DatasetWriter, iter_jsonl
 
 if TYPE_CHECKING:
     from stage1.engine.outputs import RequestOutput
@@ -115,11 +115,11 @@ class Pipeline:
     # -- resume ------------------------------------------------------------------------------------------------
     def load_existing(self) -> None:
         """Takes in the rows already written (a resumed run): which completions exist, and the dedup state."""
-        for row in read_jsonl(self.writer.data_path):
+        for row in iter_jsonl(self.writer.data_path):
             self._done.add(row_key(row))
             if self.dedup is not None:
                 self.dedup.add(dedup_key(row["id"], row["index"]), row["instruction"], row["response"])
-        for row in read_jsonl(self.writer.rejects_path):
+        for row in iter_jsonl(self.writer.rejects_path):
             self._done.add(row_key(row))
 
     def missing(self, inst: Instruction) -> list[int]:

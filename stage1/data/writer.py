@@ -3,15 +3,17 @@
 Each batch of rows (the pipeline's, in input order) goes to each file as one append of whole lines, then fsync, so a
 kill loses at most the rows not yet written.
 A line cut short by a crash (no final newline) is the only damage possible; `repair_truncated_tail` drops it on resume.
+A file written whole instead (the merge's, the manifest) goes through `replaced_whole`: the old file or the new one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from stage1.data.errors import DataError
 
@@ -57,22 +59,40 @@ def repair_truncated_tail(path: str | Path) -> int:
         return size - keep
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a file we wrote (missing file: none). A bad complete line means someone else touched the file."""
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The rows of a file we wrote (missing file: none), one at a time. A bad complete line means someone else
+    touched the file."""
     path = Path(path)
     if not path.is_file():
-        return []
-    rows = []
+        return
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
-                break  # a partial tail: not a row (repair_truncated_tail removes it before we append)
+                return  # a partial tail: not a row (repair_truncated_tail removes it before we append)
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise DataError(f"{path}:{n}: not a valid JSON row, so this file was not written by a clean run; "
                                 "move it away or pass --overwrite") from None
-    return rows
+            yield row
+
+
+@contextmanager
+def replaced_whole(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file for the new content of `path`: written beside it, fsynced and renamed onto it when the block
+    ends, so a kill leaves the old file or the new one, never a part; on an error the old file stays and the
+    temporary one is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -92,8 +92,7 @@ class EngineCore:
     def _complete(self, step: "_InFlight") -> list[Sequence]:
         """Reads a launched step's tokens back and postprocesses them in place of their PENDING tokens."""
         result = step.pending.result()
-        self.stats.record(step.batch, len(result.tokens), time.perf_counter() - step.started,
-                          self.config.max_num_seqs)
+        self.stats.record(step.batch, time.perf_counter() - step.started, self.config.max_num_seqs)
         return self._append(step.batch.sampling_seqs, result, step.placeholders)
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
@@ -103,7 +102,7 @@ class EngineCore:
         except BaseException:
             self.scheduler.discard_step(batch)  # its blocks were registered for prefix caching, never filled
             raise
-        self.stats.record(batch, len(result.tokens), time.perf_counter() - started, self.config.max_num_seqs)
+        self.stats.record(batch, time.perf_counter() - started, self.config.max_num_seqs)
         return result
 
     def _postprocess(self, batch: ScheduledBatch, result: StepResult) -> list[Sequence]:
@@ -113,7 +112,7 @@ class EngineCore:
     def _append(self, seqs: list[Sequence], result: StepResult, placeholders: list[int] | None = None
                 ) -> list[Sequence]:
         """Each sampled token joins its sequence (`placeholders`: in place of its PENDING token, where the
-        sequence's token_ids hold it); returns the sequences that finished."""
+        sequence's token_ids hold it), and only those count as generated; returns the sequences that finished."""
         finished = []
         logprobs = result.logprobs or [None] * len(result.tokens)
         for i, (seq, token, token_logprobs) in enumerate(zip(seqs, result.tokens, logprobs)):
@@ -126,6 +125,7 @@ class EngineCore:
                 del seq.token_ids[at:]
                 seq.num_pending -= 1
             self.postprocessor.append(seq, token, token_logprobs)
+            self.stats.generated_tokens += 1
             if seq.finish_reason is not None:
                 seq.num_pending = 0  # a later step's token for it is void
                 self.scheduler.finish(seq)
@@ -156,13 +156,14 @@ class StepStats:
     decode_steps: int = 0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
-    generated_tokens: int = 0
+    generated_tokens: int = 0  # tokens appended to sequences (async scheduling's void ones not among them)
     prefix_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     # decode steps that ran fewer than half of max_num_seqs sequences (a batch's tail), and their time
     low_occupancy_decode_steps: int = 0
     low_occupancy_decode_seconds: float = 0.0
 
-    def record(self, batch: ScheduledBatch, sampled: int, seconds: float, max_num_seqs: int) -> None:
+    def record(self, batch: ScheduledBatch, seconds: float, max_num_seqs: int) -> None:
+        """One step's work and time (its generated tokens are counted as they join their sequences)."""
         self.prefix_cached_tokens += batch.num_cached_tokens
         computed = sum(batch.num_new_tokens)
         if batch.is_prefill:
@@ -176,7 +177,6 @@ class StepStats:
             if 2 * len(batch.seqs) < max_num_seqs:
                 self.low_occupancy_decode_steps += 1
                 self.low_occupancy_decode_seconds += seconds
-        self.generated_tokens += sampled
 
     def reset(self) -> None:
         """Counts from zero again (a benchmark's timed run after its warm-up)."""

@@ -114,7 +114,9 @@ class ModelRunner:
         # with decode graphs the pool's last block is their padding rows' sink, owned by no sequence
         self.num_kv_blocks = num_blocks - config.decode_graphs  # the blocks sequences may hold
         self.block_tables = BlockTableRows(config.max_num_seqs, config.max_blocks_per_seq)
-        self._sample_row_of: dict[int, int] = {}  # seq_id -> its sampling row in the last step prepared
+        # seq_id -> its sampling row in the last step prepared: where a PENDING input of the next step is read from,
+        # so kept only with async scheduling (the one mode whose inputs can be PENDING)
+        self._sample_row_of: dict[int, int] = {}
         self._last_tokens: torch.Tensor | None = None  # the tokens the last step sampled, on the device
         max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
         self.staging = StagedUpload(self.device, 3 * max_tokens,
@@ -172,7 +174,8 @@ class ModelRunner:
             raise RuntimeError("a prefill step got a token not read back yet: only a decode step can take one")
         input_ids[pending_rows] = 0
         sampling = batch.sampling_seqs
-        self._sample_row_of = {seq.seq_id: row for row, seq in enumerate(sampling)}
+        if self.config.async_scheduling:
+            self._sample_row_of = {seq.seq_id: row for row, seq in enumerate(sampling)}
         sampling = SamplingRows([s.params for s in sampling], np.array([s.seed for s in sampling], dtype=np.int64),
                                 np.array([s.num_output_tokens for s in sampling], dtype=np.int64))
         return StepPlan(batch.is_prefill, input_ids, positions, slots, block_tables, cu_seqlens, context_lens,

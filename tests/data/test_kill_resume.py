@@ -1,6 +1,11 @@
 """kill -9 at random moments during a streaming `python -m stage1.generate` run (a subprocess on the tiny random
 checkpoint), then `--resume`: every trial ends with the byte-identical dataset of an uninterrupted run, and the files
-never hold a corrupt line (only the last line may be cut short by the kill, and resume drops it)."""
+never hold a corrupt line (only the last line may be cut short by the kill, and resume drops it).
+
+The moments are set by the run's progress, not by the clock: each trial kills once a chosen number of rows is on
+disk (none: right after the manifest; all: during the final manifest write and the exit; some in between), a
+jitter of a few milliseconds later, so a slow or loaded machine moves every kill along with the run instead of past
+its end or before its start."""
 
 from __future__ import annotations
 
@@ -20,12 +25,20 @@ from stage1.generate import main
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-# Small enough for 11 runs in well under a minute; one write per instruction and 3 requests in flight, so a kill
+# Small enough for 6 runs in well under a minute; one write per instruction and 3 requests in flight, so a kill
 # can land before, between or inside writes, with requests finishing out of order.
 ARGS = ("--limit", 6, "--n", 2, "--max-tokens", 10, "--max-num-seqs", 3, "--batch-size", 1, "--allow-run-on",
         "--no-progress")
+ROWS = 12  # 6 instructions x 2 completions
 TRIALS = 5
 FILES = ("data.jsonl", "rejects.jsonl")
+# Less than a step (a decode step of the tiny checkpoint takes several ms), so a kill lands just before, between or
+# inside writes, never past the rows still to come.
+JITTER_S = 0.002
+# Generous: they only stop a run that hangs (a subprocess loading torch and the model on a loaded machine can take
+# long), they are no deadline the run is meant to meet.
+STARTUP_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 300
 
 
 def argv(model_dir: Path, out: Path, *extra) -> list[str]:
@@ -42,39 +55,36 @@ def complete_lines(path: Path) -> int:
     return len(lines) - 1
 
 
-def start(model_dir: Path, out: Path) -> tuple[subprocess.Popen, float]:
-    """The run as a subprocess, once its manifest is written (the model loaded); and when that was."""
-    proc = subprocess.Popen([sys.executable, "-m", "stage1.generate", *argv(model_dir, out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (out / "manifest.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return proc, time.monotonic()
+def rows_on_disk(out: Path) -> int:
+    return sum((out / name).read_bytes().count(b"\n") for name in FILES if (out / name).exists())
 
 
-def seconds_to_last_row(model_dir: Path, out: Path) -> float:
-    """An uninterrupted run: the time from its manifest to its last row on disk (the span the kills aim at)."""
-    proc, t0 = start(model_dir, out)
-    size, last_change = 0, t0
-    while proc.poll() is None:
-        now = sum((out / name).stat().st_size for name in FILES if (out / name).exists())
-        if now != size:
-            size, last_change = now, time.monotonic()
-        time.sleep(0.002)
-    assert proc.returncode == 0
-    return last_change - t0
-
-
-def run_and_kill(model_dir: Path, out: Path, delay: float) -> bool:
-    """Starts the run, SIGKILLs it `delay` s after its manifest appears; False if it finished first."""
-    proc, _ = start(model_dir, out)
+def run_and_kill(model_dir: Path, out: Path, rows: int, jitter: float) -> tuple[bool, int]:
+    """Starts the run and SIGKILLs it `jitter` s after `rows` rows are on disk (counted from its manifest on);
+    returns whether the kill landed (False: the run had finished) and the rows seen when it was decided."""
+    log = out.with_name(f"{out.name}.stderr")  # a file, not a pipe: a full pipe would stall the run
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "stage1.generate", *argv(model_dir, out)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        time.sleep(delay)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not (out / "manifest.json").exists():  # the model loaded: the run proper starts
+            assert proc.poll() is None, f"the run ended before its manifest: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"no manifest after {STARTUP_TIMEOUT_S} s"
+            time.sleep(0.005)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        seen = rows_on_disk(out)
+        while seen < rows and proc.poll() is None:
+            assert time.monotonic() < deadline, f"{seen} rows after {RUN_TIMEOUT_S} s"
+            time.sleep(0.0005)
+            seen = rows_on_disk(out)
+        time.sleep(jitter)
         if proc.poll() is not None:
-            return False
+            assert proc.returncode == 0, log.read_text()[-2000:]
+            return False, seen
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        return True
+        proc.wait(timeout=60)
+        return True, seen
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -83,19 +93,28 @@ def run_and_kill(model_dir: Path, out: Path, delay: float) -> bool:
 
 def test_kill_9_at_random_moments_then_resume_gives_the_same_files(tiny_model_dir, tmp_path):
     whole = tmp_path / "whole"
-    window = seconds_to_last_row(tiny_model_dir, whole)
+    assert main(argv(tiny_model_dir, whole)) == 0
     expected = {name: (whole / name).read_bytes() for name in FILES}
+    assert sum(complete_lines(whole / name) for name in FILES) == ROWS
     seed = random.randrange(2**32)
     rng = random.Random(seed)
+    # before any row, in the first half (several writes still to come), in the second, anywhere, after the last row
+    targets = [0, rng.randint(1, ROWS // 2), rng.randint(ROWS // 2, ROWS - 1), rng.randint(1, ROWS - 1), ROWS]
+    assert len(targets) == TRIALS
     trials = []
-    for trial in range(TRIALS):
+    for trial, rows in enumerate(targets):
         out = tmp_path / f"trial{trial}"
-        delay = rng.uniform(0, 1.2 * window)  # a few land after the last row: the manifest's last write
-        killed = run_and_kill(tiny_model_dir, out, delay)
+        jitter = rng.uniform(0, JITTER_S)
+        killed, seen = run_and_kill(tiny_model_dir, out, rows, jitter)
         lines_before = sum(complete_lines(out / name) for name in FILES)  # raises on a corrupt line
-        assert main(argv(tiny_model_dir, out, "--resume")) == 0, f"seed {seed}, trial {trial}, delay {delay:.2f}"
-        assert {name: (out / name).read_bytes() for name in FILES} == expected, f"seed {seed}, trial {trial}"
-        assert sum(complete_lines(out / name) for name in FILES) == 12
-        trials.append((round(delay, 2), killed, lines_before))
-    print(f"seed {seed}, {window:.2f} s from manifest to last row; (delay s, killed, rows on disk at the kill): {trials}")
-    assert sum(killed for _, killed, _ in trials) >= TRIALS - 1  # the kills did land during the runs
+        where = f"seed {seed}, trial {trial}: killed at {rows} rows + {jitter * 1e3:.1f} ms"
+        assert main(argv(tiny_model_dir, out, "--resume")) == 0, where
+        assert {name: (out / name).read_bytes() for name in FILES} == expected, where
+        assert sum(complete_lines(out / name) for name in FILES) == ROWS
+        trials.append((rows, seen, killed, lines_before))
+    print(f"seed {seed}; (target rows, rows seen, killed, rows on disk after the kill): {trials}")
+    # The kills landed during the runs: each one decided with rows still to come found the run going (it cannot
+    # write them, its manifest and exit within the jitter), and at least one left a part of the rows on disk (the
+    # first-half target: several writes were still to come, far longer than the jitter).
+    assert all(killed for _, seen, killed, _ in trials if seen < ROWS), f"seed {seed}: {trials}"
+    assert any(0 < lines_before < ROWS for *_, lines_before in trials), f"seed {seed}: {trials}"

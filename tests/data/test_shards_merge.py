@@ -1,6 +1,7 @@
 """Shards and their merge against the fake engine: three shards merged equal the unsharded run byte for byte (with
-near-duplicates in different shards, and after a shard crashed and resumed); the merge refuses a missing,
-incomplete, duplicated or foreign shard, naming it, and writes nothing."""
+near-duplicates in different shards, and after a shard crashed and resumed), streaming (a few rows in memory at a
+time); the merge refuses a missing, incomplete, duplicated, foreign or reordered shard, naming it, and writes
+nothing."""
 
 import json
 import random
@@ -8,6 +9,7 @@ import shutil
 
 import pytest
 
+from stage1.data import merge, writer
 from stage1.data.errors import DataError
 from stage1.data.readers import read_instructions
 from stage1.data.shards import incomplete_shards, resolve_shard, select, shard_dir, shard_of, shard_states
@@ -88,6 +90,53 @@ def test_three_shards_merged_equal_the_unsharded_run(gen, make_llm, respond_mixe
 
     assert gen(*RUN, "--merge", "--num-shards", 3, llm=None) == 0  # a merge is redone whole, to the same bytes
     assert files(out) == unsharded
+
+
+class RowCensus:
+    """Wraps the JSONL reader so that every row it reads is counted while alive (CPython frees a row as soon as the
+    last reference goes): `peak` is the most rows in memory at once."""
+
+    def __init__(self, read):
+        self.read, self.alive, self.peak, self.read_total = read, 0, 0, 0
+        census = self
+
+        class CountedRow(dict):
+            def __del__(self):
+                census.alive -= 1
+        self.row_type = CountedRow
+
+    def __call__(self, path):
+        for row in self.read(path):
+            self.alive += 1
+            self.read_total += 1
+            self.peak = max(self.peak, self.alive)
+            yield self.row_type(row)
+
+
+def test_the_merge_holds_a_few_rows_at_a_time_not_the_dataset(gen, unsharded, three_shards, monkeypatch):
+    census = RowCensus(writer.iter_jsonl)
+    for module in (writer, merge):  # the merge's own name for it, and the one every other reader goes through
+        monkeypatch.setattr(module, "iter_jsonl", census)
+    assert gen(*RUN, "--merge", llm=None) == 0
+    assert files(three_shards) == unsharded
+    assert census.read_total >= 2 * 120  # every row went through the census: checked, then merged
+    assert census.peak <= 2 * 3 + 1  # one row per shard file (data, rejects), and the one being written
+
+
+def test_a_merge_failing_halfway_leaves_nothing_behind(gen, three_shards, monkeypatch):
+    written = []
+
+    def dumps_then_fail(row):
+        if len(written) == 50:
+            raise RuntimeError("injected failure")
+        written.append(row)
+        return writer.dumps_line(row)
+    monkeypatch.setattr(merge, "dumps_line", dumps_then_fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        gen(*RUN, "--merge", llm=None)
+    assert len(written) == 50  # it failed halfway through the rows
+    assert_nothing_written(three_shards)
+    assert [p.name for p in three_shards.iterdir()] == ["shards"]  # nor a temporary file
 
 
 def test_a_shard_killed_mid_run_and_resumed_merges_to_the_same_files(gen, make_llm, respond_mixed, unsharded, out):
@@ -173,6 +222,15 @@ def test_merge_refuses_rows_of_another_limit(gen, capsys, three_shards):
     assert "is incomplete: instruction" in err and "has no rows" in err
     err = refused(gen, capsys, "--limit", 50)
     assert "not in this run's input" in err
+    assert_nothing_written(three_shards)
+
+
+def test_merge_refuses_a_shard_file_out_of_input_order(gen, capsys, three_shards):
+    data = shard_dir(three_shards, 2, 3) / "data.jsonl"
+    lines = data.read_bytes().splitlines(keepends=True)
+    data.write_bytes(b"".join([lines[1], lines[0], *lines[2:]]))  # the same rows, two swapped
+    err = refused(gen, capsys)
+    assert "shard 00002-of-00003" in err and "data.jsonl holds row" in err and "out of input order" in err
     assert_nothing_written(three_shards)
 
 

@@ -2,7 +2,8 @@
 sequences carrying a PENDING token the device fills in. Forced on here on the CPU (the default only on a GPU), it
 must give exactly the synchronous loop's outputs: greedy and seeded sampling, EOS and stop strings ending
 sequences one step before the work in flight, n > 1 with prefix caching, preemption, chunked prefill, requests
-joining mid-decode, logprobs; and every KV block must come back."""
+joining mid-decode, logprobs; and every KV block must come back. Its void tokens (sampled for a sequence that had
+already ended) are not counted as generated."""
 
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def both(path, reqs, params, **engine):
         assert llm.config.async_scheduling is mode
         fed_on_device = count_device_fed_inputs(llm)
         runs[mode] = outputs(llm, reqs, params)
+        assert llm.core.stats.generated_tokens == sum(len(c[0]) for o in runs[mode] for c in o)
         assert (fed_on_device[0] > 0) is mode  # async: decode inputs came from the device's last tokens
+        assert bool(llm.core.runner._sample_row_of) is mode  # where those are read from: kept only when needed
         assert not llm.core.has_unfinished()
         assert llm.core.block_manager.num_free_blocks == llm.core.block_manager.num_blocks
         if "kv_cache_memory" in engine:
@@ -72,6 +75,26 @@ def test_eos_stop_strings_and_n_samples_equal_the_synchronous_loop(checkpoint):
     params = SamplingParams(max_tokens=40, temperature=1.0, seed=7, n=2, stop=["e", " t"], stop_token_ids=[5])
     out = both(path, reqs, params)
     assert {c[2] for o in out for c in o} >= {"stop"}  # some did end early
+
+
+def test_generated_tokens_are_the_tokens_appended_not_the_void_ones(checkpoint):
+    """Async scheduling samples one void token for each sequence that ended a step earlier; the stats leave it out,
+    so both modes count what the outputs hold."""
+    path = checkpoint("gqa1-d64-tied")
+    reqs = prompts(ModelConfig.from_dir(path).vocab_size)
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=7, n=2, stop=["e", " t"], stop_token_ids=[5])
+    for mode in (False, True):
+        llm = LLM(path, dtype="float32", async_scheduling=mode)
+        stats, sampled = llm.core.stats, [0]
+        record = stats.record
+
+        def counted(batch, *args, **kwargs):
+            sampled[0] += len(batch.sampling_seqs)  # a token sampled for each, void or not
+            return record(batch, *args, **kwargs)
+        stats.record = counted
+        appended = sum(len(c.token_ids) for o in llm.generate(reqs, params, use_tqdm=False) for c in o.outputs)
+        assert stats.generated_tokens == appended
+        assert (sampled[0] > appended) is mode  # only async mode sampled void tokens
 
 
 def test_preemption_and_chunked_prefill_equal_the_synchronous_loop(checkpoint):

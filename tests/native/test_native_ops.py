@@ -81,6 +81,17 @@ def test_paged_decode_attention_other_shapes(isa, heads, kv_heads, lengths):
     torch.testing.assert_close(out, decode_attention_reference(q, cache, tables, lens, 0.125), **FP32)
 
 
+@pytest.mark.parametrize("block_size", [1, 5, 24, 33])
+def test_paged_decode_attention_blocks_that_do_not_divide_the_tile(isa, block_size):
+    """The kernel walks 32-token tiles block by block (one division per tile): blocks smaller than, not dividing,
+    and larger than a tile, with lengths ending on and off block and tile boundaries."""
+    lengths = [1, 31, 32, 33, 64, 97, 5 * 33]
+    cache, tables, lens = paged(lengths, block_size, 2, 64, seed=block_size)
+    q = randn(len(lengths), 14, 64)
+    out = torch.ops.stage1.paged_decode_attention(q, cache, tables, lens, 0.125)
+    torch.testing.assert_close(out, decode_attention_reference(q, cache, tables, lens, 0.125), **FP32)
+
+
 def test_paged_decode_attention_strided_query_and_int64_lengths():
     """q as a strided view of a packed qkv row (as the model passes it) and int64 context lengths."""
     heads, kv_heads, head_dim = 8, 2, 128

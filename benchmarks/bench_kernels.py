@@ -7,7 +7,8 @@ Attention (kernels_attention.py): Triton paged decode/prefill against PyTorch SD
 available) on equivalent contiguous tensors and against our paged reference; decode also in GB/s. Sampling
 (kernels_sampling.py): the fused Triton sampler against a sort-based torch top-k/top-p sampler. On the CPU the
 Triton kernels run in the interpreter (TRITON_INTERPRET=1), so those figures say nothing about GPU speed.
-Native CPU ops (kernels_native.py, stage1._C): on a CPU, each against the PyTorch path it replaces.
+Native CPU ops (kernels_native.py, stage1._C): on a CPU, each against the PyTorch path it replaces (decode attention,
+the linear layers, the sampler, the fused elementwise ops).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def main() -> None:
         kernels_native.print_linear_rows(linear_rows)
         sampler_rows = kernels_native.run_sampler()
         kernels_native.print_sampler_rows(sampler_rows)
-        rows += native_rows + linear_rows + sampler_rows
+        fused_rows = kernels_native.run_fused()
+        kernels_native.print_fused_rows(fused_rows)
+        rows += native_rows + linear_rows + sampler_rows + fused_rows
     facts = {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
              "torch": torch.__version__, "interpreted": device.type != "cuda", "rows": rows}
     if args.out:

@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None, llm_factory: Callable[[Path, argparse.Na
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permissions: the run stops where it was, its rows intact
-        print(f"error: {e}; rows written so far are intact, fix this and rerun with --resume", file=sys.stderr)
+        if args.merge:  # the merge writes beside OUT's files and renames them in only once whole (merge.py)
+            print(f"error: {e}; the merge left OUT's files and the shards as they were: fix this and rerun the "
+                  "same --merge command", file=sys.stderr)
+        else:
+            print(f"error: {e}; rows written so far are intact, fix this and rerun with --resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: the rows written so far are intact; rerun with --resume to continue", file=sys.stderr)

@@ -139,6 +139,16 @@ def test_a_merge_failing_halfway_leaves_nothing_behind(gen, three_shards, monkey
     assert [p.name for p in three_shards.iterdir()] == ["shards"]  # nor a temporary file
 
 
+def test_a_merge_that_hits_a_full_disk_says_to_rerun_the_merge(gen, three_shards, monkeypatch, capsys):
+    def disk_full(row):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(merge, "dumps_line", disk_full)
+    assert gen(*RUN, "--merge", llm=None) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "rerun the same --merge command" in err and "--resume" not in err
+    assert_nothing_written(three_shards)
+
+
 def test_a_shard_killed_mid_run_and_resumed_merges_to_the_same_files(gen, make_llm, respond_mixed, unsharded, out):
     shard = ("--num-shards", 3, "--shard-index", 1)
     with pytest.raises(RuntimeError, match="injected crash"):

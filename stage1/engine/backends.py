@@ -1,12 +1,13 @@
 """The one place that chooses which kernels run: the plain-PyTorch reference, the Triton kernels, or the native
 ops of stage1._C (csrc/, optional: built by `pip install --no-build-isolation -e .` where it can be).
 
-`auto` (`auto_kernels`) picks Triton for CUDA tensors when it is installed; on a CPU without native bf16 the native
-ops where stage1._C is built; the reference everywhere else. Triton launched on CPU tensors only works in its
-interpreter (TRITON_INTERPRET=1), which is for tests, not for speed. `native` (CPU only for now) runs decode
-attention, rotary + KV writes, RMSNorm (+ residual add) and sampling (`native_sample`: the reference's tokens) through
-stage1._C, and prefill attention and SiLU-and-mul (ATen's in-place ops are faster on the CPU) through the reference. On a GPU, Triton's kernels get stage1._C's
-fused CUDA ops beside them wherever stage1._C was built with CUDA (`with_native_cuda_ops`).
+`auto` (`auto_kernels`) picks Triton for CUDA tensors when it is installed; on a CPU the native ops where stage1._C
+is built; the reference everywhere else. Triton launched on CPU tensors only works in its interpreter
+(TRITON_INTERPRET=1), which is for tests, not for speed. `native` (CPU only for now) runs decode attention, rotary +
+KV writes, RMSNorm (+ residual add) and sampling (`native_sample`: the reference's tokens) through stage1._C, and
+prefill attention and SiLU-and-mul (ATen's in-place ops are faster on the CPU) through the reference. On a GPU,
+Triton's kernels get stage1._C's fused CUDA ops beside them wherever stage1._C was built with CUDA
+(`with_native_cuda_ops`).
 
 The linear layers' matmul (`Kernels.linear`, installed in every layer by the loader) is F.linear, except with
 `native` on a CPU (`for_dtype`). In float32 it is oneDNN's (onednn.py: 2-3x MKL's sgemm here) on weights the loader
@@ -104,13 +105,13 @@ def with_native_cuda_ops(kernels: Kernels, device: torch.device) -> Kernels:
 
 
 def auto_kernels(device: torch.device) -> str:
-    """Triton on a GPU where it is installed. On a CPU without native bf16, the native ops where stage1._C is built:
-    with a bf16 checkpoint they keep bf16 weights and compute in fp32, which on the main job gave the rows of torch
-    in fp32 at 2.5x its speed (README, Speed). A CPU with avx512_bf16/AMX keeps torch, whose bf16 matmuls ran the
-    same job as fast as the native ops in fp32 (57.4 vs 59.6 tok/s; with bf16's rows). Else the reference."""
+    """Triton on a GPU where it is installed. On a CPU the native ops where stage1._C is built: their linears run
+    oneDNN in fp32 (2-4x torch's MKL here) and the rows are fp32's (dtype auto, engine_config.auto_dtype); on the
+    main job they ran 3.3x torch in fp32 and as fast as torch's bf16 matmuls on an avx512_bf16 CPU, whose rows are
+    bf16's (README, Speed). Else the reference."""
     if device.type == "cuda":
         return "triton" if triton_available() else "torch"
-    if device.type == "cpu" and not cpu_has_native_bf16():
+    if device.type == "cpu":
         from .native import native_available
 
         if native_available():

@@ -7,6 +7,7 @@ graphs, the KV cache budget); the engine's parts receive this one object and rea
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,8 @@ class EngineConfig:
         # Tokens per prefill step. On the CPU, ~1k keeps a layer's activations in the last-level cache while the
         # weights are still read once per 1k tokens (measured best on the 0.5B shape); a GPU wants bigger steps.
         chunk = max(max_num_batched_tokens or (8192 if dev.type == "cuda" else 1024), 1)
-        run_dtype = auto_dtype(model_config.torch_dtype, dev, chosen) if dtype == "auto" else parse_dtype(dtype)
+        run_dtype = (auto_dtype(model_config.torch_dtype, dev, chosen, model_config) if dtype == "auto"
+                     else parse_dtype(dtype))
         chosen, run_dtype = chosen.for_dtype(run_dtype, dev)
         return cls(
             model_dir=model_dir, model=model_config,
@@ -118,14 +120,45 @@ class EngineConfig:
         return min(_CPU_KV_CACHE_BYTES // self.tensor_parallel_size, most_needed)
 
 
-def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device, kernels: Kernels) -> torch.dtype:
-    """The checkpoint's dtype, except half precision on a CPU that cannot compute in it fast: there a bf16
-    checkpoint keeps bf16 weights under the native kernels (multiplied in fp32: Kernels.for_dtype), and anything
-    else runs in fp32."""
-    if device.type == "cpu" and checkpoint_dtype != torch.float32 and not cpu_has_native_bf16():
-        if kernels.name == "native" and checkpoint_dtype == torch.bfloat16:
-            return torch.bfloat16
+def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device, kernels: Kernels,
+               model: ModelConfig | None = None) -> torch.dtype:
+    """The checkpoint's dtype, except half precision on a CPU. With the native kernels a CPU computes in fp32
+    whatever the weights' dtype, so the rows are fp32's: a bf16 checkpoint runs with fp32 weights (oneDNN,
+    prepacked) on a CPU with native bf16 where they fit (`model`'s fp32 weights within half the available memory),
+    else keeps bf16 weights (Kernels.for_dtype); on the main job the first was 1.3x the second on an avx512_bf16
+    VM, and where memory streams slower (the AVX2-only VMs) half the bytes should count for more. Without the
+    native kernels a CPU without native bf16 runs fp32 (its bf16 matmuls are emulated), one with it the
+    checkpoint's dtype."""
+    if device.type != "cpu" or checkpoint_dtype == torch.float32:
+        return checkpoint_dtype
+    if kernels.name == "native":
+        if checkpoint_dtype != torch.bfloat16:
+            return torch.float32
+        if cpu_has_native_bf16() and model is not None and 2 * fp32_weight_bytes(model) <= available_memory():
+            logger.info("stage1: dtype auto: float32 weights for the native kernels (%.1f GB, within half of the "
+                        "available memory); pass dtype='bfloat16' to keep bf16 weights", fp32_weight_bytes(model) / 1e9)
+            return torch.float32
+        return torch.bfloat16
+    if not cpu_has_native_bf16():
         logger.info("stage1: this CPU has no native bf16 (avx512_bf16/AMX): running in float32; "
                     "pass dtype='bfloat16' to force it")
         return torch.float32
     return checkpoint_dtype
+
+
+def fp32_weight_bytes(model: ModelConfig) -> int:
+    """The bytes of every weight of `model` in fp32."""
+    from .weights import checkpoint_layout
+
+    return 4 * sum(math.prod(target.shape) for target in checkpoint_layout(model).values())
+
+
+def available_memory() -> int:
+    """MemAvailable (bytes): what this machine can still give without swapping; 0 where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

@@ -11,9 +11,37 @@ from stage1.engine.backends import select_kernels
 CPU = torch.device("cpu")
 
 
-def test_auto_on_a_cpu_with_native_bf16_is_the_reference(monkeypatch):
-    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
-    assert select_kernels("auto", CPU).name == "torch"
+def test_auto_on_a_cpu_with_native_bf16_is_native_in_fp32_where_the_weights_fit(monkeypatch, tiny_model_dir):
+    """A bf16 checkpoint gets fp32 weights (oneDNN) while they fit in half the available memory, else keeps bf16
+    weights; fp32 arithmetic either way. With no stage1._C built, the reference in the checkpoint's dtype."""
+    from stage1.engine import native
+    from stage1.engine.config import ModelConfig
+    from stage1.engine.engine_config import auto_dtype, fp32_weight_bytes
+
+    monkeypatch.setattr(engine_config, "cpu_has_native_bf16", lambda: True)
+    model = ModelConfig.from_dir(tiny_model_dir)
+    need = 2 * fp32_weight_bytes(model)
+    if native.native_available():
+        kernels = select_kernels("auto", CPU)
+        assert kernels.name == "native"
+        monkeypatch.setattr(engine_config, "available_memory", lambda: need)
+        assert auto_dtype(torch.bfloat16, CPU, kernels, model) == torch.float32
+        monkeypatch.setattr(engine_config, "available_memory", lambda: need - 1)
+        assert auto_dtype(torch.bfloat16, CPU, kernels, model) == torch.bfloat16
+        assert kernels.for_dtype(torch.bfloat16, CPU)[1] == torch.float32  # bf16 weights, fp32 arithmetic
+        assert auto_dtype(torch.float16, CPU, kernels, model) == torch.float32
+    monkeypatch.setattr(native, "native_available", lambda: False)
+    kernels = select_kernels("auto", CPU)
+    assert kernels.name == "torch" and auto_dtype(torch.bfloat16, CPU, kernels, model) == torch.bfloat16
+
+
+def test_fp32_weight_bytes_counts_every_weight_of_the_model(tiny_model_dir):
+    from stage1 import LLM
+    from stage1.engine.engine_config import fp32_weight_bytes
+
+    llm = LLM(tiny_model_dir, dtype="float32", kernels="torch")
+    model = llm.core.runner.model
+    assert fp32_weight_bytes(llm.config.model) == 4 * sum(p.numel() for p in model.parameters())
 
 
 def test_auto_on_a_cpu_without_native_bf16_is_native_where_built(monkeypatch):
@@ -22,7 +50,6 @@ def test_auto_on_a_cpu_without_native_bf16_is_native_where_built(monkeypatch):
     from stage1.engine import native
     from stage1.engine.engine_config import auto_dtype
 
-    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(engine_config, "cpu_has_native_bf16", lambda: False)
     if native.native_available():
         kernels = select_kernels("auto", CPU)

@@ -345,10 +345,12 @@ def _run(args: argparse.Namespace, argv: list[str], llm_factory) -> int:
         write_manifest(out, manifest)  # before the data files exist: a crashed run is always recognised, resumable
         with writer:
             stats = _generate(args, out, pipeline, instructions)
+        engine = llm.engine_info
 
     summary = dataset_summary(iter_jsonl(writer.data_path), iter_jsonl(writer.rejects_path))
     session = {"started_at": started, "finished_at": now(), "resumed": bool(args.resume and previous),
-               **_this_process(), "wall_s": round(time.perf_counter() - t_wall, 2), **stats.as_dict()}
+               **_this_process(), "engine": engine, "wall_s": round(time.perf_counter() - t_wall, 2),
+               **stats.as_dict()}
     manifest.update(status="complete", updated_at=now(), **summary, sessions=manifest["sessions"] + [session])
     write_manifest(out, manifest)
     _print_summary(out, summary, session)

@@ -75,6 +75,14 @@ class LLM:
     def stats(self) -> StepStats:
         return self.core.stats
 
+    @property
+    def engine_info(self) -> dict:
+        """What `auto` and the other arguments resolved to on this machine: the rows depend on it."""
+        c = self.config
+        name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+        return {"device": str(c.device), "kernels": c.kernels.name, "dtype": name(c.dtype),
+                "matmul_weights": name(c.kernels.weight_dtype or c.dtype), "tensor_parallel_size": c.tensor_parallel_size}
+
     # ---- the offline API ----
 
     def generate(self, prompts: PromptType | SequenceT[PromptType],

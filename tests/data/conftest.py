@@ -108,6 +108,7 @@ class FakeLLM:
         self.max_num_seqs = max_num_seqs
         self.eos_token_ids = [0]
         self.stats = FakeStats()
+        self.engine_info = {"device": "fake", "kernels": "fake"}
         self.respond = respond
         self.fail_at_step = fail_at_step
         self.corrupt_ids_from_request = corrupt_ids_from_request

@@ -88,6 +88,10 @@ def test_same_files_across_batching_and_after_crash_and_resume(llm, tiny_model_d
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["completions"] == 12 and manifest["code"]["stage1_version"] == stage1.__version__
     assert manifest["model"]["eos_token_ids"] == list(llm.eos_token_ids)  # a list in JSON, whatever LLM holds
+    # the session records what auto resolved to on this machine (the rows depend on it)
+    resumed = manifest["sessions"][-1]["engine"]
+    assert resumed == llm.engine_info and resumed["kernels"] == llm.config.kernels.name
+    assert resumed["dtype"] == str(llm.config.dtype).removeprefix("torch.") and resumed["device"] == "cpu"
 
 
 def test_the_engine_implements_the_data_pipelines_engine_protocol(llm):

@@ -380,6 +380,42 @@ def matmul_only_decode_step(llm: LLM, batch: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def unfused_decode_steps(args, model_dir: Path, prompts, max_tokens: list[int], dtype: torch.dtype,
+                         device: torch.device, fused_step: float, graphs: bool) -> dict:
+    """Ours again without stage1._C's fused CUDA ops (RMSNorm + residual, SiLU-and-mul, rotary + KV write): the
+    Triton kernels with the PyTorch norm and activation they replace, with CUDA graphs and eagerly; the decode step
+    against the first run's. The kernel choice is patched here, in the benchmark: the engine has no switch for it."""
+    from stage1.engine import backends
+    from stage1.engine.native import native_cuda_available
+
+    if device.type != "cuda" or not native_cuda_available():
+        print("ours unfused: skipped (stage1._C has no CUDA ops here, so every run above was unfused)", flush=True)
+        return {"unfused": None}
+    rows = {}
+    real = backends.with_native_cuda_ops
+    backends.with_native_cuda_ops = lambda kernels, device: kernels
+    try:
+        for eager in sorted({args.enforce_eager, True}):
+            seconds, llm = run_ours(model_dir, prompts, max_tokens, dtype, args.device, args.temperature,
+                                    args.top_p, eager, args.kernels)
+            assert llm.config.kernels.elementwise.name != "native", "the fused ops were not taken out"
+            s = llm.stats
+            rows["eager" if eager else "graphs"] = {"tok_s": round(sum(max_tokens) / seconds, 2),
+                                                    "decode_step_ms": round(s.decode_seconds / max(s.decode_steps, 1)
+                                                                            * 1e3, 4)}
+            del llm
+            free_memory(device)
+    finally:
+        backends.with_native_cuda_ops = real
+    first = "graphs" if graphs else "eager"
+    for how, row in rows.items():
+        vs = (f"the fused run's step ({first}) {row['decode_step_ms'] / (fused_step * 1e3):.2f}x shorter"
+              if how == first else "compare with the fused eager run (--eager-too)")
+        print(f"ours unfused, {how}: {row['tok_s']:10.1f} output tok/s, decode step {row['decode_step_ms']:.3f} ms; "
+              f"{vs}", flush=True)
+    return {"unfused": rows}
+
+
 def ratio(a, b):
     return round(a / b, 3) if a and b else None
 
@@ -421,6 +457,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="ours without CUDA graphs for decode steps")
     parser.add_argument("--eager-too", action="store_true",
                         help="also time ours with enforce_eager in the same run (graphs against eager)")
+    parser.add_argument("--unfused-too", action="store_true",
+                        help="on a GPU with stage1._C's CUDA ops: ours again without them (graphs and eager), "
+                             "the decode step against the fused run's")
     parser.add_argument("--sync-too", action="store_true",
                         help="also time ours with async_scheduling=False in the same run (the host loop overlapped "
                              "with the device's work or not)")
@@ -518,6 +557,8 @@ def main() -> None:
         result.update(ours_sync_tok_s=round(synced, 2), async_vs_sync=ratio(ours, synced), async_scheduling=async_on)
         del sync_llm
         free_memory(device)
+    if args.unfused_too:
+        result.update(unfused_decode_steps(args, model_dir, prompts, max_tokens, dtype, device, step, graphs))
     print(json.dumps({**result, "partial": True}), flush=True)  # a run cut short in the peers keeps ours
 
     if "generate" in peers:

@@ -16,6 +16,7 @@
 #     host             bench_host.txt: host ms per decode step at batch 64 and 256
 #     (always)         summary.txt: one line per figure with its target (benchmarks/gpu_summary.py), also printed
 # Optional steps (a call of their own: they add files): generate (the mixed workload against generate, 0.5B and 7B),
+# fused (the nano 0.5B workload with and without stage1._C's fused CUDA ops, eager and with CUDA graphs, in one run),
 # profile (the sampler under torch.profiler), sweeps (attention and sampler launch configurations).
 # The whole call keeps to $GPU_CHECK_BUDGET seconds (default 450, install included): each step runs under its own
 # limit cut to what the budget has left (a step with under 20 s left is skipped, and says so), and the summary
@@ -104,6 +105,8 @@ want generate && ckpt_ready && step 90 bench_generate_0.5b.txt $PY benchmarks/be
     --config qwen2.5-0.5b --batch 64 --new-tokens 128 --dtype bfloat16 --eager-too
 want generate && step 120 bench_generate_7b.txt $PY benchmarks/bench_generate.py --config qwen2.5-7b --batch 32 \
     --new-tokens 128 --dtype bfloat16
+want fused && ckpt_ready && step 240 fused_ops.txt $PY benchmarks/bench_generate.py --workload nano \
+    --config qwen2.5-0.5b --dtype bfloat16 --peers none --eager-too --unfused-too
 want profile && step 60 profile_sampling.txt $PY benchmarks/kernels_sampling.py --profile --json
 want sweeps && step 90 sweep_attention.txt $PY benchmarks/kernels_attention.py --sweep --json
 want sweeps && step 90 sweep_sampling.txt $PY benchmarks/kernels_sampling.py --sweep --json

@@ -77,7 +77,8 @@ class Engine(Protocol):
 
     @property
     def engine_info(self) -> dict:
-        """How the engine runs (device, kernels, dtype, ...), as JSON values: each session of the manifest records it."""
+        """How the engine runs (device, kernels, dtype, ...), as JSON values: each session of the manifest records
+        it."""
 
     def add_request(self, prompt: str, sampling_params: SamplingParams) -> str:
         """Queues one request (checked first: ValueError for a bad one); returns its id."""

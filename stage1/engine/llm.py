@@ -81,7 +81,8 @@ class LLM:
         c = self.config
         name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
         return {"device": str(c.device), "kernels": c.kernels.name, "dtype": name(c.dtype),
-                "matmul_weights": name(c.kernels.weight_dtype or c.dtype), "tensor_parallel_size": c.tensor_parallel_size}
+                "matmul_weights": name(c.kernels.weight_dtype or c.dtype),
+                "tensor_parallel_size": c.tensor_parallel_size}
 
     # ---- the offline API ----
 

@@ -132,12 +132,13 @@ def decode_attention_reference(q, cache, block_tables, context_lens, scale: floa
 
 
 def _sdpa(q, k, v, mask, scale: float, causal: bool) -> torch.Tensor:
-    """SDPA for one sequence in the `[tokens, heads, head_dim]` layout."""
+    """SDPA for one sequence in the `[tokens, heads, head_dim]` layout. As a batch of one: with 3-d inputs torch's
+    CPU dispatch takes the math path, 2.6x (180 tokens) to 4.5x (1024) slower than its flash kernel (14/2 heads)."""
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 _REFERENCE = ReferenceAttentionBackend()

@@ -25,13 +25,15 @@ def test_shared_prefixes_are_computed_once_with_the_same_outputs(checkpoint):
     params = [SamplingParams(max_tokens=6 + (i % 3), temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True)
               for i in range(len(prompts))]
     params[3] = SamplingParams(max_tokens=5, temperature=1.0, n=3, seed=9, ignore_eos=True)
-    for budget in ({}, dict(kv_cache_memory=14 * 2 * 2 * 2 * 128 * 16 * 4, max_num_batched_tokens=64)):
+    # all the prompts (803 tokens) in one prefill step, then a small cache and small steps
+    for budget in (dict(max_num_batched_tokens=1024),
+                   dict(kv_cache_memory=14 * 2 * 2 * 2 * 128 * 16 * 4, max_num_batched_tokens=64)):
         off_llm, off = run(path, prompts, params, enable_prefix_caching=False, **budget)
         on_llm, on = run(path, prompts, params, **budget)
         assert on == off, budget
         assert off_llm.stats.prefix_cached_tokens == 0
         assert on_llm.stats.prefix_cached_tokens > 0
-        if budget:  # 14 blocks of 16 tokens: cached blocks were handed out again, and sequences preempted
+        if "kv_cache_memory" in budget:  # 14 blocks of 16 tokens: cached blocks were handed out again, and preempted
             assert on_llm.core.scheduler.num_preemptions > 0
         else:
             # one prefill step: the later sequences of each prefix shared the blocks the first computes in that

@@ -1,5 +1,11 @@
 """Builds the `stage1` package; `kernels/` ships inside it as `stage1.kernels`.
 
+`kernels/` has no `__init__.py` and `stage1/kernels` is a symlink to it: from the repository root (the first entry
+of sys.path under `python -m pytest`) a folder with an `__init__.py` would shadow Hugging Face's `kernels`
+distribution, which transformers imports; a folder without one is a namespace portion, which never wins over an
+installed package. Through the symlink, `stage1.kernels` resolves the same way in a checkout, an editable install
+and a wheel (whose build copies the modules), with no package_dir mapping for setuptools' editable finder to miss.
+
 The native module `stage1._C` (csrc/, see csrc/README.md) is optional. It is built through CMake against the
 torch this Python imports, so pip must not hide that torch behind build isolation:
 
@@ -88,7 +94,6 @@ setup(
     description="A small, fast Qwen-2.5 inference engine and a few-shot SFT data generator for base models",
     python_requires=">=3.10",
     packages=find_packages(include=["stage1", "stage1.*"]) + ["stage1.kernels"],
-    package_dir={"stage1.kernels": "kernels"},
     package_data={"stage1.data": ["*.json", "*.jsonl"]},
     install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.19", "tqdm", "numpy", "gguf>=0.19",
                       "datasketch>=1.6"],

@@ -18,6 +18,7 @@ multiplies them in fp32 (widened into oneDNN's product from a few rows of x on),
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -26,8 +27,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-from stage1.kernels import triton_available
 
 from stage1.contract import AttentionBackend
 
@@ -102,6 +101,14 @@ def with_native_cuda_ops(kernels: Kernels, device: torch.device) -> Kernels:
         return kernels
     logger.info("stage1: stage1._C has CUDA kernels: RMSNorm, SiLU-and-mul and rotary + KV write run fused")
     return replace(kernels, attention=WithNativeRotaryKV(kernels.attention), elementwise=ELEMENTWISE)
+
+
+def triton_available() -> bool:
+    """Whether triton is installed (its kernels still need a GPU, or TRITON_INTERPRET=1 to run on the CPU)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: a None entry in sys.modules (blocked import)
+        return False
 
 
 def auto_kernels(device: torch.device) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stage1 import LLM, SamplingParams
-from stage1.kernels import triton_available
+from stage1.engine.backends import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton)")
 

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -291,20 +292,30 @@ void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, 
 
 // The reference's top-k / top-p keep mask for one row (stage1/engine/sampler.py, filtered_probs and
 // _prefix_keep), op for op in ATen: torch's softmax and topk are the only source of its order of tied
-// probabilities. row: [1, vocab] logits; t: [1, 1] the temperature as the reference divides by it; top_p: [1].
+// probabilities. Top-k keeps every rank tied with the k-th; top-p's mass is measured over top-k's survivors
+// (transformers' order). row: [1, vocab] logits; t: [1, 1] the temperature as the reference divides by it; k: the
+// row's top-k (vocab: off); top_p: [1].
 at::Tensor reference_prefix_keep(const at::Tensor& row, const at::Tensor& t, int64_t k, const at::Tensor& top_p) {
   constexpr int64_t kCandidates = 1024;  // the reference's _PREFIX_CANDIDATES
   const int64_t vocab = row.size(1);
+  const bool top_k_on = k < vocab;
+  const float p = top_p.item<float>();
   const at::Tensor probs = (row / t).softmax(-1);
   const auto keep_among = [&](int64_t candidates, bool* reached) {
     const auto [top, order] = probs.topk(candidates, -1);
-    const at::Tensor ranks = at::arange(candidates, probs.options().dtype(at::kLong)).unsqueeze(0);
-    const at::Tensor mass_before = top.cumsum(-1) - top;
-    const at::Tensor drop = ranks.ge(k).logical_or(mass_before.ge(top_p.unsqueeze(1)));
+    const at::Tensor cumsum = top.cumsum(-1);
+    const at::Tensor mass_before = cumsum - top;
+    const at::Tensor kth = top.select(1, std::min(k, candidates) - 1).unsqueeze(1);
+    const at::Tensor in_top_k = top.ge(kth);
+    const int64_t kept_by_k = in_top_k.sum().item<int64_t>();
+    const at::Tensor survivors_mass = cumsum.select(1, kept_by_k - 1);
+    const at::Tensor cap = p >= 1.0f ? at::full_like(top_p, INFINITY) : top_k_on ? top_p * survivors_mass : top_p;
+    const at::Tensor drop = in_top_k.logical_not().logical_or(mass_before.ge(cap.unsqueeze(1)));
     drop.select(1, 0).fill_(false);
     if (reached != nullptr) {
-      *reached = candidates >= vocab || k <= candidates ||
-                 (top_p.item<float>() < 1.0f && top.sum(-1).ge(top_p).item<bool>());
+      const bool k_inside = !top_k_on || (k <= candidates && !in_top_k.select(1, candidates - 1).item<bool>());
+      const bool p_inside = p >= 1.0f || top_k_on || top.sum(-1).ge(top_p).item<bool>();
+      *reached = candidates >= vocab || (k_inside && p_inside);
     }
     return at::zeros_like(probs, probs.options().dtype(at::kBool)).scatter_(-1, order, drop.logical_not());
   };

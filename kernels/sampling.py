@@ -26,7 +26,10 @@ in kernels/sampling_common.py). Each pass has its module; no sort:
 2. Threshold search (`_search_kernel`, sampling_search.py; MAX_PASSES launches, rows already done return at once),
    only for rows with top-k or top-p on. Both keep a prefix of the sorted distribution: a token of scaled logit v
    survives iff
-       count(x > v) < k   and   mass(x > v) < top_p * sum        (mass: sum of exp(x - max))
+       count(x > v) < k   and   mass(x > v) < top_p * sum_k      (mass: sum of exp(x - max))
+   where sum_k is the mass of top-k's survivors (every token tied with the k-th included; the row's sum without
+   top-k): top-p measures its share over them, as transformers' warpers run (temperature -> top-k -> top-p ->
+   min-p). Where a row has top-k on, the host finds its k-th value first (one torch.topk, `_top_k_share`).
    and both sides only grow as v falls, so the survivors are {x >= cut}. The cut lies in a bracket (lo, hi] (lo
    fails the condition, hi meets it); each pass compares the tokens inside the bracket with NT pivots at once and
    accumulates, per pivot, the count and mass above it and the nearest token values above and below it (tokens
@@ -95,14 +98,16 @@ INTERPRETER_CONFIG = dict(NT=16, FUSE=True, SHORTCUT=True, CAP=64, SYNC=True, nu
 
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+                 min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                 max_top_k: int | None = None) -> torch.Tensor:
     """One token per row of `logits` [rows, vocab] (fp32/bf16/fp16): int64 tokens [rows].
 
     Per-row tensors (on the logits' device): temperature fp32 (0 = greedy: argmax, first index on ties), top_k
     integer (0, or >= vocab: off), top_p fp32 in (0, 1] (1: off), min_p fp32 in [0, 1] (0: off), seeds int64 (the
     Philox key), steps int64 (tokens the sequence has generated so far; the Philox counter's high word, < 2**32).
+    `max_top_k`: the largest top_k of any row (0: none), as the host knows it; None reads it from `top_k` (a sync).
     """
-    return _sample(logits, temperature, top_k, top_p, min_p, seeds, steps).tokens
+    return _sample(logits, temperature, top_k, top_p, min_p, seeds, steps, max_top_k=max_top_k).tokens
 
 
 class _Run(NamedTuple):
@@ -135,7 +140,7 @@ class _Run(NamedTuple):
 
 def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
             min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, splits: int | None = None,
-            **overrides) -> _Run:
+            max_top_k: int | None = None, **overrides) -> _Run:
     """fused_sample's launches, and its entry point for tests and benchmarks: `splits` sets how many chunks each
     row is cut into, `overrides` replace entries of the config (GPU_CONFIG or INTERPRETER_CONFIG, e.g.
     SHORTCUT=False sends every filtered row to the threshold search). The tokens depend on neither."""
@@ -158,6 +163,9 @@ def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
     min_p = per_row(min_p, torch.float32)
     seeds = per_row(seeds, torch.int64)
     steps = per_row(steps, torch.int64)
+    if max_top_k is None:
+        max_top_k = int(top_k.max()) if rows else 0
+    share = _top_k_share(logits, temperature, top_k, max_top_k) if 0 < max_top_k else None
     cfg = _config(logits, splits, overrides)
     splits, nt = cfg["SPLITS"], cfg["NT"]
     cap = cfg["CAP"] if cfg["SHORTCUT"] else 0
@@ -181,8 +189,9 @@ def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
     row_args = (logits, logits.stride(0), temperature)
     shape = dict(V=vocab, CHUNK=cfg["CHUNK"], SPLITS=splits)
     common = dict(BLOCK=cfg["BLOCK"], SPLITS_P2=triton.next_power_of_2(splits), num_warps=cfg["num_warps"])
-    _stats_kernel[grid](*row_args, top_k, top_p, min_p, seeds, steps, part_f, part_i, race_v, race_i, state_f,
-                        state_i, t_stats, tokens, **shape, NT=nt, FUSE=cfg["FUSE"], **common)
+    _stats_kernel[grid](*row_args, top_k, top_p, min_p, seeds, steps, temperature if share is None else share,
+                        part_f, part_i, race_v, race_i, state_f, state_i, t_stats, tokens, **shape, NT=nt,
+                        FUSE=cfg["FUSE"], HAS_SHARE=share is not None, **common)
     if cfg["SHORTCUT"]:
         _candidates_kernel[grid](*row_args, min_p, seeds, steps, cand_n, cand_i, cand_x, cand_z, front_i, front_z,
                                  front_k, state_f, state_i, t_candidates, tokens, **shape, CAP=cap, NT=nt,
@@ -201,6 +210,20 @@ def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
     _draw_kernel[grid](*row_args, min_p, seeds, steps, race_v, race_i, state_f, state_i, t_draw, tokens, **shape,
                        **common)
     return run
+
+
+def _top_k_share(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                 max_top_k: int) -> torch.Tensor:
+    """Per row, the share of softmax(logits / T)'s mass that top-k keeps (every token tied with the k-th included;
+    1 where top-k is off): top-p's mass is measured over top-k's survivors, as transformers' warpers apply them.
+    Plain torch (one topk) for the rows' k-th values; the kernels then search the cut as before."""
+    vocab = logits.shape[-1]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    x = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    kth = x.topk(min(max_top_k, vocab), dim=-1).values.gather(-1, (k.clamp(max=max_top_k) - 1)[:, None])
+    e = (x - x.max(dim=-1, keepdim=True).values).exp()
+    share = (e * (x >= kth)).sum(dim=-1) / e.sum(dim=-1)
+    return torch.where(k < vocab, share, 1.0).contiguous()
 
 
 @functools.lru_cache(maxsize=None)

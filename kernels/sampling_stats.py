@@ -14,10 +14,10 @@ from .sampling_common import (_ARGMAX, _BY_STATS, _COUNT_HI, _COUNT_LO, _DONE, _
 
 @triton.jit
 def _stats_kernel(
-    logits_ptr, stride_row, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, step_ptr,
+    logits_ptr, stride_row, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, step_ptr, share_ptr,
     part_f_ptr, part_i_ptr, race_v_ptr, race_i_ptr, state_f_ptr, state_i_ptr, ticket_ptr, tok_ptr,
     V, CHUNK, SPLITS,
-    BLOCK: tl.constexpr, NT: tl.constexpr, SPLITS_P2: tl.constexpr, FUSE: tl.constexpr,
+    BLOCK: tl.constexpr, NT: tl.constexpr, SPLITS_P2: tl.constexpr, FUSE: tl.constexpr, HAS_SHARE: tl.constexpr,
 ):
     """Program (row, chunk): pass 1 over the chunk; the row's last program merges the chunks, sets up the row's
     state (the search bracket, the shortcut's bound) and finishes greedy and, with FUSE, unfiltered rows."""
@@ -89,7 +89,12 @@ def _stats_kernel(
         tl.store(sf + _M, m)
         tl.store(sf + _S, s)
         tl.store(sf + _MASS_HI, 0.0)  # nothing is above the max
-        tl.store(sf + _MASS_CAP, tl.where(p_off, float("inf"), top_p * s))  # top_p = 1: off (no rounding can cut)
+        # top-p's mass is measured over top-k's survivors (share_ptr: their share of the row's mass, 1 without
+        # top-k); top_p = 1: off (no rounding can cut)
+        cap = top_p * s
+        if HAS_SHARE:
+            cap = cap * tl.load(share_ptr + row)
+        tl.store(sf + _MASS_CAP, tl.where(p_off, float("inf"), cap))
         si = state_i_ptr + row * STATE_I
         tl.store(si + _LO, _key(tl.maximum(floor_v, xmin)).to(tl.int64) - 1)  # keys > lo are candidates
         tl.store(si + _HI, _key(m).to(tl.int64))  # the max passes

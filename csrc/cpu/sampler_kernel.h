@@ -10,7 +10,7 @@
 //    Where it does not survive, or the cut may lie past the candidates, the pass runs again with the floor at
 //    x_max - kRaceReach (a survivor at p_max scores at least x_max - 2.82; no noise exceeds 16.64).
 //    Probabilities as the reference's softmax forms them: p = e * (1 / sum). Min-p drops p < min_p * p_max.
-// 3. Top-k / top-p keep a prefix of the distribution sorted by p: rank r survives iff r == 0, or r < k and
+// 3. Top-p keeps a prefix of the distribution sorted by p: rank r survives iff r == 0, or
 //    mass_before(r) < top_p, where mass_before is the reference's fp32 `cumsum - p` (torch's CPU cumsum adds in
 //    double). No sort of the row: a histogram by p's exponent drops the bands wholly past the cut, then a
 //    quickselect on the rest's mass (nth_element halves, O(n)) finds the ranks that surely survive (the mass before
@@ -19,7 +19,8 @@
 //    Where equal probabilities straddle the cut, which of them survive depends on the order torch.topk gives ties
 //    (a partial_sort or nth_element over the whole row's (p, token) pairs, TopKImpl.h), which only torch's own
 //    softmax and topk reproduce: the row then returns kNeedsTorchOrder, ops.cpp computes the reference's prefix
-//    with ATen, and the row is drawn again with that mask (`prefix`).
+//    with ATen, and the row is drawn again with that mask (`prefix`). Rows with top-k on take that path too: their
+//    top-p mass is measured over top-k's survivors, ties with the k-th included (transformers' order of warpers).
 // 4. The race (Gumbel-max): argmax over survivors of x + g, g = -log(-log(U)) in fp32, U from Philox4x32-10 keyed by
 //    the row's seed at counter (token / 4, step, 0, 0), word token % 4 (stage1.contract); ties go to the lower
 //    token. Survivors more than GUMBEL_MAX under a survivor's score are skipped, and the logs are only taken where
@@ -341,6 +342,9 @@ inline int64_t sample_row(const float* logits, int64_t vocab, float temperature,
   if (!(x_max > -INFINITY)) return 0;  // no finite logit: the reference has no survivor, and argmax gives 0
   const int64_t k = top_k > 0 && top_k < vocab ? top_k : vocab;
   const bool cut = k < vocab || top_p < 1.0f;
+  // With top-k on, top-p's mass is measured over top-k's survivors (every token tied with the k-th included):
+  // ops.cpp computes that prefix with ATen and the row is drawn again with it.
+  if (k < vocab && prefix == nullptr) return kNeedsTorchOrder;
   RowNoise noise(seed, step);
   std::vector<Candidate>& cand = s.candidates;
   const float first_score = x_max + noise(first_top);

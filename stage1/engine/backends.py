@@ -158,4 +158,5 @@ def triton_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
     if batch.all_greedy:  # one argmax launch instead of the sampler's passes
         return logits.argmax(dim=-1)
-    return fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds, batch.steps)
+    return fused_sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds, batch.steps,
+                        max_top_k=batch.max_top_k)

@@ -32,6 +32,7 @@ class SamplingBatch:
     steps: torch.Tensor  # [rows] int64: tokens the row's sequence has generated so far (the counter's high word)
     all_greedy: bool
     max_logprobs: int | None  # the largest `logprobs` any row asked for
+    max_top_k: int = 0  # the largest top_k any row asked for (0: top-k off everywhere), known on the host
 
     @classmethod
     def build(cls, params: list[SamplingParams], device: torch.device, seeds=None, steps=None) -> "SamplingBatch":
@@ -64,11 +65,18 @@ class SamplingBatch:
                                   np.asarray(steps, dtype=np.int64), device=device),
             all_greedy=all(p.greedy for p in unique),
             max_logprobs=max(asked) if asked else None,
+            max_top_k=max((p.top_k for p in unique), default=0),
         )
 
 
 def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The distribution each non-greedy row samples from: softmax(logits / T) after top-k, top-p and min-p."""
+    """The distribution each non-greedy row samples from, as transformers' warpers make it, in their order:
+    temperature (softmax(logits / T)), top-k (the k most likely, and every token tied with the k-th), top-p (the
+    smallest prefix of the top-k survivors, sorted, whose mass, renormalized over them, reaches top_p; the token
+    that crosses it included), min-p (p >= min_p * p_max; the ratio to the max does not change with the
+    renormalization, so the full softmax decides it). The most likely token always survives.
+
+    vLLM differs: it applies min-p before top-p, so its top-p mass is measured over min-p's survivors."""
     temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
     probs = (logits.float() / temperature[:, None]).softmax(dim=-1)
     vocab = probs.shape[-1]
@@ -92,16 +100,32 @@ _PREFIX_CANDIDATES = 1024
 
 def _prefix_keep(probs: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor,
                  candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k and top-p among each row's `candidates` most likely tokens: the tokens kept (the smallest prefix whose
-    mass reaches top_p, the token that crosses it included, at most k of them; the most likely always), and
-    whether the prefix certainly ends within the candidates."""
+    """Top-k, then top-p over its survivors, among each row's `candidates` most likely tokens (in torch.topk's
+    order): the tokens kept and whether the prefix certainly ends within the candidates.
+
+    Top-k keeps the ranks whose p is at least the k-th's (ties with it included, as transformers' TopKLogitsWarper
+    keeps every score >= the k-th). Top-p keeps rank r while the mass before it is under top_p times the top-k
+    survivors' mass (their renormalized distribution, as TopPLogitsWarper sees it after top-k); without top-k that
+    mass is 1 and top_p is compared as it is, so those rows keep exactly what they always kept. Among probabilities
+    tied right at the top-p cut, the first in torch.topk's order survive (transformers' own sort also picks some)."""
+    vocab = probs.shape[-1]
     top, order = probs.topk(candidates, dim=-1)
-    ranks = torch.arange(candidates, device=probs.device)[None, :]
-    mass_before = top.cumsum(dim=-1) - top
-    drop = (ranks >= k[:, None]) | (mass_before >= top_p[:, None])
+    cumsum = top.cumsum(dim=-1)
+    mass_before = cumsum - top
+    top_k_on = k < vocab
+    kth = top.gather(-1, (k.clamp(max=candidates) - 1)[:, None])  # the k-th's p, where k <= candidates
+    in_top_k = top >= kth  # a prefix of the ranks: ties with the k-th included
+    kept_by_k = in_top_k.sum(dim=-1)
+    survivors_mass = cumsum.gather(-1, (kept_by_k - 1)[:, None]).squeeze(-1)
+    cap = torch.where(top_p >= 1, float("inf"), torch.where(top_k_on, top_p * survivors_mass, top_p))  # 1: off
+    drop = ~in_top_k | (mass_before >= cap[:, None])
     drop[:, 0] = False
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, ~drop)
-    reached = (candidates >= probs.shape[-1]) | (k <= candidates) | ((top_p < 1) & (top.sum(dim=-1) >= top_p))
+    # Certain: every token is a candidate; or top-k's ties end inside the candidates (k <= candidates and the last
+    # candidate is not tied with the k-th) and, for top-p, the cut lies inside them too.
+    k_inside = ~top_k_on | ((k <= candidates) & ~in_top_k[:, -1])
+    p_inside = (top_p >= 1) | (top_k_on & k_inside) | (top.sum(dim=-1) >= top_p)
+    reached = (candidates >= vocab) | (k_inside & p_inside)
     return keep, reached
 
 

@@ -8,6 +8,7 @@ import torch
 from stage1 import LLM, SamplingParams
 from stage1.contract import gumbel_noise, philox4x32
 from stage1.engine.sampler import SamplingBatch, filtered_probs, sample
+from transformers_warpers import combo_params, logits_for, mass_margin, transformers_survivors
 
 
 def batch_of(params, seeds=None, steps=None):
@@ -33,6 +34,9 @@ def test_filters_keep_exactly_the_allowed_tokens():
     assert kept(top_k=4, top_p=0.9, min_p=0.2) == [0, 1, 2, 3]
     assert kept(top_k=4, top_p=0.9, min_p=0.3) == [0, 1, 2]  # 0.1 < 0.3 * 0.4
     assert kept(top_k=3, top_p=0.5) == [0, 1]
+    assert kept(top_k=3, top_p=0.45) == [0]  # top-p over top-k's survivors: 0.4 / 0.85 >= 0.45 before token 1
+    assert kept(top_k=3, top_p=0.6) == [0, 1]
+    assert kept(top_k=2, top_p=0.9) == [0, 1]
     assert kept() == [0, 1, 2, 3, 4]
 
 
@@ -41,9 +45,11 @@ def full_sort_filter(logits, batch):
     t = torch.where(batch.temperature > 0, batch.temperature, 1.0)
     sorted_probs, order = (logits.float() / t[:, None]).softmax(dim=-1).sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    ranks = torch.arange(vocab)[None, :]
-    drop = ranks >= torch.where(batch.top_k > 0, batch.top_k, vocab)[:, None]
-    drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= batch.top_p[:, None]
+    k = torch.where((batch.top_k > 0) & (batch.top_k < vocab), batch.top_k, vocab)
+    drop = sorted_probs < sorted_probs.gather(-1, (k - 1)[:, None])  # top-k, ties with the k-th kept
+    survivors_mass = torch.where(k < vocab, (sorted_probs * ~drop).sum(dim=-1), 1.0)
+    drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= torch.where(
+        batch.top_p < 1, batch.top_p * survivors_mass, float("inf"))[:, None]
     drop |= sorted_probs < batch.min_p[:, None] * sorted_probs[:, :1]
     drop[:, 0] = False
     return torch.zeros_like(drop).scatter_(-1, order, ~drop)
@@ -65,6 +71,43 @@ def test_filters_equal_a_full_sort_on_both_paths():
     counts = kept.sum(dim=-1)
     assert counts[4] > 1024 and counts[5] > 1024 and counts[0] < 1024  # both paths ran
     assert counts[3] == 3000 and counts[7] == vocab
+
+
+@pytest.mark.parametrize("kind", ["normal", "peaked", "ties"])
+def test_reference_keeps_what_transformers_warpers_keep(kind):
+    """Every combination of temperature, top-k (1, 20, above the vocabulary), top-p (near 0 too) and min-p: the
+    reference's survivors are those of transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper
+    -> MinPLogitsWarper. With exact ties (top-p off there: which tied tokens a top-p cut keeps is up to each one's
+    sort) top-k keeps every token tied with the k-th, as transformers does."""
+    vocab = 500
+    params = [p for p in combo_params(vocab) if kind != "ties" or p[2] == 1.0]
+    logits = logits_for(kind, len(params), vocab, seed=len(kind))
+    batch = batch_of([SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=p, min_p=m) for t, k, p, m in params])
+    ours = filtered_probs(logits, batch) > 0
+    theirs = transformers_survivors(logits, params)
+    close = mass_margin(logits, params) < 1e-6  # top-p decided by fp32 rounding, in either implementation
+    assert close.sum() <= 2
+    assert torch.equal(ours[~close], theirs[~close])
+    # the old rule (top-p over the whole vocabulary) kept more where top-k and top-p are both on
+    assert (theirs.sum(-1) < vocab).any()
+
+
+def test_top_p_after_top_k_is_what_transformers_samples_from():
+    """The issue's case: top_k=20, top_p=0.5. Measured over the whole vocabulary, top-p kept up to all 20 tokens;
+    over the 20 survivors, fewer, and the distributions agree with transformers' to fp32 rounding."""
+    logits = logits_for("normal", 8, 2000, seed=11) * 0.5
+    params = [(1.0, 20, 0.5, 0.0)] * 8
+    batch = batch_of([SamplingParams(max_tokens=1, top_k=20, top_p=0.5)] * 8)
+    ours = filtered_probs(logits, batch)
+    theirs = torch.cat([warpers_probs(logits[r:r + 1], p) for r, p in enumerate(params)])
+    assert (0.5 * (ours - theirs).abs().sum(dim=-1)).max() < 1e-5  # total variation
+    assert ((ours > 0).sum(dim=-1) < 20).all()
+
+
+def warpers_probs(logits, params):
+    from transformers_warpers import warpers
+
+    return warpers(*params)(None, logits.float().clone()).softmax(dim=-1)
 
 
 def test_draws_follow_the_filtered_distribution():

@@ -66,7 +66,8 @@ def reference_probs(logits, rows):
 
 def survivors(logits, rows):
     """The kernel's survivor rule, in float64 PyTorch: a token of scaled logit v survives iff count(x > v) < k,
-    mass(x > v) < top_p (top_p = 1: off) and p_v >= min_p * p_max; ties at the cut all survive."""
+    mass(x > v) < top_p * (the mass of top-k's survivors; 1 without top-k) (top_p = 1: off) and
+    p_v >= min_p * p_max; ties at the cut all survive."""
     logits, rows = logits.cpu(), {name: t.cpu() for name, t in rows.items()}
     t = torch.where(rows["temperature"] > 0, rows["temperature"], 1.0)
     x = logits.float() / t[:, None]
@@ -79,7 +80,8 @@ def survivors(logits, rows):
     mass_greater = mass_before.gather(-1, greater.clamp(max=vocab - 1))
     k = torch.where((rows["top_k"] > 0) & (rows["top_k"] < vocab), rows["top_k"], vocab)
     keep = greater < k[:, None]
-    keep &= (rows["top_p"][:, None] >= 1) | (mass_greater < rows["top_p"][:, None].double())
+    survivors_mass = torch.where(k < vocab, (p * keep).sum(dim=-1), 1.0)
+    keep &= (rows["top_p"][:, None] >= 1) | (mass_greater < (rows["top_p"].double() * survivors_mass)[:, None])
     kept = torch.zeros_like(keep).scatter_(-1, order, keep)
     m = x.max(dim=-1, keepdim=True).values
     return kept & (torch.exp(x - m) >= rows["min_p"][:, None])
@@ -407,6 +409,39 @@ def test_survivors_match_the_reference_filters():
     exact = rows["top_p"].cpu() < 1
     assert torch.equal(kept[exact], reference[exact])
     assert kept.gather(1, tokens.cpu()[:, None]).all()
+
+
+@pytest.mark.parametrize("kind", ["normal", "peaked", "ties"])
+def test_survivors_are_what_transformers_warpers_keep(kind):
+    """Every combination of temperature, top-k (1, 20, above the vocabulary), top-p (near 0 too) and min-p: the
+    kernel's survivors (searched) are those of transformers' warpers (temperature -> top-k -> top-p over top-k's
+    survivors -> min-p), and its tokens (with the shortcut too) are the reference's. Exact ties only with top-p
+    off: which tied tokens a top-p cut keeps is up to each implementation's sort (this kernel keeps them all)."""
+    from transformers_warpers import combo_params, logits_for, mass_margin, transformers_survivors
+
+    vocab = 256
+    params = [p for p in combo_params(vocab) if kind != "ties" or p[2] == 1.0]
+    logits = logits_for(kind, len(params), vocab, seed=5)
+    sure = mass_margin(logits, params) >= 1e-6  # top-p not decided by fp32 rounding
+    rows = rows_of(*[[p[i] for p in params] for i in range(4)], seeds=list(range(len(params))))
+    logits = logits.to(DEVICE)
+    searched = run(logits, rows, SHORTCUT=False)
+    kept = kernel_survivors(logits, rows, searched.cut)
+    theirs = transformers_survivors(logits.cpu(), params)
+    assert torch.equal(kept[sure], theirs[sure])
+    assert torch.equal(run(logits, rows).tokens, searched.tokens)
+    reference_tokens = reference_sample(logits, rows)
+    assert torch.equal(searched.tokens.cpu()[sure], reference_tokens[sure])
+
+
+def reference_sample(logits, rows):
+    from stage1.engine.sampler import sample as reference
+
+    params = [SamplingParams(max_tokens=1, temperature=float(t), top_k=int(k), top_p=float(p), min_p=float(mp))
+              for t, k, p, mp in zip(rows["temperature"].tolist(), rows["top_k"].tolist(), rows["top_p"].tolist(),
+                                     rows["min_p"].tolist())]
+    return reference(logits.cpu(), SamplingBatch.build(params, torch.device("cpu"), seeds=rows["seeds"].cpu().numpy(),
+                                                       steps=rows["steps"].cpu().numpy()))
 
 
 def test_ties_at_the_cut_all_survive():

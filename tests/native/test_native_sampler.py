@@ -212,3 +212,29 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(RuntimeError, match="one shape"):
         torch.ops.stage1.gumbel_noise(batch.seeds, batch.steps, batch.seeds[:2])
     assert torch.ops.stage1.sample(logits[:0], *(a[:0] for a in args[1:])).shape == (0,)
+
+
+@pytest.mark.parametrize("kind", ["normal", "peaked", "ties"])
+def test_draws_only_what_transformers_warpers_keep(isa, kind):
+    """Every combination of temperature, top-k (1, 20, above the vocabulary), top-p (near 0 too) and min-p, each
+    row drawn with 16 seeds: every token is one transformers' warpers keep (temperature -> top-k -> top-p over
+    top-k's survivors -> min-p) and the reference's own draw. Exact ties only with top-p off (see the reference's
+    test in tests/engine/test_sampling.py)."""
+    from transformers_warpers import combo_params, logits_for, mass_margin, transformers_survivors
+
+    vocab, seeds = 500, 16
+    params = [p for p in combo_params(vocab) if kind != "ties" or p[2] == 1.0]
+    sure = mass_margin(logits_for(kind, len(params), vocab, seed=7), params) >= 1e-6
+    params = [p for p, ok in zip(params, sure.tolist()) if ok]  # top-p not decided by fp32 rounding
+    logits = logits_for(kind, len(params), vocab, seed=7).repeat_interleave(seeds, dim=0)
+    rows = len(params) * seeds
+    batch = SamplingBatch(
+        temperature=torch.tensor([p[0] for p in params]).repeat_interleave(seeds),
+        top_k=torch.tensor([p[1] for p in params]).repeat_interleave(seeds),
+        top_p=torch.tensor([p[2] for p in params]).repeat_interleave(seeds),
+        min_p=torch.tensor([p[3] for p in params]).repeat_interleave(seeds),
+        seeds=torch.arange(rows), steps=torch.zeros(rows, dtype=torch.int64), all_greedy=False, max_logprobs=None)
+    tokens = native_sample(logits, batch)
+    allowed = transformers_survivors(logits[::seeds], params).repeat_interleave(seeds, dim=0)
+    assert allowed.gather(1, tokens[:, None]).all()
+    assert torch.equal(tokens, sample(logits, batch))

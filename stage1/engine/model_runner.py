@@ -107,6 +107,8 @@ class ModelRunner:
         num_blocks = num_blocks_for_budget(config.model, config.block_size, config.dtype,
                                            config.kv_cache_budget(self.device), config.kv_heads_per_rank)
         num_blocks = _fewest_over_ranks(num_blocks, state, self.device)
+        if rank == 0:  # the pool must hold one max_model_len sequence (the workers wait: rank 0 ends them)
+            config.check_kv_cache(num_blocks - config.decode_graphs)
         if num_blocks < 1 + config.decode_graphs:
             raise ValueError("the KV cache has room for no block: raise kv_cache_memory or lower block_size")
         self.kv_cache = allocate_kv_cache(config.model, num_blocks, config.block_size, config.dtype, self.device,

@@ -1,9 +1,10 @@
 """Tensor-parallel state: which rank this process is, how many there are, and the collectives the parallel layers
 call (an all-reduce after a row-parallel matmul, a gather of the vocabulary shards' logits to rank 0).
 
-One engine's ranks form one process group; at size 1 (no tensor parallelism) every collective is a no-op and no
-process group exists. The parallel layers take the current state when they are built (`current()`), so the model
-is built under the state of the rank that runs it (`with parallel_state(rank, size): ...`) and keeps it.
+One engine's ranks form one process group of their own (not the process's default group, so two engines can live
+in one process); at size 1 (no tensor parallelism) every collective is a no-op and no process group exists. The
+parallel layers take the current state when they are built (`current()`), so the model is built under the state
+of the rank that runs it (`with parallel_state(rank, size, group): ...`) and keeps it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class ParallelState:
 
     rank: int = 0
     size: int = 1
-    group: "dist.ProcessGroup | None" = None  # None: the default group (or none at size 1)
+    # the ranks' own group (a ProcessGroup or a bare backend such as ProcessGroupGloo); None: the default group
+    group: "dist.ProcessGroup | None" = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sums x over the ranks, in place; x itself at size 1."""
@@ -39,7 +41,11 @@ class ParallelState:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
-        dist.gather(x, parts, dst=0, group=self.group)
+        # the group's own gather: dist.gather maps dst through the registry of groups, which a private group is not in
+        options = dist.GatherOptions()
+        options.rootRank = 0
+        group = self.group if self.group is not None else dist.group.WORLD
+        group.gather([parts] if parts is not None else [], [x], options).wait()
         return torch.cat(parts, dim=-1) if parts is not None else None
 
 
@@ -53,8 +59,12 @@ def current() -> ParallelState:
 
 @contextlib.contextmanager
 def parallel_state(rank: int, size: int, group: "dist.ProcessGroup | None" = None):
-    """Builds inside the block belong to rank `rank` of `size` (the model is built inside it)."""
+    """Builds inside the block belong to rank `rank` of `size` (the model is built inside it). Without a group, a
+    block inside one for the same rank and size keeps that block's group: the tensor-parallel runner opens one
+    with its engine's group around the model runner, which names only its rank and size."""
     global _STATE
+    if group is None and (_STATE.rank, _STATE.size) == (rank, size):
+        group = _STATE.group
     previous, _STATE = _STATE, ParallelState(rank, size, group)
     try:
         yield _STATE

@@ -25,10 +25,14 @@ class EngineCore:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None):
         self.config = config
         self.runner = ModelRunner(config) if config.tensor_parallel_size == 1 else TensorParallelRunner(config)
-        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
-                                          config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.postprocessor = Postprocessor(config, tokenizer)
+        try:  # the workers run from here: a failure must end them now, not when the garbage collector runs
+            self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
+                                              config.enable_prefix_caching)
+            self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+            self.postprocessor = Postprocessor(config, tokenizer)
+        except BaseException:
+            self.shutdown()
+            raise
         self.stats = StepStats()
         self._in_flight: _InFlight | None = None  # async scheduling: the step launched and not yet read back
 
@@ -44,7 +48,8 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def shutdown(self) -> None:
-        """Ends the tensor-parallel workers, if any (they also end with this process)."""
+        """Ends the tensor-parallel workers and their process group, if any; idempotent (they also end when the
+        runner is garbage collected, and with this process)."""
         if isinstance(self.runner, TensorParallelRunner):
             self.runner.shutdown()
 

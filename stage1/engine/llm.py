@@ -40,13 +40,15 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, tensor_parallel_size=tensor_parallel_size,
             async_scheduling=async_scheduling)
         self.tokenizer = None if skip_tokenizer_init else Tokenizer(self.config.model_dir)
-        self.core = EngineCore(self.config, self.tokenizer)
         self._seed_stream = random.Random(seed)  # seeds for requests that set none
         self._requests: dict[str, _Request] = {}
         self._request_counter, self._seq_counter = itertools.count(), itertools.count()
+        # Last: it starts the tensor-parallel workers, and ends them itself if it fails after that.
+        self.core = EngineCore(self.config, self.tokenizer)
 
     def shutdown(self) -> None:
-        """Ends the tensor-parallel workers now (they also end with this process); the LLM is unusable after."""
+        """Ends the tensor-parallel workers and frees their process group now; idempotent, and the LLM is
+        unusable after. `del llm` (garbage collection) does the same, and so does the end of this process."""
         self.core.shutdown()
 
     def __enter__(self) -> "LLM":
@@ -82,7 +84,7 @@ class LLM:
         name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
         return {"device": str(c.device), "kernels": c.kernels.name, "dtype": name(c.dtype),
                 "matmul_weights": name(c.kernels.weight_dtype or c.dtype),
-                "tensor_parallel_size": c.tensor_parallel_size}
+                "tensor_parallel_size": c.tensor_parallel_size, "kernels_replaced": list(c.kernels.replaced)}
 
     # ---- the offline API ----
 

@@ -49,6 +49,8 @@ class Kernels:
     prepack: Callable | None = None  # the form `linear` reads each matmul weight in, made once at load
     # the norms' and the activation's kernels (installed in the layers by the loader): references or stage1._C's
     elementwise: ElementwiseKernels = ElementwiseKernels()
+    # the fast kernels that failed their check on this device and were replaced by the next path (kernel_check.py)
+    replaced: tuple[str, ...] = ()
 
     def for_dtype(self, dtype: torch.dtype, device: torch.device) -> tuple["Kernels", torch.dtype]:
         """These kernels as they run a model in `dtype`, and the run dtype (activations, KV cache, other

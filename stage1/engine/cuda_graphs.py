@@ -12,7 +12,8 @@ touches the real rows. Attention sizes its split-K from the block tables' width 
 allows), not from this step's lengths, so one graph serves every context length.
 
 Off a GPU nothing can be captured and the same padded step runs eagerly (how the CPU tests check the padding). A
-capture that fails logs a warning and leaves every later step eager, so a job never dies of it.
+capture that fails, or whose first replay differs from the same step run eagerly, logs a warning and leaves every
+later step eager, so a job never dies of it nor runs on a wrong graph.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from stage1.contract import AttentionBackend, AttentionContext
 
+from .kernel_check import compare, tolerance
 from .model import Qwen2ForCausalLM
 
 logger = logging.getLogger("stage1")
@@ -80,13 +82,23 @@ class DecodeGraphs:
             return self._forward(size)[:n]
         if size not in self._graphs:
             try:
-                self._graphs[size] = self._capture(size)
-            except Exception as error:  # noqa: BLE001 - any failure to capture: run on, eagerly
+                graph, hidden = self._capture(size)
+                # the first replay against the same step run eagerly (its K/V writes write the same values)
+                graph.replay()
+                eager = self._forward(size)
+                verdict = compare(f"the CUDA graph of the decode step for {size} rows", hidden, eager,
+                                  tolerance(eager.dtype))
+                if not verdict.ok:
+                    raise RuntimeError(f"its replay does not match the eager step ({verdict.detail})")
+                self._graphs[size] = (graph, hidden)
+                return eager[:n]
+            except Exception as error:  # noqa: BLE001 - any failure to capture or to match: run on, eagerly
                 logger.warning("stage1: capturing the decode step for %d rows in a CUDA graph failed (%s: %s); "
                                "decode steps run eagerly from now on (pass enforce_eager=True to skip the attempt)",
                                size, type(error).__name__, error)
                 self.capture = False
-                torch.cuda.synchronize(self.input_ids.device)
+                if self.input_ids.is_cuda:
+                    torch.cuda.synchronize(self.input_ids.device)
                 return self._forward(size)[:n]
         graph, hidden = self._graphs[size]
         graph.replay()

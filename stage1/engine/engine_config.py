@@ -16,6 +16,7 @@ import torch
 from .backends import Kernels, cpu_has_native_bf16, select_kernels
 from .config import ModelConfig, parse_dtype, read_eos_token_ids
 from .distributed import check_tensor_parallel_size, kv_heads_per_rank, parallel_state, valid_tensor_parallel_sizes
+from .kernel_check import verify as verify_kernels
 from .kv_cache import blocks_for_tokens, bytes_per_block
 
 logger = logging.getLogger("stage1")
@@ -88,6 +89,8 @@ class EngineConfig:
         run_dtype = (auto_dtype(model_config.torch_dtype, dev, chosen, model_config) if dtype == "auto"
                      else parse_dtype(dtype))
         chosen, run_dtype = chosen.for_dtype(run_dtype, dev)
+        # each fast kernel against its reference on this device (cached per device and build): replaced if wrong
+        chosen = verify_kernels(chosen, dev, run_dtype, explicit=kernels != "auto")
         config = cls(
             model_dir=model_dir, model=model_config,
             eos_token_ids=tuple(read_eos_token_ids(model_dir, model_config)), device=dev,

@@ -100,3 +100,38 @@ def test_tensor_parallel_with_triton_kernels(checkpoint):
         prompts, params, use_tqdm=False)]
     with LLM(path, dtype="float32", kernels="triton", tensor_parallel_size=2) as llm:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+
+
+def test_a_triton_kernel_that_fails_to_compile_is_replaced_under_auto_and_an_error_when_chosen(
+        tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """The decode kernel made to fail compiling (as a Triton or driver a kernel was never built for can): the check
+    replaces the Triton attention by the reference, with a warning naming it, where the choice was not explicit;
+    kernels='triton' is an error naming it. (On a CPU `auto` never picks Triton, so the first half calls the check
+    as `auto` would.)"""
+    import logging
+
+    import triton
+
+    from stage1 import LLM
+    from stage1.engine import kernel_check
+    from stage1.engine.attention import ReferenceAttentionBackend
+    from stage1.engine.backends import select_kernels
+    from stage1.kernels import attention
+
+    class FailsToCompile:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise triton.compiler.errors.CompilationError("", None, "ptxas fatal: unsupported GPU architecture")
+            return launch
+
+    monkeypatch.setenv("STAGE1_CACHE", str(tmp_path))
+    monkeypatch.setattr(attention, "_decode_split_kernel", FailsToCompile())
+    device = torch.device("cpu")
+    kernels = select_kernels("triton", device)
+    with caplog.at_level(logging.WARNING, logger="stage1"):
+        checked = kernel_check.verify(kernels, device, torch.float32, explicit=False)
+    assert isinstance(checked.attention, ReferenceAttentionBackend)
+    assert "triton paged_decode_attention" in caplog.text and "CompilationError" in caplog.text
+    assert checked.sample is kernels.sample  # the sampler passed its own check
+    with pytest.raises(kernel_check.KernelCheckError, match="triton paged_decode_attention"):
+        LLM(tiny_model_dir, dtype="float32", kernels="triton", max_model_len=64)

@@ -3,9 +3,10 @@
 # the repository root (set STAGE1_COMMIT: the device copy's .git may be stale):
 #     STAGE1_COMMIT=<commit> bash benchmarks/gpu_check.sh            # the default steps below, ~7 min on an H200
 #     STAGE1_COMMIT=<commit> bash benchmarks/gpu_check.sh tests nano05   # only the named steps (and the summary)
-# Default steps, in this order, one file each in $OUT (8 files in all):
+# Default steps, in this order, one file each in $OUT (9 files in all):
 #     device.txt       install (pip --no-deps --no-build-isolation -e .: stage1._C and its CUDA part build where
 #                      nvcc and a CUDA torch exist), GPU, versions, whether stage1._C has CUDA ops, each step's status
+#     selfcheck        selfcheck.txt: the kernels' self-check (Triton, fused CUDA ops; bf16 and fp32): verdicts, seconds
 #     tests            tests.txt: kernel, native and engine tests compiled on the GPU (TRITON_INTERPRET=0), bf16
 #                      included; the CUDA-graph capture test must pass (not skip): the summary checks it
 #     kernels          bench_kernels.txt + .json: attention vs SDPA/Flex, the sampler at 256 x 152,064 (race
@@ -27,10 +28,11 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-450}
-STEPS=${*:-tests kernels nano05 nano7 host}
+STEPS=${*:-selfcheck tests kernels nano05 nano7 host}
 for s in $STEPS; do
-    case $s in tests|kernels|nano05|nano7|host|generate|profile|sweeps) ;;
-    *) echo "gpu_check.sh: unknown step '$s' (use: tests kernels nano05 nano7 host generate profile sweeps)" >&2; exit 2 ;;
+    case $s in selfcheck|tests|kernels|nano05|nano7|host|generate|fused|profile|sweeps) ;;
+    *) echo "gpu_check.sh: unknown step '$s' (use: selfcheck tests kernels nano05 nano7 host generate fused profile" \
+            "sweeps)" >&2; exit 2 ;;
     esac
 done
 mkdir -p "$OUT"
@@ -83,6 +85,8 @@ ckpt_ready() { [[ -n $CKPT_PID ]] || return 0; wait "$CKPT_PID"; local rc=$?; CK
                echo "checkpoints: rc=$rc at $((SECONDS - START)) s: $(tr '\n' ' ' < /tmp/gpu_check_ckpt.log | tail -c 300)" \
                    >> "$OUT/device.txt"; }
 
+# 0. the kernels' self-check on this GPU (stage1/engine/kernel_check.py): each kernel's verdict and the wall time
+want selfcheck && step 60 selfcheck.txt $PY benchmarks/kernel_selfcheck.py --device cuda
 # 1. correctness: the kernels compiled (not interpreted), bf16 included; the native ops (their CUDA build compiles
 #    for sm_80/sm_90); the engine with kernels='triton', decode through CUDA graphs (capture asserted in
 #    tests/kernels/test_engine_triton.py). -rfEsp lists every passed test: the summary looks for the capture test.

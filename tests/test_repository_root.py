@@ -43,7 +43,8 @@ def test_transformers_and_hf_kernels_import_from_the_root():
             "from pathlib import Path\n"
             f"root = Path({str(ROOT)!r})\n"
             "if importlib.metadata.packages_distributions().get('kernels'):  # Hugging Face's, a transformers dep\n"
-            "    assert kernels.__file__ and root not in Path(kernels.__file__).resolve().parents, kernels.__path__\n"
+            "    found = Path(kernels.__file__ or root / 'kernels' / 'x').resolve().parent\n"
+            "    assert found != root / 'kernels', kernels.__path__  # (a venv may live inside the checkout)\n"
             "assert Path(ours.__file__).resolve().parent == root / 'kernels', ours.__file__\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

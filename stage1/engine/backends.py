@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from stage1.contract import AttentionBackend
 
 from .attention import ReferenceAttentionBackend
-from .layers import ElementwiseKernels
+from .config import ModelConfig, parse_dtype
+from .kernel_check import verify
+from .layers import ElementwiseKernels, use_elementwise_kernels, use_linear_kernel
+from .memory import available_memory, fp32_weight_bytes
 from .sampler import SamplingBatch, sample
 
 CHOICES = ("auto", "torch", "triton", "native")
@@ -51,6 +54,17 @@ class Kernels:
     elementwise: ElementwiseKernels = ElementwiseKernels()
     # the fast kernels that failed their check on this device and were replaced by the next path (kernel_check.py)
     replaced: tuple[str, ...] = ()
+    # decode steps may replay CUDA graphs: the Triton kernels on a GPU (the reference attention would gather every
+    # row's full-width block table, max_model_len tokens, in each replay)
+    decode_graphs: bool = False
+
+    def install(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        """Puts these kernels into `model`'s layers, once its weights are loaded (in `dtype`, the matmul weights in
+        `weight_dtype`): the matmul, on each weight put in the form it reads (`prepack`), and the norms' and the
+        activation's kernels. Attention and the sampler are read from the step's context and the runner."""
+        narrow = self.weight_dtype is not None and self.weight_dtype != dtype
+        use_linear_kernel(model, self.linear, dtype if narrow else None, self.prepack)
+        use_elementwise_kernels(model, self.elementwise)
 
     def for_dtype(self, dtype: torch.dtype, device: torch.device) -> tuple["Kernels", torch.dtype]:
         """These kernels as they run a model in `dtype`, and the run dtype (activations, KV cache, other
@@ -75,6 +89,18 @@ class Kernels:
         return self, dtype
 
 
+def resolve(choice: str, device: torch.device, dtype: str | torch.dtype,
+            model: ModelConfig) -> tuple[Kernels, torch.dtype]:
+    """The one decision of what runs: the kernels for `choice` on `device` (auto: `auto_kernels`), the run dtype
+    (`dtype`, or `auto_dtype` for those kernels on this machine), the kernels as they run in it (`for_dtype`), and
+    each fast one checked against its PyTorch reference on this device (kernel_check.verify: replaced, loudly,
+    under auto; an error where it was chosen). Made before anything is loaded, so a bad choice fails at once."""
+    kernels = select_kernels(choice, device)
+    run_dtype = auto_dtype(model.torch_dtype, device, kernels, model) if dtype == "auto" else parse_dtype(dtype)
+    kernels, run_dtype = kernels.for_dtype(run_dtype, device)
+    return verify(kernels, device, run_dtype, explicit=choice != "auto"), run_dtype
+
+
 def select_kernels(choice: str, device: torch.device) -> Kernels:
     if choice not in CHOICES:
         raise ValueError(f"kernels={choice!r}: use one of {', '.join(CHOICES)}")
@@ -91,7 +117,8 @@ def select_kernels(choice: str, device: torch.device) -> Kernels:
                          "before starting Python (slow, meant for tests), or use kernels='torch'")
     from stage1.kernels.attention import TritonAttentionBackend
 
-    return with_native_cuda_ops(Kernels("triton", TritonAttentionBackend(), triton_sample), device)
+    return with_native_cuda_ops(Kernels("triton", TritonAttentionBackend(), triton_sample,
+                                        decode_graphs=device.type == "cuda"), device)
 
 
 def with_native_cuda_ops(kernels: Kernels, device: torch.device) -> Kernels:
@@ -115,7 +142,7 @@ def triton_available() -> bool:
 
 def auto_kernels(device: torch.device) -> str:
     """Triton on a GPU where it is installed. On a CPU the native ops where stage1._C is built: their linears run
-    oneDNN in fp32 (2-4x torch's MKL here) and the rows are fp32's (dtype auto, engine_config.auto_dtype); on the
+    oneDNN in fp32 (2-4x torch's MKL here) and the rows are fp32's (dtype auto, auto_dtype); on the
     main job they ran 3.3x torch in fp32 and as fast as torch's bf16 matmuls on an avx512_bf16 CPU, whose rows are
     bf16's (README, Speed). Else the reference."""
     if device.type == "cuda":
@@ -126,6 +153,32 @@ def auto_kernels(device: torch.device) -> str:
         if native_available():
             return "native"
     return "torch"
+
+
+def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device, kernels: Kernels,
+               model: ModelConfig | None = None) -> torch.dtype:
+    """The checkpoint's dtype, except half precision on a CPU. With the native kernels a CPU computes in fp32
+    whatever the weights' dtype, so the rows are fp32's: a bf16 checkpoint runs with fp32 weights (oneDNN,
+    prepacked) on a CPU with native bf16 where they fit (`model`'s fp32 weights within half the available memory),
+    else keeps bf16 weights (Kernels.for_dtype); on the main job the first was 1.3x the second on an avx512_bf16
+    VM, and where memory streams slower (the AVX2-only VMs) half the bytes should count for more. Without the
+    native kernels a CPU without native bf16 runs fp32 (its bf16 matmuls are emulated), one with it the
+    checkpoint's dtype."""
+    if device.type != "cpu" or checkpoint_dtype == torch.float32:
+        return checkpoint_dtype
+    if kernels.name == "native":
+        if checkpoint_dtype != torch.bfloat16:
+            return torch.float32
+        if cpu_has_native_bf16() and model is not None and 2 * fp32_weight_bytes(model) <= available_memory():
+            logger.info("stage1: dtype auto: float32 weights for the native kernels (%.1f GB, within half of the "
+                        "available memory); pass dtype='bfloat16' to keep bf16 weights", fp32_weight_bytes(model) / 1e9)
+            return torch.float32
+        return torch.bfloat16
+    if not cpu_has_native_bf16():
+        logger.info("stage1: this CPU has no native bf16 (avx512_bf16/AMX): running in float32; "
+                    "pass dtype='bfloat16' to force it")
+        return torch.float32
+    return checkpoint_dtype
 
 
 def cpu_has_native_bf16() -> bool:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .backends import Kernels, cpu_has_native_bf16, select_kernels
-from .config import ModelConfig, parse_dtype, read_eos_token_ids
-from .distributed import check_tensor_parallel_size, kv_heads_per_rank, parallel_state, valid_tensor_parallel_sizes
-from .kernel_check import verify as verify_kernels
+from .backends import Kernels, resolve
+from .config import ModelConfig, read_eos_token_ids
+from .distributed import check_tensor_parallel_size, kv_heads_per_rank, valid_tensor_parallel_sizes
 from .kv_cache import blocks_for_tokens, bytes_per_block
+from .memory import describe_bytes, device_memory, weight_bytes_per_rank
 
 logger = logging.getLogger("stage1")
 
@@ -65,7 +65,6 @@ class EngineConfig:
         if dev.type == "cuda" and tensor_parallel_size > max(1, torch.cuda.device_count()):
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs as many GPUs, but this node shows "
                              f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES)")
-        chosen = select_kernels(kernels, dev)  # before any loading, so a bad choice fails at once
         if async_scheduling is None:  # where the host would otherwise wait for the device at every step
             async_scheduling = dev.type == "cuda" and tensor_parallel_size == 1
         if async_scheduling and tensor_parallel_size > 1:
@@ -86,20 +85,15 @@ class EngineConfig:
                                f"max_position_embeddings={model_config.max_position_embeddings} (config.json): pass "
                                f"--max-model-len (max_model_len) {model_config.max_position_embeddings} or less, "
                                "or leave it unset for the model's")
-        run_dtype = (auto_dtype(model_config.torch_dtype, dev, chosen, model_config) if dtype == "auto"
-                     else parse_dtype(dtype))
-        chosen, run_dtype = chosen.for_dtype(run_dtype, dev)
-        # each fast kernel against its reference on this device (cached per device and build): replaced if wrong
-        chosen = verify_kernels(chosen, dev, run_dtype, explicit=kernels != "auto")
+        # which kernels run and in which dtype, each fast one checked on this device: decided in backends.resolve
+        chosen, run_dtype = resolve(kernels, dev, dtype, model_config)
         config = cls(
             model_dir=model_dir, model=model_config,
             eos_token_ids=tuple(read_eos_token_ids(model_dir, model_config)), device=dev,
             dtype=run_dtype, kernels=chosen, block_size=block_size,
             max_model_len=max_model_len or model_config.max_position_embeddings,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=chunk, kv_cache_memory=kv_cache_memory,
-            # CUDA graphs need the Triton kernels: the reference attention would gather every row's full-width
-            # block table (max_model_len tokens) in each replay
-            decode_graphs=not enforce_eager and dev.type == "cuda" and chosen.name == "triton",
+            decode_graphs=not enforce_eager and chosen.decode_graphs,
             enable_prefix_caching=enable_prefix_caching, seed=seed, skip_tokenizer_init=skip_tokenizer_init,
             tensor_parallel_size=tensor_parallel_size, async_scheduling=async_scheduling)
         return config.fitted(max_model_len_given=max_model_len is not None)
@@ -202,8 +196,8 @@ class EngineConfig:
         tp, on_gpu = self.tensor_parallel_size, self.device.type == "cuda"
         ranks = 1 if on_gpu else tp  # the processes whose weights share `memory`
         matmul_dtype = self.kernels.weight_dtype or self.dtype
-        where = (f"the {_size(memory)} free on {self.rank_device(0)}" if on_gpu
-                 else f"the {_size(memory)} this host has available (MemAvailable)")
+        where = (f"the {describe_bytes(memory)} free on {self.rank_device(0)}" if on_gpu
+                 else f"the {describe_bytes(memory)} this host has available (MemAvailable)")
         if weights * ranks > memory:
             fixes = []
             if on_gpu:
@@ -211,9 +205,9 @@ class EngineConfig:
                     self.model, n, self.dtype, self.kernels.weight_dtype) < memory]
                 fixes.append(f"pass --tp {larger[0]} or more (tensor_parallel_size)" if larger
                              else "free GPU memory (no --tp this model allows fits them)")
-                what = f"{_size(weights)} per rank at --tp {tp} (tensor_parallel_size)"
+                what = f"{describe_bytes(weights)} per rank at --tp {tp} (tensor_parallel_size)"
             else:
-                what = _size(weights * tp) + (f" ({tp} ranks of {_size(weights)})" if tp > 1 else "")
+                what = describe_bytes(weights * tp) + (f" ({tp} ranks of {describe_bytes(weights)})" if tp > 1 else "")
             if matmul_dtype == torch.float32:
                 fixes.append("pass --dtype bfloat16 (dtype='bfloat16'; half the bytes)")
             if not on_gpu:
@@ -226,75 +220,3 @@ class EngineConfig:
                 f"KV cache too large: kv_cache_memory={self.kv_cache_memory} bytes plus the weights' "
                 f"{weights} bytes{per_rank} exceed {where}: pass kv_cache_memory={memory // ranks - weights} or "
                 "less, or leave it unset for the default")
-
-
-def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device, kernels: Kernels,
-               model: ModelConfig | None = None) -> torch.dtype:
-    """The checkpoint's dtype, except half precision on a CPU. With the native kernels a CPU computes in fp32
-    whatever the weights' dtype, so the rows are fp32's: a bf16 checkpoint runs with fp32 weights (oneDNN,
-    prepacked) on a CPU with native bf16 where they fit (`model`'s fp32 weights within half the available memory),
-    else keeps bf16 weights (Kernels.for_dtype); on the main job the first was 1.3x the second on an avx512_bf16
-    VM, and where memory streams slower (the AVX2-only VMs) half the bytes should count for more. Without the
-    native kernels a CPU without native bf16 runs fp32 (its bf16 matmuls are emulated), one with it the
-    checkpoint's dtype."""
-    if device.type != "cpu" or checkpoint_dtype == torch.float32:
-        return checkpoint_dtype
-    if kernels.name == "native":
-        if checkpoint_dtype != torch.bfloat16:
-            return torch.float32
-        if cpu_has_native_bf16() and model is not None and 2 * fp32_weight_bytes(model) <= available_memory():
-            logger.info("stage1: dtype auto: float32 weights for the native kernels (%.1f GB, within half of the "
-                        "available memory); pass dtype='bfloat16' to keep bf16 weights", fp32_weight_bytes(model) / 1e9)
-            return torch.float32
-        return torch.bfloat16
-    if not cpu_has_native_bf16():
-        logger.info("stage1: this CPU has no native bf16 (avx512_bf16/AMX): running in float32; "
-                    "pass dtype='bfloat16' to force it")
-        return torch.float32
-    return checkpoint_dtype
-
-
-def fp32_weight_bytes(model: ModelConfig) -> int:
-    """The bytes of every weight of `model` in fp32."""
-    from .weights import checkpoint_layout
-
-    return 4 * sum(math.prod(target.shape) for target in checkpoint_layout(model).values())
-
-
-def weight_bytes_per_rank(model: ModelConfig, tensor_parallel_size: int, dtype: torch.dtype,
-                          weight_dtype: torch.dtype | None = None) -> int:
-    """The bytes of rank 0's share of `model`'s parameters as the loader stores them (the matmul weights in
-    `weight_dtype` when given, the rest in `dtype`): the model built on the meta device, nothing allocated."""
-    from .model import Qwen2ForCausalLM
-
-    with parallel_state(0, tensor_parallel_size), torch.device("meta"):
-        meta = Qwen2ForCausalLM(model)
-    size = lambda dtype: torch.empty((), dtype=dtype).element_size()  # noqa: E731
-    return sum(p.numel() * size(weight_dtype if weight_dtype is not None and getattr(p, "matmul_weight", False)
-                                 else dtype) for p in meta.parameters())
-
-
-def device_memory(device: torch.device) -> int:
-    """Bytes `device` can still give: a GPU's free memory, on the CPU the host's available memory (0: unknown)."""
-    if device.type == "cuda":
-        try:
-            return torch.cuda.mem_get_info(device)[0]
-        except (RuntimeError, AssertionError):  # no usable CUDA here: the model runner will say so
-            return 0
-    return available_memory()
-
-
-def _size(num_bytes: int) -> str:
-    unit, scale = ("GiB", 2**30) if num_bytes >= 2**30 else ("MiB", 2**20)
-    return f"{num_bytes} bytes ({num_bytes / scale:.2f} {unit})"
-
-
-def available_memory() -> int:
-    """MemAvailable (bytes): what this machine can still give without swapping; 0 where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0

@@ -301,6 +301,8 @@ def _replace_failed(kernels, failed: set[str]):
         only_fused_rotary = attention_failed == [labels["rotary_write_kv"]] and isinstance(attention,
                                                                                           WithNativeRotaryKV)
         changes["attention"] = attention.inner if only_fused_rotary else ReferenceAttentionBackend()
+        if not only_fused_rotary:  # the graphs need the Triton attention (backends.Kernels.decode_graphs)
+            changes["decode_graphs"] = False
     if labels["sample"] in failed:
         changes["sample"] = sample
     elementwise = {field: getattr(reference_elementwise, field) for field in ("rms_norm", "add_rms_norm",

@@ -101,9 +101,7 @@ class ModelRunner:
         self.rank = rank
         self.device = config.rank_device(rank)
         with parallel_state(rank, config.tensor_parallel_size) as state:
-            self.model = load_model(config.model_dir, config.model, config.dtype, self.device,
-                                    config.kernels.weight_dtype, config.kernels.linear, config.kernels.elementwise,
-                                    config.kernels.prepack)
+            self.model = load_model(config.model_dir, config.model, config.dtype, self.device, config.kernels)
         num_blocks = num_blocks_for_budget(config.model, config.block_size, config.dtype,
                                            config.kv_cache_budget(self.device), config.kv_heads_per_rank)
         num_blocks = _fewest_over_ranks(num_blocks, state, self.device)

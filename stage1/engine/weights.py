@@ -21,13 +21,16 @@ import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ModelConfig
 from .distributed import current
-from .layers import ElementwiseKernels, use_elementwise_kernels, use_linear_kernel
 from .model import Qwen2ForCausalLM
+
+if TYPE_CHECKING:  # backends imports memory, which imports this module: the type only, no import at run time
+    from .backends import Kernels
 
 logger = logging.getLogger("stage1")
 
@@ -233,18 +236,14 @@ class LoadReport:
 
 
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               weight_dtype: torch.dtype | None = None, linear=None,
-               elementwise: ElementwiseKernels | None = None, prepack=None) -> Qwen2ForCausalLM:
+               kernels: Kernels | None = None) -> Qwen2ForCausalLM:
     """Builds this rank's model (the current parallel state's) with no initialization and fills every parameter
-    from its slice of the checkpoint, in `dtype`; the matmul weights (linear layers, LM head, embedding) in
-    `weight_dtype` when given, multiplied by `linear(x, weight, bias)` when given (backends.py's choice, e.g. bf16
-    weights with fp32 activations: `dtype` fp32, `weight_dtype` bf16), after `prepack` put each in the form that
-    kernel reads when given (oneDNN's blocked layout); the norms and the activation run `elementwise`'s kernels
-    when given."""
+    from its slice of the checkpoint, in `dtype`; with `kernels` (backends.resolve's), the matmul weights (linear
+    layers, LM head, embedding) in their `weight_dtype` (e.g. bf16 weights with fp32 activations: `dtype` fp32,
+    `weight_dtype` bf16), then `kernels.install` puts them into the layers. Without, the reference kernels."""
     model_dir = Path(model_dir)
+    weight_dtype = kernels.weight_dtype if kernels is not None else None
     narrow = weight_dtype is not None and weight_dtype != dtype
-    if narrow and linear is None:
-        raise ValueError(f"matmul weights in {weight_dtype} with {dtype} activations need a linear kernel for them")
     rss_before = peak_rss_bytes()
     layout = checkpoint_layout(config)
     with torch.device("meta"):
@@ -288,10 +287,8 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
     del params  # the model holds them now: a prepack below then frees each plain weight as it replaces it
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # one Parameter, not two wrappers of the same storage
-    if linear is not None:
-        use_linear_kernel(model, linear, dtype if narrow else None, prepack)
-    if elementwise is not None:
-        use_elementwise_kernels(model, elementwise)
+    if kernels is not None:
+        kernels.install(model, dtype)
     tp = current()
     report = LoadReport(tp.rank, tp.size, checkpoint_bytes, bytes_read, largest_read,
                         sum(p.numel() * p.element_size() for p in model.parameters()), rss_before, peak_rss_bytes())

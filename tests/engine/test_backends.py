@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stage1.engine import backends, engine_config
+from stage1.engine import backends
 from stage1.engine.backends import select_kernels
 
 CPU = torch.device("cpu")
@@ -16,17 +16,18 @@ def test_auto_on_a_cpu_with_native_bf16_is_native_in_fp32_where_the_weights_fit(
     weights; fp32 arithmetic either way. With no stage1._C built, the reference in the checkpoint's dtype."""
     from stage1.engine import native
     from stage1.engine.config import ModelConfig
-    from stage1.engine.engine_config import auto_dtype, fp32_weight_bytes
+    from stage1.engine.backends import auto_dtype
+    from stage1.engine.memory import fp32_weight_bytes
 
-    monkeypatch.setattr(engine_config, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
     model = ModelConfig.from_dir(tiny_model_dir)
     need = 2 * fp32_weight_bytes(model)
     if native.native_available():
         kernels = select_kernels("auto", CPU)
         assert kernels.name == "native"
-        monkeypatch.setattr(engine_config, "available_memory", lambda: need)
+        monkeypatch.setattr(backends, "available_memory", lambda: need)
         assert auto_dtype(torch.bfloat16, CPU, kernels, model) == torch.float32
-        monkeypatch.setattr(engine_config, "available_memory", lambda: need - 1)
+        monkeypatch.setattr(backends, "available_memory", lambda: need - 1)
         assert auto_dtype(torch.bfloat16, CPU, kernels, model) == torch.bfloat16
         assert kernels.for_dtype(torch.bfloat16, CPU)[1] == torch.float32  # bf16 weights, fp32 arithmetic
         assert auto_dtype(torch.float16, CPU, kernels, model) == torch.float32
@@ -37,7 +38,7 @@ def test_auto_on_a_cpu_with_native_bf16_is_native_in_fp32_where_the_weights_fit(
 
 def test_fp32_weight_bytes_counts_every_weight_of_the_model(tiny_model_dir):
     from stage1 import LLM
-    from stage1.engine.engine_config import fp32_weight_bytes
+    from stage1.engine.memory import fp32_weight_bytes
 
     llm = LLM(tiny_model_dir, dtype="float32", kernels="torch")
     model = llm.core.runner.model
@@ -48,9 +49,9 @@ def test_auto_on_a_cpu_without_native_bf16_is_native_where_built(monkeypatch):
     """Without avx512_bf16/AMX the native ops run a bf16 checkpoint with bf16 weights and fp32 arithmetic (dtype
     auto keeps bf16 for them); with no stage1._C built, the reference in fp32."""
     from stage1.engine import native
-    from stage1.engine.engine_config import auto_dtype
+    from stage1.engine.backends import auto_dtype
 
-    monkeypatch.setattr(engine_config, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
     if native.native_available():
         kernels = select_kernels("auto", CPU)
         assert kernels.name == "native"

@@ -92,7 +92,8 @@ want selfcheck && step 60 selfcheck.txt $PY benchmarks/kernel_selfcheck.py --dev
 #    tests/kernels/test_engine_triton.py). -rfEsp lists every passed test: the summary looks for the capture test.
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 want tests && step 100 tests.txt env TRITON_INTERPRET=0 $PY -m pytest -q -rfEsp $XDIST tests/kernels tests/native \
-    tests/engine/test_backends.py tests/engine/test_cuda_graphs.py tests/engine/test_prefix_caching.py
+    tests/engine/test_backends.py tests/engine/test_cuda_graphs.py tests/engine/test_prefix_caching.py \
+    tests/engine/test_async_scheduling.py tests/engine/test_kernel_check.py
 # 2. each kernel against SDPA / FlexAttention / sort-based torch sampling at the shapes
 want kernels && step 60 bench_kernels.txt $PY benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json"
 # 3. nano-vllm's offline benchmark (256 requests, lengths 100-1024, EOS ignored, greedy), random bf16 weights.

@@ -62,8 +62,9 @@ class EngineConfig:
         model_config = ModelConfig.from_dir(model_dir)
         check_tensor_parallel_size(model_config, tensor_parallel_size)
         dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        if dev.type == "cuda" and tensor_parallel_size > max(1, torch.cuda.device_count()):
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs as many GPUs, but this node shows "
+        if dev.type == "cuda" and (dev.index or 0) + tensor_parallel_size > max(1, torch.cuda.device_count()):
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} from {dev} needs GPUs {dev.index or 0}.."
+                             f"{(dev.index or 0) + tensor_parallel_size - 1}, but this node shows "
                              f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES)")
         if async_scheduling is None:  # where the host would otherwise wait for the device at every step
             async_scheduling = dev.type == "cuda" and tensor_parallel_size == 1

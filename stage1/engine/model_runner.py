@@ -22,8 +22,7 @@ from .cuda_graphs import DecodeGraphs
 from .distributed import ParallelState, parallel_state
 from .engine_config import EngineConfig
 from .kv_cache import allocate_kv_cache, num_blocks_for_budget
-from .params import SamplingParams
-from .sampler import SamplingBatch, token_logprobs
+from .sampler import SamplingBatch, SamplingRows, token_logprobs
 from .scheduler import ScheduledBatch
 from .sequence import PENDING
 from .step_inputs import BlockTableRows, StagedUpload
@@ -44,7 +43,7 @@ class StepPlan:
     block_tables: np.ndarray  # [seqs, max blocks] int32 (entries past a sequence's blocks: stale, masked)
     cu_seqlens: np.ndarray  # [seqs + 1] int32: where each sequence's new tokens start
     context_lens: np.ndarray  # [seqs] int32: cached + new tokens
-    sample_rows: list[int]  # the packed index of each sampling row's last token
+    sample_rows: np.ndarray  # [sampling rows] int64: the packed index of each sampling row's last token
     sampling: SamplingRows
     # rows of input_ids whose token the previous step sampled and the host has not read (async scheduling), and
     # that step's sampling row of each: the device fills them in
@@ -53,21 +52,17 @@ class StepPlan:
 
 
 @dataclass
-class SamplingRows:
-    """Per sampling row: its parameters, seed and step (tokens its sequence has generated)."""
-
-    params: list[SamplingParams]
-    seeds: np.ndarray  # int64
-    steps: np.ndarray  # int64
-
-
-@dataclass
 class StepInputs:
-    """A step's model inputs on the device."""
+    """A step's inputs on the device, every one copied from the staging (no other host-to-device copy, no read
+    back: with async scheduling the host prepares step N+1 while the device still runs step N)."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     ctx: AttentionContext
+    sample_rows: torch.Tensor  # [sampling rows] int64
+    sampling: SamplingBatch
+    pending_rows: torch.Tensor  # [pending] int64: input rows the device fills from the last step's tokens
+    pending_from: torch.Tensor  # [pending] int64: the last step's sampling row of each
 
 
 @dataclass
@@ -100,6 +95,8 @@ class ModelRunner:
         self.config = config
         self.rank = rank
         self.device = config.rank_device(rank)
+        if self.device.type == "cuda":  # Triton launches and new streams go to the current device: this one
+            torch.cuda.set_device(self.device)
         with parallel_state(rank, config.tensor_parallel_size) as state:
             self.model = load_model(config.model_dir, config.model, config.dtype, self.device, config.kernels)
         num_blocks = num_blocks_for_budget(config.model, config.block_size, config.dtype,
@@ -118,9 +115,11 @@ class ModelRunner:
         # so kept only with async scheduling (the one mode whose inputs can be PENDING)
         self._sample_row_of: dict[int, int] = {}
         self._last_tokens: torch.Tensor | None = None  # the tokens the last step sampled, on the device
-        max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
-        self.staging = StagedUpload(self.device, 3 * max_tokens,
-                                    config.max_num_seqs * (config.max_blocks_per_seq + 2) + 1)
+        max_tokens, max_seqs = max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs
+        # int64: ids, positions, slots; sample rows, top-k, seeds, steps, pending rows and their sources. int32:
+        # block tables, context lengths, cu_seqlens; temperature, top-p, min-p (fp32 bits)
+        self.staging = StagedUpload(self.device, 3 * max_tokens + 6 * max_seqs,
+                                    max_seqs * (config.max_blocks_per_seq + 5) + 1)
         self.graphs = None
         if config.decode_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, config.kernels.attention, config.max_num_seqs,
@@ -162,7 +161,7 @@ class ModelRunner:
             positions = np.array([seq.num_computed_tokens for seq in seqs], dtype=np.int64)
             cu_seqlens = np.arange(len(seqs) + 1, dtype=np.int32)
             context_lens = (positions + 1).astype(np.int32)
-            sample_rows = list(range(len(seqs)))
+            sample_rows = range(len(seqs))
             seq_of_token = rows
         table = self.block_tables.table
         slots = table[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
@@ -176,10 +175,10 @@ class ModelRunner:
         sampling = batch.sampling_seqs
         if self.config.async_scheduling:
             self._sample_row_of = {seq.seq_id: row for row, seq in enumerate(sampling)}
-        sampling = SamplingRows([s.params for s in sampling], np.array([s.seed for s in sampling], dtype=np.int64),
-                                np.array([s.num_output_tokens for s in sampling], dtype=np.int64))
+        sampling = SamplingRows.of([s.params for s in sampling], seeds=[s.seed for s in sampling],
+                                   steps=[s.num_output_tokens for s in sampling])
         return StepPlan(batch.is_prefill, input_ids, positions, slots, block_tables, cu_seqlens, context_lens,
-                        sample_rows, sampling, pending_rows, pending_from)
+                        np.array(sample_rows, dtype=np.int64), sampling, pending_rows, pending_from)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> PendingResult | None:
@@ -187,25 +186,30 @@ class ModelRunner:
         ranks return None."""
         inputs = self.upload(plan)
         if len(plan.pending_rows):
-            rows = torch.from_numpy(plan.pending_rows).to(self.device, non_blocking=True)
-            source = torch.from_numpy(plan.pending_from).to(self.device, non_blocking=True)
-            inputs.input_ids[rows] = self._last_tokens[source]
+            inputs.input_ids[inputs.pending_rows] = self._last_tokens[inputs.pending_from]
         hidden = self.forward(inputs)
-        if not plan.sampling.params:
+        if not len(plan.sample_rows):
             return PendingResult(None)
-        logits = self.compute_logits(hidden, plan)
-        return None if logits is None else self.sample(logits, plan)
+        logits = self.compute_logits(hidden, inputs, plan.is_prefill)
+        return None if logits is None else self.sample(logits, inputs.sampling)
 
     def upload(self, plan: StepPlan) -> StepInputs:
-        """The plan's host arrays as the step's device tensors and attention context."""
-        input_ids, positions, slots, block_tables, context_lens, cu_seqlens = self.staging.upload(
-            [plan.input_ids, plan.positions, plan.slot_mapping], [plan.block_tables, plan.context_lens,
-                                                                  plan.cu_seqlens])
+        """The plan's host arrays as the step's device tensors and attention context, in one staged copy per dtype
+        (the sampling rows' fp32 parameters travel as their int32 bits)."""
+        rows = plan.sampling
+        (input_ids, positions, slots, sample_rows, top_k, seeds, steps, pending_rows, pending_from, block_tables,
+         context_lens, cu_seqlens, temperature, top_p, min_p) = self.staging.upload(
+            [plan.input_ids, plan.positions, plan.slot_mapping, plan.sample_rows, rows.top_k, rows.seeds, rows.steps,
+             plan.pending_rows, plan.pending_from],
+            [plan.block_tables, plan.context_lens, plan.cu_seqlens, rows.temperature.view(np.int32),
+             rows.top_p.view(np.int32), rows.min_p.view(np.int32)])
         ctx = AttentionContext(is_prefill=plan.is_prefill, kv_cache=self.kv_cache, slot_mapping=slots,
                                block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=cu_seqlens,
                                cu_seqlens_q_host=plan.cu_seqlens.tolist(),
                                context_lens_host=plan.context_lens.tolist(), backend=self.config.kernels.attention)
-        return StepInputs(input_ids, positions, ctx)
+        sampling = SamplingBatch.on_device(rows, temperature.view(torch.float32), top_k, top_p.view(torch.float32),
+                                           min_p.view(torch.float32), seeds, steps)
+        return StepInputs(input_ids, positions, ctx, sample_rows, sampling, pending_rows, pending_from)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Every packed token's hidden state: a decode step through its CUDA graph where one is captured."""
@@ -213,18 +217,17 @@ class ModelRunner:
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.ctx)
         return self.model(inputs.input_ids, inputs.positions, inputs.ctx)
 
-    def compute_logits(self, hidden: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
+    def compute_logits(self, hidden: torch.Tensor, inputs: StepInputs, is_prefill: bool) -> torch.Tensor | None:
         """fp32 logits of the sampling rows on rank 0 (None on the others). Only the rows that get a new token go
         through the LM head (the vocab-wide matmul is the step's largest); with tensor parallelism their logits
-        are gathered on rank 0, which alone samples."""
-        logits = self.model.compute_logits(hidden[plan.sample_rows])
+        are gathered on rank 0, which alone samples. A decode step samples every row: a slice, no index."""
+        rows = inputs.sample_rows
+        logits = self.model.compute_logits(hidden.index_select(0, rows) if is_prefill else hidden[:len(rows)])
         return None if logits is None else logits.float()
 
-    def sample(self, logits: torch.Tensor, plan: StepPlan) -> PendingResult:
+    def sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> PendingResult:
         """The sampled tokens, kept on the device for the next step's PENDING inputs and copied to the host without
-        waiting (on a GPU into pinned memory, an event marking the copy's end)."""
-        rows = plan.sampling
-        sampling = SamplingBatch.build(rows.params, self.device, seeds=rows.seeds, steps=rows.steps)
+        waiting (on a GPU into pinned memory, an event on this device's stream marking the copy's end)."""
         tokens = self.config.kernels.sample(logits, sampling)
         self._last_tokens = tokens
         logprobs = None
@@ -235,7 +238,7 @@ class ModelRunner:
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(self.device))
         return PendingResult(host, logprobs, copied)
 
 

@@ -21,6 +21,55 @@ from .params import SamplingParams
 
 
 @dataclass
+class SamplingRows:
+    """The per-row parameters of one step as host arrays (what the model runner stages to the device in one copy)
+    and what the host knows of them all, so the device is never asked."""
+
+    temperature: np.ndarray  # [rows] float32; 0 marks greedy rows
+    top_k: np.ndarray  # [rows] int64; 0 = off
+    top_p: np.ndarray  # [rows] float32
+    min_p: np.ndarray  # [rows] float32
+    seeds: np.ndarray  # [rows] int64: the Philox key
+    steps: np.ndarray  # [rows] int64: tokens the row's sequence has generated so far (the counter's high word)
+    all_greedy: bool
+    max_logprobs: int | None  # the largest `logprobs` any row asked for
+    max_top_k: int  # the largest top_k any row asked for (0: top-k off everywhere)
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], seeds=None, steps=None) -> "SamplingRows":
+        """`seeds` and `steps` (sequences of ints or int64 arrays) default to the row index and 0: rows with the
+        same seed and step draw the same noise. Rows usually share a few SamplingParams objects (one per request,
+        often one for all): each distinct one is read once, then spread to its rows."""
+        rows = len(params)
+        if params and params.count(params[0]) == rows:  # one for all (a C loop, identity first)
+            unique, index = [params[0]], np.zeros(rows, dtype=np.int64)
+        else:
+            first_seen: dict[int, tuple[int, SamplingParams]] = {}
+            index = np.array([first_seen.setdefault(id(p), (len(first_seen), p))[0] for p in params], dtype=np.int64)
+            unique = [p for _, p in first_seen.values()]
+        asked = [p.logprobs for p in unique if p.logprobs is not None]
+
+        def per_row(values: list, dtype) -> np.ndarray:
+            return np.array(values, dtype=dtype)[index]
+
+        return cls(
+            temperature=per_row([p.temperature for p in unique], np.float32),
+            top_k=per_row([p.top_k for p in unique], np.int64),
+            top_p=per_row([p.top_p for p in unique], np.float32),
+            min_p=per_row([p.min_p for p in unique], np.float32),
+            seeds=np.arange(rows, dtype=np.int64) if seeds is None else np.asarray(seeds, dtype=np.int64),
+            steps=np.zeros(rows, dtype=np.int64) if steps is None else np.asarray(steps, dtype=np.int64),
+            all_greedy=all(p.greedy for p in unique),
+            max_logprobs=max(asked) if asked else None,
+            max_top_k=max((p.top_k for p in unique), default=0),
+        )
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The per-row arrays, in SamplingBatch.on_device's order."""
+        return self.temperature, self.top_k, self.top_p, self.min_p, self.seeds, self.steps
+
+
+@dataclass
 class SamplingBatch:
     """The per-row parameters of one step, as tensors on the logits' device."""
 
@@ -36,37 +85,16 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list[SamplingParams], device: torch.device, seeds=None, steps=None) -> "SamplingBatch":
-        """`seeds` and `steps` (sequences of ints or int64 arrays) default to the row index and 0: rows with the
-        same seed and step draw the same noise. Rows usually share a few SamplingParams objects (one per request,
-        often one for all): each distinct one is read once, then spread to its rows."""
-        if params and params.count(params[0]) == len(params):  # one for all (a C loop, identity first)
-            unique, index = [params[0]], None
-        else:
-            first_seen: dict[int, tuple[int, SamplingParams]] = {}
-            index = [first_seen.setdefault(id(p), (len(first_seen), p))[0] for p in params]
-            unique = [p for _, p in first_seen.values()]
-        asked = [p.logprobs for p in unique if p.logprobs is not None]
+        """SamplingRows.of(params, seeds, steps) on `device` (the model runner stages them instead: one copy)."""
+        rows = SamplingRows.of(params, seeds, steps)
+        return cls.on_device(rows, *(torch.from_numpy(a).to(device) for a in rows.arrays()))
 
-        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
-            if len(values) == 1:
-                return torch.full((len(params),), values[0], dtype=dtype, device=device)
-            return torch.tensor(values, dtype=dtype, device=device)[torch.tensor(index, dtype=torch.long,
-                                                                                   device=device)]
-
-        rows = len(params)
-        return cls(
-            temperature=per_row([p.temperature for p in unique], torch.float32),
-            top_k=per_row([p.top_k for p in unique], torch.int64),
-            top_p=per_row([p.top_p for p in unique], torch.float32),
-            min_p=per_row([p.min_p for p in unique], torch.float32),
-            seeds=torch.as_tensor(np.arange(rows) if seeds is None else np.asarray(seeds, dtype=np.int64),
-                                  device=device),
-            steps=torch.as_tensor(np.zeros(rows, dtype=np.int64) if steps is None else
-                                  np.asarray(steps, dtype=np.int64), device=device),
-            all_greedy=all(p.greedy for p in unique),
-            max_logprobs=max(asked) if asked else None,
-            max_top_k=max((p.top_k for p in unique), default=0),
-        )
+    @classmethod
+    def on_device(cls, rows: SamplingRows, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> "SamplingBatch":
+        """The batch from `rows`' arrays already on the device (in SamplingRows' field order) and its host facts."""
+        return cls(temperature, top_k, top_p, min_p, seeds, steps, rows.all_greedy, rows.max_logprobs,
+                   rows.max_top_k)
 
 
 def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

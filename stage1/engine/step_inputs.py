@@ -101,5 +101,5 @@ class StagedUpload:
                 used += a.size
             dev_buf[:used].copy_(host_buf[:used], non_blocking=True)
             out += [dev_buf[start:start + int(np.prod(shape))].view(shape) for start, shape in views]
-        copied.record()
+        copied.record(torch.cuda.current_stream(self.device))  # this device's stream, whichever is current
         return out

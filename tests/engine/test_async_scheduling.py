@@ -127,3 +127,28 @@ def test_requests_joining_mid_decode_through_the_step_api(checkpoint):
 def test_async_scheduling_needs_one_rank(checkpoint):
     with pytest.raises(ValueError, match="async_scheduling=True needs tensor_parallel_size=1"):
         LLM(checkpoint("gqa2-d128-untied"), async_scheduling=True, tensor_parallel_size=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU's stream is what a launch must not wait for")
+def test_a_launch_never_waits_for_the_device(tiny_model_dir, monkeypatch):
+    """On a GPU, launching a step (prepare, staged upload, forward, sampling, the token copy) runs under
+    torch.cuda.set_sync_debug_mode("error"): any copy from pageable memory or read-back raises. Only the result
+    waits, for its own event. Greedy and sampled rows, prefill and decode; the tokens equal the synchronous loop's."""
+    params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, seed=5, ignore_eos=True)]
+    reqs = prompts(ModelConfig.from_dir(tiny_model_dir).vocab_size, lengths=(5, 17))
+    sync = LLM(tiny_model_dir, dtype="bfloat16", kernels="triton", async_scheduling=False, enforce_eager=True)
+    expected = outputs(sync, reqs, params)
+    del sync
+    llm = LLM(tiny_model_dir, dtype="bfloat16", kernels="triton", async_scheduling=True)
+    launch = llm.core.runner.launch
+
+    def strict(batch):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(llm.core.runner, "launch", strict)
+    assert outputs(llm, reqs, params) == expected

@@ -123,3 +123,12 @@ def test_truncated_or_foreign_file_is_named(tiny_model_dir, tmp_path):
     (bad / "model.safetensors").write_bytes(b"PK\x03\x04 a zip, not a safetensors file")
     with pytest.raises(WeightsError, match="model.safetensors: not a safetensors file"):
         LLM(bad)
+
+
+def test_tensor_parallel_ranks_must_fit_from_the_devices_index(tiny_model_dir, monkeypatch):
+    """--device cuda:3 with --tp 2 needs GPUs 3 and 4: on a node of 4 the check counts from the index, not from 0."""
+    from stage1.engine.engine_config import EngineConfig
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 from cuda:3 needs GPUs 3\.\.4, but this node shows 4"):
+        EngineConfig.build(tiny_model_dir, device="cuda:3", tensor_parallel_size=2)

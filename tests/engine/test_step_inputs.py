@@ -72,3 +72,36 @@ def test_cpu_upload_is_the_arrays_themselves():
     assert t_ids.dtype == torch.int64 and t_table.shape == (2, 3)
     t_ids[0] = 42
     assert ids[0] == 42  # no copy on the CPU
+
+
+def test_a_steps_device_inputs_come_only_from_the_staging(tiny_model_dir, monkeypatch):
+    """Every tensor a step sends to the device (ids, positions, slots, block tables, the sampling rows' indices and
+    parameters, the pending rows) comes through the one staged upload: no torch.tensor / torch.as_tensor from host
+    values inside execute (on a GPU each would be a copy from pageable memory that waits for the stream, so async
+    scheduling would overlap nothing), for prefill and decode steps, with mixed sampling parameters."""
+    from stage1 import LLM, SamplingParams
+
+    llm = LLM(tiny_model_dir, dtype="float32", kernels="torch", max_model_len=64)
+    runner = llm.core.runner
+    uploads, executes = [], []
+    upload = runner.staging.upload
+    monkeypatch.setattr(runner.staging, "upload", lambda *args: uploads.append(1) or upload(*args))
+    execute = runner.execute
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a host-to-device copy outside the staging inside execute")
+
+    def guarded(plan):
+        executes.append(plan.is_prefill)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "tensor", forbidden)
+            m.setattr(torch, "as_tensor", forbidden)
+            return execute(plan)
+
+    monkeypatch.setattr(runner, "execute", guarded)
+    params = [SamplingParams(max_tokens=6, temperature=0), SamplingParams(max_tokens=6, temperature=0.8, top_k=5,
+                                                                          top_p=0.9, min_p=0.05, seed=3)]
+    outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [9, 4]}], params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+    assert True in executes and False in executes  # prefill and decode steps
+    assert len(uploads) == len(executes)

@@ -19,6 +19,7 @@ later step eager, so a job never dies of it nor runs on a wrong graph.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -38,8 +39,10 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: Qwen2ForCausalLM, kv_cache: list[torch.Tensor], attention: AttentionBackend | None,
-                 max_batch: int, max_blocks_per_seq: int, sink_block: int, block_size: int, device: torch.device):
+                 max_batch: int, max_blocks_per_seq: int, sink_block: int, block_size: int, device: torch.device,
+                 agree: Callable[[bool], bool] = bool):
         self.model = model
+        self.agree = agree  # every tensor-parallel rank's verdict -> whether all of them succeeded
         self.kv_cache = kv_cache
         self.attention = attention
         self.buckets = batch_buckets(max_batch)
@@ -81,25 +84,7 @@ class DecodeGraphs:
         if not self.capture:
             return self._forward(size)[:n]
         if size not in self._graphs:
-            try:
-                graph, hidden = self._capture(size)
-                # the first replay against the same step run eagerly (its K/V writes write the same values)
-                graph.replay()
-                eager = self._forward(size)
-                verdict = compare(f"the CUDA graph of the decode step for {size} rows", hidden, eager,
-                                  tolerance(eager.dtype))
-                if not verdict.ok:
-                    raise RuntimeError(f"its replay does not match the eager step ({verdict.detail})")
-                self._graphs[size] = (graph, hidden)
-                return eager[:n]
-            except Exception as error:  # noqa: BLE001 - any failure to capture or to match: run on, eagerly
-                logger.warning("stage1: capturing the decode step for %d rows in a CUDA graph failed (%s: %s); "
-                               "decode steps run eagerly from now on (pass enforce_eager=True to skip the attempt)",
-                               size, type(error).__name__, error)
-                self.capture = False
-                if self.input_ids.is_cuda:
-                    torch.cuda.synchronize(self.input_ids.device)
-                return self._forward(size)[:n]
+            return self._capture_and_check(size)[:n]
         graph, hidden = self._graphs[size]
         graph.replay()
         return hidden[:n]
@@ -113,16 +98,50 @@ class DecodeGraphs:
     def _forward(self, size: int) -> torch.Tensor:
         return self.model(self.input_ids[:size], self.positions[:size], self._context(size))
 
-    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Captures the forward for `size` rows. The buffers already hold this step's inputs: the warm-up runs
-        (which compile the Triton kernels and settle the allocator outside the graph) compute this very step, and
-        writing a token's K/V again writes the same values."""
+    def _capture_and_check(self, size: int) -> torch.Tensor:
+        """This step's hidden states for `size` rows, run eagerly, after capturing its graph and checking the
+        graph's first replay against it (its K/V writes write the same values again). With tensor parallelism the
+        ranks `agree` twice, after the capture and after the check, so every rank runs the same collectives
+        whatever failed where: one rank's failure leaves them all eager from then on."""
+        self._warm_up(size)  # eager forwards, the same on every rank: a failure here is a real error
+        graph, hidden, failure = None, None, ""
+        try:
+            graph, hidden = self._record(size)  # no collective runs while a graph records
+        except Exception as error:  # noqa: BLE001 - any failure to capture: run on, eagerly
+            failure = f"{type(error).__name__}: {error}"
+        if not self.agree(graph is not None):
+            return self._stay_eager(size, failure or "another tensor-parallel rank failed to capture")
+        graph.replay()
+        eager = self._forward(size)
+        verdict = compare(f"the CUDA graph of the decode step for {size} rows", hidden, eager, tolerance(eager.dtype))
+        if not self.agree(verdict.ok):
+            return self._stay_eager(size, f"its replay does not match the eager step ({verdict.detail})"
+                                    if not verdict.ok else "another tensor-parallel rank's replay did not match")
+        self._graphs[size] = (graph, hidden)
+        return eager
+
+    def _stay_eager(self, size: int, why: str) -> torch.Tensor:
+        logger.warning("stage1: capturing the decode step for %d rows in a CUDA graph failed (%s); decode steps run "
+                       "eagerly from now on (pass enforce_eager=True to skip the attempt)", size, why)
+        self.capture = False
+        if self.input_ids.is_cuda:
+            torch.cuda.synchronize(self.input_ids.device)
+        return self._forward(size)
+
+    def _warm_up(self, size: int) -> None:
+        """Two eager runs on a side stream before a capture: they compile the Triton kernels and settle the
+        allocator outside the graph (the buffers already hold this very step)."""
+        if not self.input_ids.is_cuda:
+            return
         stream = torch.cuda.Stream(self.input_ids.device)
         stream.wait_stream(torch.cuda.current_stream(self.input_ids.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self._forward(size)
         torch.cuda.current_stream(self.input_ids.device).wait_stream(stream)
+
+    def _record(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The forward for `size` rows recorded into a graph, and the graph's output tensor."""
         graph = torch.cuda.CUDAGraph()
         # one memory pool for all sizes: a step replays one graph and reads its output before the next replay
         with torch.cuda.graph(graph, pool=self._pool):

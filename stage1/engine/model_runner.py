@@ -123,7 +123,8 @@ class ModelRunner:
         self.graphs = None
         if config.decode_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, config.kernels.attention, config.max_num_seqs,
-                                       config.max_blocks_per_seq, num_blocks - 1, config.block_size, self.device)
+                                       config.max_blocks_per_seq, num_blocks - 1, config.block_size, self.device,
+                                       agree=lambda ok: _all_ranks(ok, state, self.device))
         logger.info("stage1: %s rank %d/%d on %s in %s, kernels %s, decode %s, KV cache %d blocks x %d tokens "
                     "(%.2f GiB)", config.model_dir, rank, config.tensor_parallel_size, self.device,
                     str(config.dtype).removeprefix("torch."), config.kernels.name,
@@ -240,6 +241,15 @@ class ModelRunner:
         copied = torch.cuda.Event()
         copied.record(torch.cuda.current_stream(self.device))
         return PendingResult(host, logprobs, copied)
+
+
+def _all_ranks(ok: bool, state: ParallelState, device: torch.device) -> bool:
+    """Whether `ok` holds on every rank (one collective: each rank calls it at the same point)."""
+    if state.size == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=state.group)
+    return bool(flag.item())
 
 
 def _fewest_over_ranks(num_blocks: int, state: ParallelState, device: torch.device) -> int:

@@ -93,7 +93,12 @@ class TensorParallelRunner:
             payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
             for worker in self.workers:
                 worker.conn.send_bytes(payload)
-            return self.runner.execute(plan).result()
+            result = self.runner.execute(plan).result()
+            # A worker that ended during the step may have left rank 0's collectives finished from partial sums
+            # (an aborted NCCL group returns without an error): those tokens must not reach any row.
+            if self._held.aborted.is_set() or wait_for_any([w.process.sentinel for w in self.workers], timeout=0):
+                raise RuntimeError("a tensor-parallel worker ended during the step; its tokens are discarded")
+            return result
 
     def shutdown(self) -> None:
         """Stops the workers and frees the process group, now; idempotent. The engine is unusable after."""
@@ -151,6 +156,9 @@ class _Held:
     def __init__(self, store: dist.TCPStore):
         self.store, self.group, self.workers = store, None, []
         self.closed = threading.Event()
+        self.aborted = threading.Event()  # the group was aborted because a worker died (NCCL)
+        # the abort thread and `close` take turns: a group is never aborted while (or after) it is shut down
+        self.lock = threading.Lock()
         self._threads_taken = False
 
     def take_threads(self, size: int) -> int:
@@ -161,7 +169,8 @@ class _Held:
         return threads
 
     def close(self) -> None:
-        self.closed.set()
+        with self.lock:
+            self.closed.set()
         _stop_workers(self.workers)
         if self.group is not None:  # its peers are gone: nothing to wait for
             with contextlib.suppress(Exception):
@@ -215,9 +224,11 @@ def _stop_workers(workers: list[_Worker]) -> None:
 def _abort_when_a_worker_dies(held: _Held) -> None:
     """NCCL only: a dead peer leaves the others waiting in a collective; aborting the group makes rank 0 raise."""
     wait_for_any([w.process.sentinel for w in held.workers])
-    group = held.group
-    if not held.closed.is_set() and group is not None and hasattr(group, "abort"):
-        group.abort()
+    with held.lock:
+        group = held.group
+        if not held.closed.is_set() and group is not None and hasattr(group, "abort"):
+            held.aborted.set()
+            group.abort()
 
 
 def _worker_main(config: EngineConfig, rank: int, port: int, threads: int, parent_pid: int, conn) -> None:

@@ -97,3 +97,57 @@ def test_rows_past_the_batch_always_point_at_the_sink():
     assert ids.shape == (4,) and ids[:3].tolist() == [5, 6, 7]
     assert slots.tolist() == [100, 101, 102, 9 * 16] and lens.tolist() == [20, 20, 20, 1]
     assert tables[3, 0].item() == 9 and tables[:3, :2].flatten().tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("local_capture, verdicts, calls", [
+    (True, [False], 1),  # this rank captured, another did not: all eager, after one agreement
+    (False, [False], 1),  # this rank failed to capture: it says so at the same point
+    (True, [True, False], 2),  # captured everywhere, another rank's replay did not match: all eager
+    (True, [True, True], 2),  # captured and matched everywhere: the graph is kept
+])
+def test_tensor_parallel_ranks_agree_on_each_capture(local_capture, verdicts, calls, caplog):
+    """With tensor parallelism a capture that fails on one rank must leave every rank eager, or the ranks run
+    different collectives and hang. Each rank asks `agree` at the same two points (after recording, after checking
+    the replay) whatever happened locally: here a stand-in for the other ranks' answers."""
+    import logging
+
+    from stage1.engine.attention import AttentionContext
+    from stage1.engine.cuda_graphs import DecodeGraphs
+
+    def model(ids, positions, ctx):
+        return ids[:, None].float().expand(-1, 3).clone()
+
+    asked = []
+
+    def agree(ok):
+        asked.append(ok)
+        return ok and verdicts[len(asked) - 1]
+
+    graphs = DecodeGraphs(model, [], None, max_batch=4, max_blocks_per_seq=2, sink_block=3, block_size=16,
+                          device=torch.device("cpu"), agree=agree)
+    graphs.capture = True  # as on a GPU
+
+    class Replay:  # a graph whose replay recomputes the step into its output, as a real one does
+        def __init__(self, size):
+            self.size, self.hidden = size, torch.zeros(size, 3)
+
+        def replay(self):
+            self.hidden.copy_(graphs._forward(self.size))
+
+    def record(size):
+        if not local_capture:
+            raise RuntimeError("capture failed on this rank")
+        graph = Replay(size)
+        return graph, graph.hidden
+
+    graphs._record = record
+    ctx = AttentionContext(is_prefill=False, kv_cache=[], slot_mapping=torch.arange(2),
+                           block_tables=torch.zeros(2, 1, dtype=torch.int32),
+                           context_lens=torch.ones(2, dtype=torch.int32))
+    with caplog.at_level(logging.WARNING, logger="stage1"):
+        hidden = graphs.run(torch.tensor([7, 8]), torch.zeros(2, dtype=torch.long), ctx)
+    assert hidden[:, 0].tolist() == [7.0, 8.0]
+    assert len(asked) == calls and asked[0] == local_capture
+    kept = verdicts == [True, True]
+    assert graphs.captured == ([2] if kept else []) and graphs.capture == kept
+    assert ("decode steps run eagerly" in caplog.text) != kept

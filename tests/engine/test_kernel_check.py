@@ -126,7 +126,7 @@ def test_a_decode_graph_that_fails_to_capture_or_to_match_leaves_decode_eager(ch
         llm = LLM(path, dtype="float32", kernels="torch", max_model_len=64)
         graphs = llm.core.runner.graphs
         graphs.capture = True
-        monkeypatch.setattr(graphs, "_capture", capture)
+        monkeypatch.setattr(graphs, "_record", capture)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="stage1"):
             assert greedy_tokens(llm) == expected

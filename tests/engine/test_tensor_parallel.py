@@ -97,6 +97,27 @@ def test_a_killed_worker_ends_generate_with_its_name(checkpoint):
     llm.shutdown()
 
 
+def test_a_step_a_worker_died_during_is_refused(checkpoint, monkeypatch):
+    """An aborted NCCL group lets rank 0's collectives return from partial sums without an error: stood in for by
+    rank 0's step killing the worker, waiting for its end, and returning made-up tokens. run() must raise, naming the
+    worker, instead of handing those tokens to the rows."""
+    from stage1.engine.model_runner import PendingResult
+
+    llm = engine(checkpoint("gqa2-d128-untied"), 2)
+    runner = llm.core.runner
+    worker = runner.workers[0].process
+
+    def partial_sums(plan):
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        return PendingResult(torch.zeros(len(plan.sample_rows), dtype=torch.int64))
+
+    monkeypatch.setattr(runner.runner, "execute", partial_sums)
+    with pytest.raises(WorkerDiedError, match=r"worker rank 1 \(pid \d+\) was killed by SIGKILL"):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    llm.shutdown()
+
+
 def test_workers_end_when_rank_zero_dies(checkpoint, tmp_path):
     """Rank 0 killed outright (no cleanup runs): its workers must not outlive it."""
     script = textwrap.dedent(f"""

@@ -33,11 +33,10 @@ from stage1.contract import AttentionBackend
 from .attention import ReferenceAttentionBackend
 from .config import ModelConfig, parse_dtype
 from .kernel_check import verify
+from .kernel_choices import CHOICES
 from .layers import ElementwiseKernels, use_elementwise_kernels, use_linear_kernel
 from .memory import available_memory, fp32_weight_bytes
 from .sampler import SamplingBatch, sample
-
-CHOICES = ("auto", "torch", "triton", "native")
 
 logger = logging.getLogger("stage1")
 

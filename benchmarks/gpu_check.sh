@@ -76,9 +76,8 @@ cat "$OUT/device.txt"
 # the random-weight checkpoints (the 7B shape: ~15 GB to write) while the tests run; the nano steps wait for them
 CKPT_PID=
 if want nano05 || want nano7 || want generate; then
-    SHAPES="'qwen2.5-0.5b'"; { want nano7 || want generate; } && SHAPES="$SHAPES, 'qwen2.5-7b'"
-    timeout 200 $PY -c "import sys; sys.path.insert(0, 'benchmarks'); from common import random_checkpoint
-for shape in ($SHAPES,): print(shape, random_checkpoint(shape), flush=True)" > /tmp/gpu_check_ckpt.log 2>&1 &
+    SHAPES=qwen2.5-0.5b; { want nano7 || want generate; } && SHAPES="$SHAPES qwen2.5-7b"
+    timeout 200 $PY benchmarks/common.py checkpoint $SHAPES > /tmp/gpu_check_ckpt.log 2>&1 &
     CKPT_PID=$!
 fi
 ckpt_ready() { [[ -n $CKPT_PID ]] || return 0; wait "$CKPT_PID"; local rc=$?; CKPT_PID=
@@ -93,7 +92,8 @@ want selfcheck && step 60 selfcheck.txt $PY benchmarks/kernel_selfcheck.py --dev
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 want tests && step 100 tests.txt env TRITON_INTERPRET=0 $PY -m pytest -q -rfEsp $XDIST tests/kernels tests/native \
     tests/engine/test_backends.py tests/engine/test_cuda_graphs.py tests/engine/test_prefix_caching.py \
-    tests/engine/test_async_scheduling.py tests/engine/test_kernel_check.py
+    tests/engine/test_async_scheduling.py tests/engine/test_kernel_check.py \
+    tests/engine/test_startup_errors.py::test_the_kv_cache_is_sized_after_the_largest_step_ran
 # 2. each kernel against SDPA / FlexAttention / sort-based torch sampling at the issue's shapes
 want kernels && step 60 bench_kernels.txt $PY benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json"
 # 3. nano-vllm's offline benchmark (256 requests, lengths 100-1024, EOS ignored, greedy), random bf16 weights.

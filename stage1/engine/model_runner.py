@@ -22,6 +22,7 @@ from .cuda_graphs import DecodeGraphs
 from .distributed import ParallelState, parallel_state
 from .engine_config import EngineConfig
 from .kv_cache import allocate_kv_cache, num_blocks_for_budget
+from .params import SamplingParams
 from .sampler import SamplingBatch, SamplingRows, token_logprobs
 from .scheduler import ScheduledBatch
 from .sequence import PENDING
@@ -99,8 +100,15 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         with parallel_state(rank, config.tensor_parallel_size) as state:
             self.model = load_model(config.model_dir, config.model, config.dtype, self.device, config.kernels)
+        free = None  # the KV cache's share of what is free, on a GPU measured after the largest step ran once
+        if self.device.type == "cuda" and config.kv_cache_memory is None:
+            peak = self._profile_step_peak(state)
+            free = torch.cuda.mem_get_info(self.device)[0] - peak
+            logger.info("stage1: rank %d: the largest step takes %.2f GiB beyond the weights (a %d-token prefill, the "
+                        "LM head and sampler over %d rows); %.2f GiB left for the KV cache and its headroom", rank,
+                        peak / 2**30, config.max_num_batched_tokens, config.max_num_seqs, free / 2**30)
         num_blocks = num_blocks_for_budget(config.model, config.block_size, config.dtype,
-                                           config.kv_cache_budget(self.device), config.kv_heads_per_rank)
+                                           config.kv_cache_budget(self.device, free=free), config.kv_heads_per_rank)
         num_blocks = _fewest_over_ranks(num_blocks, state, self.device)
         if rank == 0:  # the pool must hold one max_model_len sequence (the workers wait: rank 0 ends them)
             config.check_kv_cache(num_blocks - config.decode_graphs)
@@ -130,6 +138,38 @@ class ModelRunner:
                     str(config.dtype).removeprefix("torch."), config.kernels.name,
                     "through CUDA graphs" if self.graphs is not None else "eager", num_blocks, config.block_size,
                     num_blocks * config.bytes_per_block / 2**30)
+
+    @torch.inference_mode()
+    def _profile_step_peak(self, state: ParallelState) -> int:
+        """Bytes the largest step takes on a GPU beyond what is allocated now (the weights), measured before the KV
+        cache takes most of what is left (as vLLM profiles): a prefill of max_num_batched_tokens tokens (their
+        activations; attention without a cache), the LM head and the sampler over max_num_seqs rows (the
+        vocab-wide logits, the sampler's scratch, cuBLAS's workspace), after a first collective (NCCL creates its
+        communicators lazily)."""
+        config, device = self.config, self.device
+        _all_ranks(True, state, device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        tokens = min(config.max_num_batched_tokens, config.max_model_len)
+        ctx = AttentionContext(is_prefill=True, kv_cache=None, slot_mapping=None, block_tables=None,
+                               context_lens=torch.tensor([tokens], dtype=torch.int32, device=device),
+                               cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32, device=device),
+                               cu_seqlens_q_host=[0, tokens], context_lens_host=[tokens],
+                               backend=config.kernels.attention)
+        hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=device),
+                            torch.arange(tokens, device=device), ctx)
+        rows = min(config.max_num_seqs, tokens)
+        logits = self.model.compute_logits(hidden[:rows].repeat(-(-config.max_num_seqs // rows), 1)
+                                           [:config.max_num_seqs])
+        if logits is not None:
+            params = [SamplingParams(max_tokens=1, temperature=1.0, top_k=50, top_p=0.9)] * config.max_num_seqs
+            config.kernels.sample(logits.float(), SamplingBatch.build(params, device))
+        del hidden, logits
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        torch.cuda.empty_cache()  # what the profile cached is free again for the KV cache
+        return peak
 
     def run(self, batch: ScheduledBatch) -> StepResult:
         return self.launch(batch).result()

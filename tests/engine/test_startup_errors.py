@@ -211,3 +211,20 @@ def test_more_sequences_allowed_than_blocks_still_finish_every_request(path):
     got = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
     assert got == [o.outputs[0].token_ids for o in large.generate(prompts, params, use_tqdm=False)]
     assert all(len(t) == 20 for t in got) and small.core.scheduler.num_preemptions > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures a GPU's memory: the CPU's KV cache has a fixed size")
+def test_the_kv_cache_is_sized_after_the_largest_step_ran(tiny_model_dir, caplog):
+    """On a GPU the KV cache takes its share of what is free only after a max-chunk prefill, the LM head and the
+    sampler over max_num_seqs rows ran once: the step that follows at full size then finds its memory."""
+    import logging
+
+    from stage1 import LLM, SamplingParams
+
+    with caplog.at_level(logging.INFO, logger="stage1"):
+        llm = LLM(tiny_model_dir, dtype="bfloat16", kernels="triton", max_num_batched_tokens=1024, max_num_seqs=64)
+    assert "the largest step takes" in caplog.text
+    prompts = [{"prompt_token_ids": [5 + i % 50] * (200 + i)} for i in range(64)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.8, top_k=50, top_p=0.9, ignore_eos=True),
+                        use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)

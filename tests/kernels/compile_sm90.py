@@ -27,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from stage1.kernels import attention as A  # noqa: E402
 from stage1.kernels import rotary as R  # noqa: E402
-from stage1.kernels import sampling as S  # noqa: E402
+from stage1.kernels.sampling import launch as S  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

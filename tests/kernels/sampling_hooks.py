@@ -1,4 +1,4 @@
-"""Test-only entry points into the fused sampler (kernels/sampling.py), built from its own Triton helpers.
+"""Test-only entry points into the fused sampler (kernels/sampling/), built from its own Triton helpers.
 
 `many_draws` draws thousands of tokens per row in one interpreted launch: the production passes find the row's
 survivors (what the draw pass races among is in the row's state afterwards), then `_draws_kernel` runs the draw
@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from stage1.kernels.sampling import _Run, _sample
-from stage1.kernels.sampling_common import (_ARGMAX, _M, STATE_F, STATE_I, _gumbel, _gumbel_at, _key,
+from stage1.kernels.sampling.common import (_ARGMAX, _M, STATE_F, STATE_I, _gumbel, _gumbel_at, _key,
                                             _survivor_cut)
+from stage1.kernels.sampling.launch import _Run, _sample
 
 
 @triton.jit
@@ -25,7 +25,7 @@ def _draws_kernel(
     BLOCK: tl.constexpr, DRAWS: tl.constexpr,
 ):
     """Program (row): tokens first .. first + DRAWS - 1 of the row's n_draws, drawn for steps step + first ..
-    from the survivors its state records (the race of sampling_draw.py; greedy rows take the argmax)."""
+    from the survivors its state records (the race of kernels/sampling/draw.py; greedy rows take the argmax)."""
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
     si = state_i_ptr + row * STATE_I

@@ -1,4 +1,4 @@
-"""The fused Triton sampler (kernels/sampling.py) against the reference sampler (stage1.engine.sampler).
+"""The fused Triton sampler (kernels/sampling/) against the reference sampler (stage1.engine.sampler).
 
 On a CPU the kernel runs in the Triton interpreter (tests/kernels/conftest.py sets TRITON_INTERPRET=1), where every
 program costs tens of milliseconds, so the distribution tests draw thousands of tokens from one row at once with
@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from stage1 import SamplingParams  # noqa: E402
 from stage1.engine.sampler import SamplingBatch, filtered_probs  # noqa: E402
-from stage1.kernels.sampling import INTERPRETER_CONFIG, _sample, float_key, fused_sample  # noqa: E402
+from stage1.kernels.sampling.launch import INTERPRETER_CONFIG, _sample, float_key, fused_sample  # noqa: E402
 from sampling_hooks import kernel_noise, many_draws  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -283,7 +283,7 @@ def test_shortcut_coverage_counts_with_the_kernels_rule():
     """benchmarks/shortcut_coverage.py restates the shortcut's rule in PyTorch; on the same logits and noise it
     finds the kernel's candidates, fronts and hand-offs to the search, ties included: an equal race score beats the
     top token, or another candidate at least as likely, only from a lower index."""
-    from stage1.kernels.sampling_common import _FRONT
+    from stage1.kernels.sampling.common import _FRONT
 
     spec = importlib.util.spec_from_file_location(
         "shortcut_coverage", Path(__file__).parents[2] / "benchmarks" / "shortcut_coverage.py")

@@ -1,4 +1,4 @@
-"""The sampler's first pass (step 1 of kernels/sampling.py's docstring): the rows' statistics, their initial state,
+"""The sampler's first pass (step 1 of launch.py's docstring): the rows' statistics, their initial state,
 and the draws that need nothing more (greedy rows; with FUSE, rows with only a temperature)."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sampling_common import (_ARGMAX, _BY_STATS, _COUNT_HI, _COUNT_LO, _DONE, _FLOOR, _FRONT, _HI, _K, _LO, _M,
-                              _MASS_CAP, _MASS_HI, _NEG_BIG, _OPEN, _PASSES, _PF_AMAX, _PF_M, _PF_MASS, _PF_S,
-                              _PF_XMIN, _PI_ARGMAX, _PI_COUNT, _S, _SEARCH, _Z_TOP, STATE_F, STATE_I, _gumbel_at,
-                              _key, _merge_race, _race, _row_params, _store_chunk_winner)
+from .common import (_ARGMAX, _BY_STATS, _COUNT_HI, _COUNT_LO, _DONE, _FLOOR, _FRONT, _HI, _K, _LO, _M,
+                     _MASS_CAP, _MASS_HI, _NEG_BIG, _OPEN, _PASSES, _PF_AMAX, _PF_M, _PF_MASS, _PF_S,
+                     _PF_XMIN, _PI_ARGMAX, _PI_COUNT, _S, _SEARCH, _Z_TOP, STATE_F, STATE_I, _gumbel_at,
+                     _key, _merge_race, _race, _row_params, _store_chunk_winner)
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def _stats_kernel(
         pai = tl.load(part_i_ptr + (row * SPLITS + sp) * (_PI_COUNT + 3 * NT) + _PI_ARGMAX, mask=valid, other=V,
                       cache_modifier=".cg")
         argmax = tl.min(tl.where(pa == tl.max(pa, axis=0), pai, V), axis=0)
-        # the bracket's floor: nothing under it can survive (see kernels/sampling.py's docstring)
+        # the bracket's floor: nothing under it can survive (see launch.py's docstring)
         floor_v = m - _FLOOR
         floor_v = tl.where(min_p > 0.0, tl.maximum(floor_v, m + tl.log(tl.maximum(min_p, 1e-30)) - 0.01), floor_v)
         mass_floor = m + tl.log(tl.maximum((1.0 - top_p) * s / V, 1e-37)) - 0.1

@@ -1,4 +1,4 @@
-"""The sampler's threshold search (step 2 of kernels/sampling.py's docstring): one launch per pass narrows each
+"""The sampler's threshold search (step 2 of launch.py's docstring): one launch per pass narrows each
 searching row's bracket (lo, hi] around the survivors' cut; and the per-pivot counting that the shortcut's verify
 pass shares."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sampling_common import (_COUNT_HI, _COUNT_LO, _HI, _INT_MAX, _INT_MIN, _K, _LO, _M, _MASS_CAP, _MASS_HI,
-                              _NONE, _PASSES, _PF_MASS, _PI_COUNT, _SEARCH, STATE_F, STATE_I, _key, _unkey)
+from .common import (_COUNT_HI, _COUNT_LO, _HI, _INT_MAX, _INT_MIN, _K, _LO, _M, _MASS_CAP, _MASS_HI,
+                     _NONE, _PASSES, _PF_MASS, _PI_COUNT, _SEARCH, STATE_F, STATE_I, _key, _unkey)
 
 VALUE_PASSES = 4  # search passes with pivots spaced in value (while the bracket is wide)
 # 4 value passes + at most 8 key passes: each key pass leaves at most ceil(width / 17) of the bracket, and 8 of them

@@ -1,4 +1,4 @@
-"""The sampler's last pass (step 3 of kernels/sampling.py's docstring): the exponential race among each open row's
+"""The sampler's last pass (step 3 of launch.py's docstring): the exponential race among each open row's
 survivors."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sampling_common import (_ARGMAX, _DONE, _M, _OPEN, STATE_F, STATE_I, _merge_race, _race, _store_chunk_winner,
-                              _survivor_cut)
+from .common import (_ARGMAX, _DONE, _M, _OPEN, STATE_F, STATE_I, _merge_race, _race, _store_chunk_winner,
+                     _survivor_cut)
 
 
 @triton.jit

@@ -9,13 +9,13 @@ which rows the shortcut drew).
 Each row is cut into SPLITS chunks, one program per (row, chunk), so that a batch of 256 rows (or a single row)
 streams the logits with the whole GPU. A pass is one launch; in each, the program that finishes last for a row (an
 atomic ticket) merges the chunks' partial results and updates the row's state for the next launch (both laid out
-in kernels/sampling_common.py). Each pass has its module; no sort:
+in kernels/sampling/common.py). Each pass has its module; no sort:
 
-1. Statistics (`_stats_kernel`, sampling_stats.py): online max / sum-exp of x = logits / T, the raw argmax (first
+1. Statistics (`_stats_kernel`, stats.py): online max / sum-exp of x = logits / T, the raw argmax (first
    index on ties, like torch.argmax) and the smallest x. Greedy rows take the argmax; with FUSE on, a row with no
    filter on (only a temperature) also runs its draw here. Both are then done.
    The merge also scores the top token in the race of step 3 (x_top + its noise): the shortcut's bound.
-1b. Race shortcut (`_candidates_kernel`, `_verify_kernel`, sampling_shortcut.py; SHORTCUT): the draw of step 3
+1b. Race shortcut (`_candidates_kernel`, `_verify_kernel`, shortcut.py; SHORTCUT): the draw of step 3
    picks the best race score among the survivors, and the top token always survives, so the winner is the top
    token or one that outscores it (an equal score outscores a higher index: the race's ties go to the lower one).
    Candidates are those tokens (noise is only needed where x + 16.7 reaches the bound); a candidate that a token
@@ -23,7 +23,7 @@ in kernels/sampling_common.py). Each pass has its module; no sort:
    usually a handful of tokens: one more pass counts the tokens and mass above each of them (the pivots of step 2,
    given), and the best front token that meets the survivor condition wins. So an LLM-like row takes 3 launches
    and no search. Rows with more than CAP candidates or NT front tokens (flat distributions) go on to:
-2. Threshold search (`_search_kernel`, sampling_search.py; MAX_PASSES launches, rows already done return at once),
+2. Threshold search (`_search_kernel`, search.py; MAX_PASSES launches, rows already done return at once),
    only for rows with top-k or top-p on. Both keep a prefix of the sorted distribution: a token of scaled logit v
    survives iff
        count(x > v) < k   and   mass(x > v) < top_p * sum_k      (mass: sum of exp(x - max))
@@ -41,7 +41,7 @@ in kernels/sampling_common.py). Each pass has its module; no sort:
    no survivor can be under: 110 below the max (exp underflows), min-p's threshold, and for top-p the value under
    which even all V tokens together hold less than the (1 - top_p) share of the mass. Chunks with no token inside
    the bracket cost one read.
-3. Draw (`_draw_kernel`, sampling_draw.py): exponential race (Gumbel-max) among survivors, argmax of
+3. Draw (`_draw_kernel`, draw.py): exponential race (Gumbel-max) among survivors, argmax of
    x_i - log(E_i), E_i = -log(U_i) ~ Exp(1), which picks token i with probability proportional to exp(x_i). Min-p
    (p_i >= min_p * p_max, i.e. exp(x_i - max) >= min_p) is applied here as a direct threshold. The best of each
    chunk, then of the row.
@@ -67,12 +67,12 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .sampling_common import (_BY_SHORTCUT, _DONE, _INT_MIN, _LO, _PASSES, _PF_MASS, _PI_COUNT, _SEARCH, STATE_F,
-                              STATE_I)
-from .sampling_draw import _draw_kernel
-from .sampling_search import MAX_PASSES, VALUE_PASSES, _search_kernel
-from .sampling_shortcut import _candidates_kernel, _verify_kernel
-from .sampling_stats import _stats_kernel
+from .common import (_BY_SHORTCUT, _DONE, _INT_MIN, _LO, _PASSES, _PF_MASS, _PI_COUNT, _SEARCH, STATE_F,
+                     STATE_I)
+from .draw import _draw_kernel
+from .search import MAX_PASSES, VALUE_PASSES, _search_kernel
+from .shortcut import _candidates_kernel, _verify_kernel
+from .stats import _stats_kernel
 
 KERNELS = (_stats_kernel, _candidates_kernel, _verify_kernel, _search_kernel, _draw_kernel)  # in launch order
 
@@ -112,7 +112,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
 
 class _Run(NamedTuple):
     """What one `_sample` call did, for tests and benchmarks: the tokens, each row's state after the last launch
-    (fp32 [rows, STATE_F] and int64 [rows, STATE_I], slots in sampling_common.py) and how many candidates the
+    (fp32 [rows, STATE_F] and int64 [rows, STATE_I], slots in common.py) and how many candidates the
     shortcut gathered per row (0 where it did not run)."""
 
     tokens: torch.Tensor

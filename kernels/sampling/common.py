@@ -1,5 +1,5 @@
-"""What the sampler's passes (kernels/sampling_*.py, launched by kernels/sampling.py) share: the per-row state
-they hand each other between launches, the layout of the chunks' partial results, the noise and the race.
+"""What the sampler's passes (stats.py, shortcut.py, search.py, draw.py, launched by launch.py) share: the per-row
+state they hand each other between launches, the layout of the chunks' partial results, the noise and the race.
 
 Offsets are constexpr globals (Triton reads only constexpr globals): a kernel addresses a slot as `si + _LO`; the
 host reads them as `_LO.value`.

@@ -1,4 +1,4 @@
-"""The sampler's race shortcut (step 1b of kernels/sampling.py's docstring): two launches that draw most rows
+"""The sampler's race shortcut (step 1b of launch.py's docstring): two launches that draw most rows
 without the threshold search, from the few tokens that can outscore the top token in the race."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sampling_common import (_ARGMAX, _BY_SHORTCUT, _DONE, _FRONT, _GMAX, _INT_MAX, _K, _M, _MASS_CAP, _OPEN,
-                              _PF_MASS, _PI_COUNT, _SEARCH, _Z_TOP, STATE_F, STATE_I, _gumbel, _key)
-from .sampling_search import _pivot_sums
+from .common import (_ARGMAX, _BY_SHORTCUT, _DONE, _FRONT, _GMAX, _INT_MAX, _K, _M, _MASS_CAP, _OPEN,
+                     _PF_MASS, _PI_COUNT, _SEARCH, _Z_TOP, STATE_F, STATE_I, _gumbel, _key)
+from .search import _pivot_sums
 
 _JB = tl.constexpr(16)  # candidates compared at a time in the dominance test
 

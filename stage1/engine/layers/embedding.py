@@ -11,16 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import current
-from .linear import copy_checked
+from .linear import MatmulLayer, copy_checked
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(MatmulLayer):
     """Rows [vocab_start, vocab_end) of the embedding. A token outside them looks up zeros here, so the sum over
     the ranks (one all-reduce) is each token's own row, exactly. (Its table is a matmul weight too: the LM head's
-    when tied, and stored like the others; see linear.py.)"""
+    when tied, and stored like the others; see linear.py. `linear` is the LM head's matmul, use_linear_kernel's;
+    looked-up rows are cast to `activation_dtype` when set.)"""
 
-    linear = staticmethod(F.linear)  # the LM head's matmul (use_linear_kernel)
-    activation_dtype: torch.dtype | None = None  # looked-up rows cast to it when set
+    looks_up_rows = True
 
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
@@ -58,6 +58,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits = hidden @ W^T over this rank's vocabulary rows, gathered to rank 0 only (it samples): the full
     `[rows, vocab]` there, None on the other ranks. Tied embeddings: the model gives it the embedding's weight,
     the same shard."""
+
+    looks_up_rows = False  # its own weight only multiplies (a tied one is the embedding's, which is looked up)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.linear(hidden, self.weight, None)

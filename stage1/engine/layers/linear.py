@@ -8,11 +8,12 @@ block then costs two all-reduces: after o_proj and after down_proj.
 A weight is `[out_features, in_features]` as in nn.Linear, so column shards are rows of the checkpoint tensor
 (dim 0) and row-parallel shards are its columns (dim 1).
 
-Every layer that multiplies by a weight matrix (these, and the LM head) calls `self.linear(x, weight, bias)`:
-F.linear unless `use_linear_kernel` installs another, which the engine does once after building the model with
-the function backends.py chose (`Kernels.linear`; e.g. the native bf16-weight kernel, whose weights are stored
-in bf16 while the activations stay fp32). Their weights carry `matmul_weight = True`, so the loader can store
-them in the kernel's weight dtype.
+Every layer that multiplies by a weight matrix (these, and the LM head: a `MatmulLayer`) calls
+`self.linear(x, weight, bias)`: F.linear unless `use_linear_kernel` installs another, which the engine does once
+after building the model with the function backends.py chose (`Kernels.linear`; e.g. the native bf16-weight
+kernel, whose weights are stored in bf16 while the activations stay fp32). Their weights carry
+`matmul_weight = True`, so the loader can store them in the kernel's weight dtype. (embedding.py builds on this
+module; this one knows the embedding only as a MatmulLayer whose weight is also looked up by rows.)
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ def copy_checked(dest: torch.Tensor, src: torch.Tensor, what: str) -> None:
 LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+class MatmulLayer(nn.Module):
+    """A layer whose `weight` a matmul reads, through `self.linear(x, weight, bias)`: what use_linear_kernel
+    replaces. `looks_up_rows`: the weight is an embedding table, also read by rows (F.embedding), so it is never
+    prepacked, and the rows looked up are cast to `activation_dtype` when that is set."""
+
+    linear: LinearFn = staticmethod(F.linear)
+    looks_up_rows = False
+    activation_dtype: torch.dtype | None = None
+
+
 def use_linear_kernel(model: nn.Module, linear: LinearFn, activation_dtype: torch.dtype | None = None,
                       prepack: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Makes every layer of `model` that multiplies by a weight matrix call `linear(x, weight, bias)`; with
@@ -50,23 +61,18 @@ def use_linear_kernel(model: nn.Module, linear: LinearFn, activation_dtype: torc
     matmul weights are). With `prepack`, each weight only a matmul reads is replaced by `prepack(weight)`, the
     form `linear` wants (e.g. oneDNN's blocked layout), once; an embedding table stays as it is, so a tied LM head
     multiplies by the plain table."""
-    from .embedding import ParallelLMHead, VocabParallelEmbedding
-
-    looked_up = {id(m.weight) for m in model.modules()
-                 if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
-    for module in model.modules():
-        if isinstance(module, (_ParallelLinear, VocabParallelEmbedding)):
-            module.linear = linear
-            if prepack is not None and id(module.weight) not in looked_up:
-                module.weight = nn.Parameter(prepack(module.weight.data), requires_grad=False)
-        if isinstance(module, VocabParallelEmbedding):
+    layers = [m for m in model.modules() if isinstance(m, MatmulLayer)]
+    looked_up = {id(m.weight) for m in layers if m.looks_up_rows}
+    for module in layers:
+        module.linear = linear
+        if prepack is not None and id(module.weight) not in looked_up:
+            module.weight = nn.Parameter(prepack(module.weight.data), requires_grad=False)
+        if module.looks_up_rows:
             module.activation_dtype = activation_dtype
 
 
-class _ParallelLinear(nn.Module):
+class _ParallelLinear(MatmulLayer):
     """y = x W^T (+ b) with this rank's W `[out_features, in_features]`. No initialization: the loader fills it."""
-
-    linear: LinearFn = staticmethod(F.linear)
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()

@@ -50,41 +50,47 @@ The last line is one JSON object (after ours, a partial one is printed too, so a
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import json
-import platform
+import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import (PRESETS, dtype_name, free_memory, git_commit, json_line, machine, mixed_prompts, nano_workload,
+                    random_checkpoint, sync)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import PRESETS, git_commit, mixed_prompts, nano_workload, random_checkpoint  # noqa: E402
-
-from stage1 import LLM, SamplingParams  # noqa: E402
-from stage1.engine.config import parse_dtype  # noqa: E402
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+from stage1 import LLM, SamplingParams
+from stage1.engine.config import ModelConfig, parse_dtype
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclasses.dataclass
+class Workload:
+    """The timed requests: prompts of token ids and each one's output length (EOS ignored)."""
 
+    name: str
+    seed: int
+    prompts: list[list[int]]
+    max_tokens: list[int]
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    @classmethod
+    def build(cls, args: argparse.Namespace, vocab: int) -> "Workload":
+        if args.workload == "nano":
+            prompts, max_tokens = nano_workload(args.batch or 256, vocab, args.nano_min, args.nano_max, args.seed)
+        else:
+            batch = args.batch or 32
+            prompts = mixed_prompts(batch, vocab, args.min_prompt, args.max_prompt, args.seed)
+            max_tokens = [args.new_tokens] * batch
+        return cls(args.workload, args.seed, prompts, max_tokens)
+
+    @property
+    def generated(self) -> int:
+        return sum(self.max_tokens)
+
+    def facts(self) -> dict:
+        lengths = list(map(len, self.prompts))
+        return {"workload": self.name, "seed": self.seed, "batch": len(self.prompts), "input_tokens": sum(lengths),
+                "output_tokens": self.generated, "prompt_len_range": [min(lengths), max(lengths)],
+                "new_tokens_range": [min(self.max_tokens), max(self.max_tokens)]}
 
 
 def warm_requests(count: int, vocab: int, seed: int = 1) -> tuple[list[list[int]], list[int]]:
@@ -224,42 +230,14 @@ def run_transformers_cb(model_dir: Path, prompts, max_tokens: list[int], dtype: 
         info.update(api="generate_batch (one max_new_tokens: the longest; only the asked tokens count)")
         return dict(seconds=elapsed, counted_tokens=counted, truncated=False, tok_s=counted / elapsed, **info)
 
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
     cuda = device.type == "cuda"
-    wanted = dict(use_cuda_graph=cuda and graphs, use_async_batching=cuda and graphs, auto_switch_to_flash=False)
-    if not cuda:  # the CPU: a small cache (sized from the host's memory it takes long to set up)
-        page = 256
-        wanted["num_blocks"] = len(prompts) * -(-(max(map(len, prompts)) + max(max_tokens)) // page) + 8
-    names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
-    cb_config = ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in names})
-    info["asked"] = {k: v for k, v in wanted.items() if k in names}
+    cb_config, info["asked"] = cb_config_for(prompts, max_tokens, cuda, graphs)
     warm_prompts, warm_lens = warm_requests(min(len(prompts), 64) if cuda else min(2, len(prompts)),
                                             model.config.vocab_size)
     hints = WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(max_tokens),
                           num_requests=len(prompts))
-
-    def run(manager, batch, lens, deadline=None) -> dict:
-        ids = [manager.add_request(p, max_new_tokens=m, eos_token_id=-1) for p, m in zip(batch, lens)]
-        done = {}
-        while len(done) < len(ids):
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            result = manager.get_result(timeout=1)
-            if result is not None and result.is_finished():
-                if result.error is not None:
-                    raise RuntimeError(f"transformers CB request {result.request_id} failed: {result.error}")
-                done[result.request_id] = len(result.generated_tokens)
-            elif result is None and not manager.is_running():
-                raise RuntimeError("transformers' continuous batching loop died")
-        asked = dict(zip(ids, lens))
-        wrong = {i: (n, asked[i]) for i, n in done.items() if n != asked[i]}
-        if wrong:
-            print(f"  transformers CB: {len(wrong)} requests gave another length than asked (got, asked): "
-                  f"{list(wrong.values())[:5]}")
-        return dict(finished=len(done), counted=sum(min(n, asked[i]) for i, n in done.items()))
-
     with torch.inference_mode(), model.continuous_batching_context_manager(
             generation_config=gen, continuous_batching_config=cb_config, block=True, timeout=30,
             workload_hints=hints, warmup=cuda) as manager:
@@ -269,10 +247,10 @@ def run_transformers_cb(model_dir: Path, prompts, max_tokens: list[int], dtype: 
                         resolved.use_cuda_graph, (tuple, list)) else resolved.use_cuda_graph,
                     resolved_use_async_batching=resolved.use_async_batching,
                     attn_implementation_run=model.config._attn_implementation)
-        run(manager, warm_prompts, warm_lens)
+        collect_cb_requests(manager, warm_prompts, warm_lens)
         sync(device)
         start = time.perf_counter()
-        got = run(manager, prompts, max_tokens, None if max_time is None else start + max_time)
+        got = collect_cb_requests(manager, prompts, max_tokens, None if max_time is None else start + max_time)
         sync(device)
         elapsed = time.perf_counter() - start
         if got["finished"] < len(prompts):  # cut off: fail the rest now rather than let the exit finish them
@@ -282,6 +260,44 @@ def run_transformers_cb(model_dir: Path, prompts, max_tokens: list[int], dtype: 
     truncated = got["finished"] < len(prompts)
     return dict(seconds=elapsed, counted_tokens=got["counted"], finished=got["finished"], truncated=truncated,
                 tok_s=got["counted"] / elapsed if elapsed > 0 else None, **info)
+
+
+def cb_config_for(prompts, max_tokens: list[int], cuda: bool, graphs: bool):
+    """transformers' ContinuousBatchingConfig for the workload, and the settings asked of it (those its version
+    has): CUDA graphs and async batching on a GPU; on the CPU a small cache (one sized from the host's memory takes
+    long to set up)."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    wanted = dict(use_cuda_graph=cuda and graphs, use_async_batching=cuda and graphs, auto_switch_to_flash=False)
+    if not cuda:
+        page = 256
+        wanted["num_blocks"] = len(prompts) * -(-(max(map(len, prompts)) + max(max_tokens)) // page) + 8
+    names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    asked = {k: v for k, v in wanted.items() if k in names}
+    return ContinuousBatchingConfig(**asked), asked
+
+
+def collect_cb_requests(manager, batch, lens, deadline=None) -> dict:
+    """Adds the requests to transformers' CB manager and collects their results until all finished or `deadline`
+    (perf_counter seconds) passed: how many finished and their asked tokens."""
+    ids = [manager.add_request(p, max_new_tokens=m, eos_token_id=-1) for p, m in zip(batch, lens)]
+    done = {}
+    while len(done) < len(ids):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        result = manager.get_result(timeout=1)
+        if result is not None and result.is_finished():
+            if result.error is not None:
+                raise RuntimeError(f"transformers CB request {result.request_id} failed: {result.error}")
+            done[result.request_id] = len(result.generated_tokens)
+        elif result is None and not manager.is_running():
+            raise RuntimeError("transformers' continuous batching loop died")
+    asked = dict(zip(ids, lens))
+    wrong = {i: (n, asked[i]) for i, n in done.items() if n != asked[i]}
+    if wrong:
+        print(f"  transformers CB: {len(wrong)} requests gave another length than asked (got, asked): "
+              f"{list(wrong.values())[:5]}")
+    return dict(finished=len(done), counted=sum(min(n, asked[i]) for i, n in done.items()))
 
 
 def decode_roofline(llm: LLM, prompts, max_tokens: list[int], bandwidth: float) -> dict:
@@ -338,7 +354,7 @@ def decode_step_ms(model_dir: Path, kernels: str, dtype: str, device: str, steps
            "decode_step_ms": round(ms, 2), "steps": len(times), "weight_gb": round(nbytes / 1e9, 3),
            "weight_gb_s": round(nbytes / ms / 1e6, 2)}
     del llm
-    gc.collect()
+    free_memory(torch.device("cpu"))
     return row
 
 
@@ -355,9 +371,8 @@ def run_decode_steps(model_dir: Path, pairs: str, device: str, steps: int) -> No
     for row in rows[1:]:
         print(f"  {rows[0]['kernels']}:{rows[0]['dtype_arg']} is {row['decode_step_ms'] / base:.2f}x faster than "
               f"{row['kernels']}:{row['dtype_arg']}")
-    print(json.dumps({"batch": 1, "model": str(model_dir), "device": device_name(torch.device(
-        "cuda" if device == "cuda" else "cpu")), "rows": rows, "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(), "commit": git_commit()}))
+    print(json_line("bench_generate decode_step", {"batch": 1, "model": str(model_dir), "rows": rows},
+                    "cuda" if device == "cuda" else "cpu"))
 
 
 def matmul_only_decode_step(llm: LLM, batch: int, repeats: int = 5) -> float:
@@ -420,7 +435,11 @@ def ratio(a, b):
     return round(a / b, 3) if a and b else None
 
 
-def main() -> None:
+def rounded(figures: dict) -> dict:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, help="a checkpoint directory (e.g. the fetched default model)")
@@ -467,45 +486,30 @@ def main() -> None:
                         help="our kernels (native: stage1._C on the CPU; with bfloat16, bf16 weights + fp32 math)")
     parser.add_argument("--decode-step", metavar="KERNELS:DTYPE,...",
                         help="only time a batch-1 decode step for each pair, side by side (see above)")
-    args = parser.parse_args()
+    return parser
 
-    dtype = parse_dtype(args.dtype)
-    model_dir = args.model or random_checkpoint(args.config)
-    if args.decode_step:
-        print(f"model {model_dir}, batch 1, median of {args.new_tokens} decode steps, on "
-              f"{device_name(torch.device('cuda' if args.device == 'cuda' else 'cpu'))}; commit {git_commit()}",
-              flush=True)
-        run_decode_steps(model_dir, args.decode_step, args.device, args.new_tokens)
-        return
-    from stage1.engine.config import ModelConfig
-    vocab = ModelConfig.from_dir(model_dir).vocab_size
-    nano = args.workload == "nano"
-    batch = args.batch or (256 if nano else 32)
-    if nano:
-        prompts, max_tokens = nano_workload(batch, vocab, args.nano_min, args.nano_max, args.seed)
-    else:
-        prompts, max_tokens = mixed_prompts(batch, vocab, args.min_prompt, args.max_prompt, args.seed), \
-            [args.new_tokens] * batch
-    peers = [] if args.skip_reference else \
-        [p for p in (args.peers or ("generate,cb" if nano else "generate")).split(",") if p and p != "none"]
+
+def peer_names(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    if args.skip_reference:
+        return []
+    default = "generate,cb" if args.workload == "nano" else "generate"
+    peers = [p for p in (args.peers or default).split(",") if p and p != "none"]
     unknown = set(peers) - {"generate", "cb"}
     if unknown:
         parser.error(f"--peers: unknown {sorted(unknown)} (use generate, cb, none)")
-    generated = sum(max_tokens)
-    how = 'greedy' if args.temperature == 0 else f'sampled (T {args.temperature}, top-p {args.top_p})'
-    print(f"model {model_dir}\nworkload {args.workload} (seed {args.seed}): {batch} prompts of "
-          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens ({sum(map(len, prompts))} input tokens in all), "
-          f"{min(max_tokens)}-{max(max_tokens)} new tokens each ({generated} output tokens in all), EOS ignored, "
-          f"{args.dtype}, {how}; commit {git_commit()}", flush=True)
+    return peers
 
-    ours_s, llm = run_ours(model_dir, prompts, max_tokens, dtype, args.device, args.temperature, args.top_p,
-                           args.enforce_eager, args.kernels)
-    device = llm.config.device
-    async_on = llm.config.async_scheduling
-    ours = generated / ours_s
-    s = llm.stats
+
+def time_ours(args: argparse.Namespace, model_dir: Path, work: Workload,
+              dtype: torch.dtype) -> tuple[dict, torch.device, float]:
+    """Ours on the workload (then eager, synchronous and unfused where asked): prints the figures; returns the
+    result's fields, the device it ran on and its output tok/s unrounded (the peers' ratios)."""
+    ours_s, llm = run_ours(model_dir, work.prompts, work.max_tokens, dtype, args.device, args.temperature,
+                           args.top_p, args.enforce_eager, args.kernels)
+    device, s = llm.config.device, llm.stats
+    ours = work.generated / ours_s
     step = s.decode_seconds / max(s.decode_steps, 1)
-    roof = decode_roofline(llm, prompts, max_tokens, args.bandwidth)
+    roof = decode_roofline(llm, work.prompts, work.max_tokens, args.bandwidth)
     mean_batch = max(round(roof["mean_batch"]), 1)
     matmul = matmul_only_decode_step(llm, mean_batch)
     graphs = llm.core.runner.graphs is not None and llm.core.runner.graphs.capture
@@ -519,98 +523,143 @@ def main() -> None:
           f"weights {roof['weight_bytes'] / 1e9:.3f} GB + KV, at {args.bandwidth / 1e12:.2f} TB/s) = "
           f"{roof['roofline_fraction']:.1%} of the measured step; its matmuls alone at batch {mean_batch} "
           f"{matmul * 1e3:.3f} ms ({matmul / step:.0%} of the step)", flush=True)
-    result = {"benchmark": "bench_generate", "workload": args.workload, "seed": args.seed,
-              "ours_tok_s": round(ours, 2), "ours_s": round(ours_s, 3), "device": device_name(device),
-              "batch": batch, "input_tokens": sum(map(len, prompts)), "output_tokens": generated,
-              "prompt_len_range": [min(map(len, prompts)), max(map(len, prompts))],
-              "new_tokens_range": [min(max_tokens), max(max_tokens)],
-              "new_tokens": args.new_tokens if not nano else None, "dtype": str(dtype).removeprefix("torch."),
+    result = {**work.facts(), "ours_tok_s": round(ours, 2), "ours_s": round(ours_s, 3), "device": str(device),
+              "new_tokens": args.new_tokens if work.name != "nano" else None, "dtype": dtype_name(dtype),
               "kernels": llm.config.kernels.name, "temperature": args.temperature, "top_p": args.top_p,
               "model": args.config if args.model is None else str(args.model),
               "decode_step_ms": round(step * 1e3, 4), "matmul_only_step_ms": round(matmul * 1e3, 4),
               "roofline": roof, "cuda_graphs": graphs,
               "graphs_captured_in_timed_run": llm.graphs_captured_in_timed_run,
               "prefill_s": round(s.prefill_seconds, 3), "decode_s": round(s.decode_seconds, 3),
-              "torch": torch.__version__, "date": datetime.date.today().isoformat(), "commit": git_commit()}
+              "async_scheduling": llm.config.async_scheduling}
     del llm  # frees our weights and KV cache before the next engine or transformers loads its copy
     free_memory(device)
     if args.eager_too:
-        eager_s, eager_llm = run_ours(model_dir, prompts, max_tokens, dtype, args.device, args.temperature,
-                                      args.top_p, True, args.kernels)
-        es = eager_llm.stats
-        eager_step = es.decode_seconds / max(es.decode_steps, 1)
-        eager = generated / eager_s
-        print(f"ours eager:   {eager:10.1f} output tok/s  ({eager_s:.2f} s; decode step {eager_step * 1e3:.3f} ms): "
-              + (f"graphs {ours / eager:.2f}x eager, decode step {eager_step / step:.2f}x shorter with graphs" if graphs
-               else "no CUDA graphs here: both runs were eager"),
-              flush=True)
-        result.update(ours_eager_tok_s=round(eager, 2), ours_eager_decode_step_ms=round(eager_step * 1e3, 4),
-                      graphs_vs_eager=ratio(ours, eager))
-        del eager_llm
-        free_memory(device)
+        result.update(time_ours_eager(args, model_dir, work, dtype, ours, step, graphs))
     if args.sync_too:
-        sync_s, sync_llm = run_ours(model_dir, prompts, max_tokens, dtype, args.device, args.temperature,
-                                    args.top_p, args.enforce_eager, args.kernels, async_scheduling=False)
-        synced = generated / sync_s
-        print(f"ours sync:    {synced:10.1f} output tok/s  ({sync_s:.2f} s; async scheduling "
-              f"{'on' if async_on else 'off'} in the first run: {ours / synced:.2f}x this one)", flush=True)
-        result.update(ours_sync_tok_s=round(synced, 2), async_vs_sync=ratio(ours, synced), async_scheduling=async_on)
-        del sync_llm
-        free_memory(device)
+        result.update(time_ours_sync(args, model_dir, work, dtype, ours, result["async_scheduling"]))
     if args.unfused_too:
-        result.update(unfused_decode_steps(args, model_dir, prompts, max_tokens, dtype, device, step, graphs))
-    print(json.dumps({**result, "partial": True}), flush=True)  # a run cut short in the peers keeps ours
+        result.update(unfused_decode_steps(args, model_dir, work.prompts, work.max_tokens, dtype, device, step,
+                                           graphs))
+    return result, device, ours
 
+
+def time_ours_eager(args, model_dir: Path, work: Workload, dtype: torch.dtype, ours: float, step: float,
+                    graphs: bool) -> dict:
+    """Ours again with enforce_eager: graphs against eager."""
+    eager_s, llm = run_ours(model_dir, work.prompts, work.max_tokens, dtype, args.device, args.temperature,
+                            args.top_p, True, args.kernels)
+    es, device = llm.stats, llm.config.device
+    eager_step = es.decode_seconds / max(es.decode_steps, 1)
+    eager = work.generated / eager_s
+    print(f"ours eager:   {eager:10.1f} output tok/s  ({eager_s:.2f} s; decode step {eager_step * 1e3:.3f} ms): "
+          + (f"graphs {ours / eager:.2f}x eager, decode step {eager_step / step:.2f}x shorter with graphs" if graphs
+             else "no CUDA graphs here: both runs were eager"),
+          flush=True)
+    del llm
+    free_memory(device)
+    return dict(ours_eager_tok_s=round(eager, 2), ours_eager_decode_step_ms=round(eager_step * 1e3, 4),
+                graphs_vs_eager=ratio(ours, eager))
+
+
+def time_ours_sync(args, model_dir: Path, work: Workload, dtype: torch.dtype, ours: float, async_on: bool) -> dict:
+    """Ours again with async_scheduling=False: the host loop overlapped with the device's work or not."""
+    sync_s, llm = run_ours(model_dir, work.prompts, work.max_tokens, dtype, args.device, args.temperature,
+                           args.top_p, args.enforce_eager, args.kernels, async_scheduling=False)
+    device = llm.config.device
+    synced = work.generated / sync_s
+    print(f"ours sync:    {synced:10.1f} output tok/s  ({sync_s:.2f} s; async scheduling "
+          f"{'on' if async_on else 'off'} in the first run: {ours / synced:.2f}x this one)", flush=True)
+    del llm
+    free_memory(device)
+    return dict(ours_sync_tok_s=round(synced, 2), async_vs_sync=ratio(ours, synced))
+
+
+def generate_peer(args, model_dir: Path, work: Workload, dtype: torch.dtype, device: torch.device,
+                  ours: float) -> dict:
+    """transformers generate on the workload; its failure is a result too (the other peer still runs)."""
+    try:
+        ref = run_transformers(model_dir, work.prompts, work.max_tokens, dtype, device, args.temperature, args.top_p,
+                               args.generate_batch, args.generate_max_time)
+    except Exception as error:  # noqa: BLE001 - one peer failing leaves the other's figures
+        print(f"transformers generate failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+        return dict(ref_tok_s=None, ratio=None, generate={"error": f"{type(error).__name__}: {error}"[:300]})
+    note = "" if len(set(work.max_tokens)) == 1 else \
+        (f"; static batches of {ref['batch_size']} generate to their longest request, only the asked "
+         f"tokens count: {ref['counted_tokens']} of {ref['computed_tokens']} computed")
+    if ref["truncated"]:
+        note += (f"; TRUNCATED at --generate-max-time {args.generate_max_time} s: the rate of the part that "
+                 "ran, which flatters the peer")
+    print(f"transformers generate: {ref['tok_s']:10.1f} output tok/s  ({ref['seconds']:.2f} s{note})", flush=True)
+    print(f"ratio vs generate:     {ours / ref['tok_s']:10.2f}x", flush=True)
+    return dict(ref_tok_s=round(ref["tok_s"], 2), ratio=ratio(ours, ref["tok_s"]), generate=rounded(ref))
+
+
+def cb_peer(args, model_dir: Path, work: Workload, dtype: torch.dtype, device: torch.device, ours: float) -> dict:
+    """transformers continuous batching on the workload; on a GPU a failure is retried once without CUDA graphs
+    and async batching (a figure, marked so)."""
+    try:
+        cb = run_transformers_cb(model_dir, work.prompts, work.max_tokens, dtype, device, args.temperature,
+                                 args.top_p, args.cb_attn, args.cb_max_time)
+    except Exception as error:  # noqa: BLE001
+        print(f"transformers CB failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+        failed = dict(cb_tok_s=None, ratio_vs_cb=None, cb={"error": f"{type(error).__name__}: {error}"[:300]})
+        return cb_retry_without_graphs(args, model_dir, work, dtype, device, ours, failed) \
+            if device.type == "cuda" else failed
+    note = (f"; TRUNCATED at --cb-max-time {args.cb_max_time} s: {cb['finished']} of {len(work.prompts)} requests "
+            "finished and only theirs count, which understates the peer") if cb["truncated"] else ""
+    print(f"transformers CB:       {cb['tok_s']:10.1f} output tok/s  ({cb['seconds']:.2f} s; "
+          f"transformers {cb['transformers']}, attn {cb['attn_implementation']} "
+          f"(ran as {cb.get('attn_implementation_run')}), {cb['api']}, asked {cb.get('asked')}, resolved "
+          f"use_cuda_graph {cb.get('resolved_use_cuda_graph')}, use_async_batching "
+          f"{cb.get('resolved_use_async_batching')}{note})", flush=True)
+    print(f"ratio vs CB:           {ours / cb['tok_s']:10.2f}x", flush=True)
+    return dict(cb_tok_s=round(cb["tok_s"], 2), ratio_vs_cb=ratio(ours, cb["tok_s"]), cb=rounded(cb))
+
+
+def cb_retry_without_graphs(args, model_dir: Path, work: Workload, dtype: torch.dtype, device: torch.device,
+                            ours: float, failed: dict) -> dict:
+    free_memory(device)
+    try:
+        cb = run_transformers_cb(model_dir, work.prompts, work.max_tokens, dtype, device, args.temperature,
+                                 args.top_p, args.cb_attn, args.cb_max_time, graphs=False)
+    except Exception as again:  # noqa: BLE001
+        print(f"transformers CB failed again: {type(again).__name__}: {str(again)[:300]}", flush=True)
+        return failed
+    print(f"transformers CB without CUDA graphs / async batching (the retry): {cb['tok_s']:10.1f} "
+          f"output tok/s ({cb['seconds']:.2f} s; truncated {cb['truncated']})", flush=True)
+    return dict(cb_tok_s=round(cb["tok_s"], 2), ratio_vs_cb=ratio(ours, cb["tok_s"]),
+                cb={**rounded(cb), "retry_without_graphs": True, "first_error": failed["cb"]["error"]})
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    dtype = parse_dtype(args.dtype)
+    model_dir = args.model or random_checkpoint(args.config)
+    if args.decode_step:
+        print(f"model {model_dir}, batch 1, median of {args.new_tokens} decode steps, on "
+              f"{machine('cuda' if args.device == 'cuda' else 'cpu')}; commit {git_commit()}", flush=True)
+        run_decode_steps(model_dir, args.decode_step, args.device, args.new_tokens)
+        return
+    work = Workload.build(args, ModelConfig.from_dir(model_dir).vocab_size)
+    peers = peer_names(args, parser)
+    facts = work.facts()
+    how = "greedy" if args.temperature == 0 else f"sampled (T {args.temperature}, top-p {args.top_p})"
+    print(f"model {model_dir}\nworkload {work.name} (seed {work.seed}): {facts['batch']} prompts of "
+          f"{'-'.join(map(str, facts['prompt_len_range']))} tokens ({facts['input_tokens']} input tokens in all), "
+          f"{'-'.join(map(str, facts['new_tokens_range']))} new tokens each ({work.generated} output tokens in all), "
+          f"EOS ignored, {args.dtype}, {how}; commit {git_commit()}", flush=True)
+
+    result, device, ours = time_ours(args, model_dir, work, dtype)
+    print(json_line("bench_generate", result, device, partial=True), flush=True)  # a run cut short keeps ours
     if "generate" in peers:
-        try:
-            ref = run_transformers(model_dir, prompts, max_tokens, dtype, device, args.temperature, args.top_p,
-                                   args.generate_batch, args.generate_max_time)
-            note = "" if len(set(max_tokens)) == 1 else \
-                (f"; static batches of {ref['batch_size']} generate to their longest request, only the asked "
-                 f"tokens count: {ref['counted_tokens']} of {ref['computed_tokens']} computed")
-            if ref["truncated"]:
-                note += (f"; TRUNCATED at --generate-max-time {args.generate_max_time} s: the rate of the part that "
-                         "ran, which flatters the peer")
-            print(f"transformers generate: {ref['tok_s']:10.1f} output tok/s  ({ref['seconds']:.2f} s{note})",
-                  flush=True)
-            print(f"ratio vs generate:     {ours / ref['tok_s']:10.2f}x", flush=True)
-            result.update(ref_tok_s=round(ref["tok_s"], 2), ratio=ratio(ours, ref["tok_s"]),
-                          generate={k: (round(v, 3) if isinstance(v, float) else v) for k, v in ref.items()})
-        except Exception as error:  # noqa: BLE001 - one peer failing leaves the other's figures
-            print(f"transformers generate failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
-            result.update(ref_tok_s=None, ratio=None, generate={"error": f"{type(error).__name__}: {error}"[:300]})
+        result.update(generate_peer(args, model_dir, work, dtype, device, ours))
     else:
         result.update(ref_tok_s=None, ratio=None)
     if "cb" in peers:
-        try:
-            cb = run_transformers_cb(model_dir, prompts, max_tokens, dtype, device, args.temperature, args.top_p,
-                                     args.cb_attn, args.cb_max_time)
-            note = (f"; TRUNCATED at --cb-max-time {args.cb_max_time} s: {cb['finished']} of {batch} requests "
-                    "finished and only theirs count, which understates the peer") if cb["truncated"] else ""
-            print(f"transformers CB:       {cb['tok_s']:10.1f} output tok/s  ({cb['seconds']:.2f} s; "
-                  f"transformers {cb['transformers']}, attn {cb['attn_implementation']} "
-                  f"(ran as {cb.get('attn_implementation_run')}), {cb['api']}, asked {cb.get('asked')}, resolved "
-                  f"use_cuda_graph {cb.get('resolved_use_cuda_graph')}, use_async_batching "
-                  f"{cb.get('resolved_use_async_batching')}{note})", flush=True)
-            print(f"ratio vs CB:           {ours / cb['tok_s']:10.2f}x", flush=True)
-            result.update(cb_tok_s=round(cb["tok_s"], 2), ratio_vs_cb=ratio(ours, cb["tok_s"]),
-                          cb={k: (round(v, 3) if isinstance(v, float) else v) for k, v in cb.items()})
-        except Exception as error:  # noqa: BLE001
-            print(f"transformers CB failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
-            result.update(cb_tok_s=None, ratio_vs_cb=None, cb={"error": f"{type(error).__name__}: {error}"[:300]})
-            if device.type == "cuda":  # once more without CUDA graphs and async batching: a figure, marked so
-                free_memory(device)
-                try:
-                    cb = run_transformers_cb(model_dir, prompts, max_tokens, dtype, device, args.temperature,
-                                             args.top_p, args.cb_attn, args.cb_max_time, graphs=False)
-                    print(f"transformers CB without CUDA graphs / async batching (the retry): {cb['tok_s']:10.1f} "
-                          f"output tok/s ({cb['seconds']:.2f} s; truncated {cb['truncated']})", flush=True)
-                    result.update(cb_tok_s=round(cb["tok_s"], 2), ratio_vs_cb=ratio(ours, cb["tok_s"]),
-                                  cb={**{k: (round(v, 3) if isinstance(v, float) else v) for k, v in cb.items()},
-                                      "retry_without_graphs": True, "first_error": result["cb"]["error"]})
-                except Exception as again:  # noqa: BLE001
-                    print(f"transformers CB failed again: {type(again).__name__}: {str(again)[:300]}", flush=True)
-    print(json.dumps(result))
+        result.update(cb_peer(args, model_dir, work, dtype, device, ours))
+    print(json_line("bench_generate", result, device))
 
 
 if __name__ == "__main__":

@@ -27,24 +27,18 @@ last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import shutil
 import statistics
-import sys
 import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import json_line, print_header, random_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import git_commit, random_checkpoint  # noqa: E402
-from kernels_native import machine  # noqa: E402
-
-from stage1 import LLM, SamplingParams  # noqa: E402
-from stage1.models.fetch import default_model_dir  # noqa: E402
+from stage1 import LLM, SamplingParams
+from stage1.models.fetch import default_model_dir
 
 PROBE = "host-probe"  # benchmarks/common.py PRESETS: 1 layer, hidden 64, the real vocabulary
 
@@ -133,11 +127,11 @@ def instrument(llm: LLM) -> PhaseClock:
     clock.wrap(runner, "forward", "device")
     compute_logits = runner.compute_logits
 
-    def logits_kept_until_next_step(hidden, plan):
+    def logits_kept_until_next_step(*args):
         # freed inside the next call, as device time: freeing a [256, 151936] fp32 tensor on the CPU is a ~20 ms
         # munmap that a GPU's caching allocator does not have
         clock.last_logits = None
-        clock.last_logits = compute_logits(hidden, plan)
+        clock.last_logits = compute_logits(*args)
         return clock.last_logits
     runner.compute_logits = logits_kept_until_next_step
     clock.wrap(runner, "compute_logits", "device")
@@ -200,7 +194,7 @@ def stub_device_work(llm: LLM, seed: int = 0) -> None:
     hidden = llm.config.model.hidden_size
     g = torch.Generator().manual_seed(seed)
     runner.forward = lambda inputs: torch.zeros(len(inputs.input_ids), hidden)
-    runner.compute_logits = lambda states, plan: torch.zeros(len(plan.sample_rows), 1)
+    runner.compute_logits = lambda states, inputs, is_prefill: torch.zeros(len(inputs.sample_rows), 1)
     kernels = runner.config.kernels
     object.__setattr__(runner.config, "kernels", replace(
         kernels, sample=lambda logits, batch: torch.randint(0, VOCAB_TEXT, (logits.shape[0],), generator=g)))
@@ -241,8 +235,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     args = parser.parse_args()
+    device = llm_device(args.device)
+    print_header(device)
     model_dir = probe_checkpoint()
-    print(f"machine: {machine()}; commit {git_commit()}; {datetime.date.today()}; probe model {model_dir}")
+    print(f"probe model {model_dir}")
     print(f"{'batch':>6} {'host ms/step':>13} {'schedule':>9} {'inputs':>8} {'sample':>8} {'postproc':>9} "
           f"{'device*':>9} {'other':>7}   (*model + LM head + sampler, run by the CPU here; not host time)")
     results = {}
@@ -253,18 +249,16 @@ def main() -> None:
             ph = r["phases_ms"]
             print(f"{batch:>6} {r['host_ms_per_decode_step']:>13.3f} {ph['schedule']:>9.3f} {ph['inputs']:>8.3f} "
                   f"{ph['sample']:>8.3f} {ph['postprocess']:>9.3f} {ph['device']:>9.2f} {ph['other']:>7.3f}   "
-                  f"({'device work stubbed' if stub else 'device work on ' + str(llm_device(args.device))}; "
+                  f"({'device work stubbed' if stub else f'device work on {device}'}; "
                   f"{r['decode_steps']} full decode steps, kernels {r['kernels']})", flush=True)
             results.setdefault(batch, {})["stubbed" if stub else "device"] = r
-    print(json.dumps(dict(benchmark="bench_host", machine=machine(), commit=git_commit(),
-                          date=str(datetime.date.today()), new_tokens=args.new_tokens, prompt_len=args.prompt_len,
-                          temperature=args.temperature, tokenizer=tokenizer_source(model_dir),
-                          # the host loop alone (device work stubbed): what a GPU machine's CPU spends per step
-                          host_ms_per_decode_step={b: r["stubbed"]["host_ms_per_decode_step"]
-                                                   for b, r in results.items()},
-                          host_ms_with_device_work={b: r["device"]["host_ms_per_decode_step"]
-                                                    for b, r in results.items()},
-                          runs=results)))
+    print(json_line("bench_host", dict(
+        new_tokens=args.new_tokens, prompt_len=args.prompt_len, temperature=args.temperature,
+        tokenizer=tokenizer_source(model_dir),
+        # the host loop alone (device work stubbed): what a GPU machine's CPU spends per step
+        host_ms_per_decode_step={b: r["stubbed"]["host_ms_per_decode_step"] for b, r in results.items()},
+        host_ms_with_device_work={b: r["device"]["host_ms_per_decode_step"] for b, r in results.items()},
+        runs=results), device))
 
 
 def llm_device(device: str) -> str:

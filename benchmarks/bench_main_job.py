@@ -18,20 +18,21 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import run_facts
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def instructions_file(size: int, directory: Path) -> Path | None:
     """None for the built-in set (124); else the built-in set repeated with new ids, cut to `size`."""
-    sys.path.insert(0, str(REPO))
     from stage1.data.readers import read_instructions
+
     builtin = read_instructions()
     if size == len(builtin):
         return None
@@ -64,14 +65,6 @@ def run_job(label: str, tree: Path, size: int, inputs: Path | None, out: Path, e
                        for name in ("data.jsonl", "rejects.jsonl")}}
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    import torch
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "python": platform.python_version()}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old-tree", type=Path, required=True)
@@ -81,7 +74,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-main-job")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    info = machine()
+    info = run_facts()
     print(json.dumps(info))
     for size in args.sizes:
         inputs = instructions_file(size, args.work)

@@ -1,12 +1,25 @@
-"""What the benchmarks share: Qwen-2.5 shapes, random-weight checkpoints of those shapes, prompt sets."""
+"""What every benchmark uses: the machine it ran on and the run's facts (commit, date, torch) for its last line, one
+JSON object; Qwen-2.5 shapes and random-weight checkpoints of them; prompt sets and LLM-like logits; timing.
+
+The benchmarks are scripts (`python benchmarks/X.py`): Python puts a script's own folder first on sys.path, so
+`from common import ...` finds this module. They import nothing from each other; what two of them need lives here.
+
+    python benchmarks/common.py checkpoint qwen2.5-0.5b qwen2.5-7b   # write those random-weight checkpoints now
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime
+import gc
 import importlib
 import json
+import math
 import os
+import platform
 import statistics
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +36,8 @@ PRESETS = {
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6),
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6),
     "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
                         num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-5),
     # not a published model: one small layer with the real vocabulary, for timing the host's share of a step
@@ -40,15 +55,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("STAGE1_CACHE", Path.home() / ".cache" / "stage1"))
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def preset_config(preset: str, dtype: torch.dtype) -> dict:
+    """The config.json of a Qwen-2.5 checkpoint of `preset`'s shape stored in `dtype`."""
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+            "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, "use_sliding_window": False,
+            "torch_dtype": dtype_name(dtype), "bos_token_id": 151643, "eos_token_id": 151643, **PRESETS[preset]}
+
+
 def random_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
     """A checkpoint directory of `preset`'s shape with random weights, written once into the cache."""
-    out = cache_root() / "bench" / f"{preset}-random-{str(dtype).removeprefix('torch.')}"
+    out = cache_root() / "bench" / f"{preset}-random-{dtype_name(dtype)}"
     if (out / "model.safetensors").is_file():
         return out
-    raw = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-           "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, "use_sliding_window": False,
-           "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": 151643, "eos_token_id": 151643,
-           **PRESETS[preset]}
+    raw = preset_config(preset, dtype)
     config = ModelConfig.from_dict(raw)
     # Drawn on the GPU when there is one: a 7B shape's 7.6e9 normal draws take minutes on a few CPU cores.
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,6 +85,40 @@ def random_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16, seed: in
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(tensors, tmp / "model.safetensors")
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+    tmp.rename(out)
+    return out
+
+
+_ROWS_PER_DRAW = 1 << 14  # rows drawn at once: a 152064 x 3584 embedding in 36 slices of ~235 MB of fp32
+
+
+def streamed_bf16_checkpoint(out: Path, preset: str, seed: int = 0) -> Path:
+    """A random bf16 checkpoint of `preset`'s shape at `out` (written once: a finished one is reused), streamed
+    tensor by tensor into one safetensors file, so the writer never holds more than a slice of one tensor (a 7B
+    shape on a CPU host; random_checkpoint holds them all)."""
+    if (out / "model.safetensors").is_file():
+        return out
+    raw = preset_config(preset, torch.bfloat16)
+    layout = {name: target.shape for name, target in checkpoint_layout(ModelConfig.from_dict(raw)).items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in layout.items():
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    with open(tmp / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, shape in layout.items():
+            rows, rest = (shape[0], shape[1:]) if shape else (1, ())
+            for start in range(0, rows, _ROWS_PER_DRAW):
+                part = (min(_ROWS_PER_DRAW, rows - start), *rest)
+                values = torch.ones(part) if name.endswith("norm.weight") else torch.randn(part, generator=g) * 0.02
+                values.to(torch.bfloat16).view(torch.int16).numpy().tofile(f)
     (tmp / "config.json").write_text(json.dumps(raw, indent=2))
     tmp.rename(out)
     return out
@@ -92,6 +149,17 @@ def nano_workload(batch: int, vocab: int, min_len: int = 100, max_len: int = 102
     return prompts, output_lens
 
 
+def llm_like_logits(batch: int, vocab: int, dtype: torch.dtype = torch.float32, device=torch.device("cpu"),
+                    seed: int = 0) -> torch.Tensor:
+    """Logits shaped like an LLM's: N(0, 2^2) over the vocabulary plus 48 tokens per row lifted by 4..12, so top-p
+    cuts fall among a few to a few hundred tokens, as with a real model."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=g, device=device) * 2
+    peaks = torch.randint(0, vocab, (batch, 48), generator=g, device=device)
+    logits.scatter_add_(1, peaks, 4 + 8 * torch.rand(batch, 48, generator=g, device=device))
+    return logits.to(dtype)
+
+
 def device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     return torch.device(device), parse_dtype(dtype)
 
@@ -108,6 +176,19 @@ def kernel_module(name: str, device: torch.device):
         raise RuntimeError(f"the Triton kernels run on a CPU only interpreted: set TRITON_INTERPRET=1 before "
                            f"stage1.kernels.{name} is imported")
     return module, interpreted
+
+
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued work (a CUDA device; nothing to wait for elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Frees what the last engine or model left (before the next one loads its copy)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
@@ -138,6 +219,45 @@ def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def _cpuinfo(key: str) -> str | None:
+    try:
+        return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith(key)), None)
+    except OSError:
+        return None
+
+
+def cpu_flags() -> str:
+    """The vector ISA flags that matter to the native kernels, as /proc/cpuinfo reports them."""
+    flags = set((_cpuinfo("flags") or "").split())
+    if not flags:
+        return "flags unknown"
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]
+    missing = [f for f in wanted if f not in flags]
+    return "flags " + " ".join(f for f in wanted if f in flags) + (f" (no {' '.join(missing)})" if missing else "")
+
+
+def memory_gib() -> float | None:
+    try:
+        kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        return None
+    return kib / 2**20
+
+
+def machine(device=None) -> str:
+    """The machine in one line: the CPU (model, cores, torch's threads, memory, vector flags, OS) and, for a CUDA
+    `device`, the GPU first."""
+    mem = memory_gib()
+    cpu = (f"{_cpuinfo('model name') or platform.processor()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+           f"threads, {'?' if mem is None else f'{mem:.1f}'} GiB RAM, {cpu_flags()}, {platform.system()} "
+           f"{platform.release()}")
+    if device is not None and torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(device))}; host {cpu}"
+    return cpu
+
+
 def git_commit() -> str | None:
     """The commit the benchmark ran at, for result files; $STAGE1_COMMIT wins (a copied tree whose .git is stale,
     as on the device machine)."""
@@ -148,6 +268,32 @@ def git_commit() -> str | None:
                               cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def run_facts(device=None) -> dict:
+    """What every result carries: the machine, the commit, the date (UTC) and the versions."""
+    return dict(machine=machine(device), commit=git_commit(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, python=platform.python_version())
+
+
+def print_header(device=None) -> None:
+    """The first line a benchmark prints: the machine, the commit and torch."""
+    print(f"machine: {machine(device)}; commit {git_commit()}; torch {torch.__version__}", flush=True)
+
+
+def json_line(benchmark: str, fields: dict, device=None, **extra) -> str:
+    """A benchmark's result as one JSON object: its name, its fields, then the run's facts (run_facts) where the
+    fields do not name them. A script prints it as its last line (gpu_summary.py and the result files read it)."""
+    return json.dumps({"benchmark": benchmark, **fields, **extra,
+                       **{k: v for k, v in run_facts(device).items() if k not in fields and k not in extra}})
+
+
+def write_rows(path: Path, rows: list[dict], device=None, **facts) -> dict:
+    """Writes `rows` with the run's facts to `path` as one JSON document (bench_kernels.py merges them)."""
+    document = {**run_facts(device), **facts, "rows": rows}
+    Path(path).write_text(json.dumps(document, indent=2))
+    return document
 
 
 def try_timing(fn):
@@ -207,3 +353,18 @@ def overridden(config: dict, **changes):
     finally:
         config.clear()
         config.update(saved)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("checkpoint", help="write the random-weight checkpoints of these shapes (once)")
+    write.add_argument("presets", nargs="+", choices=sorted(PRESETS))
+    write.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    for preset in args.presets:
+        print(preset, random_checkpoint(preset, parse_dtype(args.dtype)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

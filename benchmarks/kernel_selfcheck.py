@@ -12,6 +12,7 @@ import json
 import time
 
 import torch
+from common import json_line, print_header
 
 from stage1.engine import kernel_check
 from stage1.engine.backends import select_kernels
@@ -21,7 +22,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(parser.parse_args().device)
+    print_header(device)
     print(json.dumps({"identity": kernel_check.device_identity(device)}))
+    checks = []
     choices = ["triton"] if device.type == "cuda" else ["native"]
     for choice in choices:
         for dtype in (torch.bfloat16, torch.float32):
@@ -35,8 +38,11 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
-            print(json.dumps({"kernels": choice, "dtype": str(dtype), "run_dtype": str(run_dtype),
-                              "seconds": round(seconds, 3), "verdicts": [v.__dict__ for v in verdicts]}))
+            checks.append({"kernels": choice, "dtype": str(dtype), "run_dtype": str(run_dtype),
+                           "seconds": round(seconds, 3), "verdicts": [v.__dict__ for v in verdicts]})
+            print(json.dumps(checks[-1]))
+    print(json_line("kernel_selfcheck", {"device": str(device), "checks": len(checks),
+                                         "seconds": round(sum(c["seconds"] for c in checks), 3)}, device))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ write_kv (the step's K/V into their slots) and rotary (on the step's q|k heads) 
 prefill step's token counts, in GB/s.
 On a CPU the kernels run in the Triton interpreter: the figures there are interpreter figures, not kernel speed.
 
-`run(device, dtype)` returns the rows as dicts (kernel, impl, shape, ms, ratio_vs_triton = ms / triton's ms, so
-above 1 means Triton is faster, gbps or tflops, device, interpreted) for benchmarks/bench_kernels.py.
+The rows (kernel, impl, shape, ms, ratio_vs_triton = ms / triton's ms, so above 1 means Triton is faster, gbps or
+tflops, device, interpreted) go to --out for benchmarks/bench_kernels.py, which runs this script.
 """
 
 from __future__ import annotations
@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import (device_and_dtype, kernel_module, kernel_rows, overridden, print_kernel_rows,  # noqa: E402
-                    time_ms, try_timing)
+from common import (device_and_dtype, json_line, kernel_module, kernel_rows, overridden, print_kernel_rows, time_ms,
+                    try_timing, write_rows)
 
 GPU_SHAPE = dict(batch=64, context=4096, heads=40, kv_heads=8, head_dim=128, block_size=16, prefill_batch=8,
                  prefill_len=1024)
@@ -293,6 +290,7 @@ def main() -> None:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
     parser.add_argument("--sweep", action="store_true", help="GPU: time decode and prefill tile/launch configurations")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list at the end")
+    parser.add_argument("--out", type=Path, help="write the rows and the run's facts to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
@@ -306,8 +304,11 @@ def main() -> None:
     else:
         rows = run(device, dtype, **shape)
         print_kernel_rows(rows)
+    if args.out:
+        write_rows(args.out, rows, device)
     if args.json:
         print(json.dumps(rows))
+    print(json_line("kernels_attention", {"rows": len(rows), "device": str(device), "dtype": dtype}, device))
 
 
 if __name__ == "__main__":

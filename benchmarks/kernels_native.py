@@ -22,43 +22,17 @@ kernels), for the GPU check.
 
 sample (stage1::sample) against the reference sampler it replaces (stage1.engine.sampler.sample: the same tokens)
 at 1, 64 and 256 rows of Qwen's 151,936-token vocabulary, greedy and at temperature 0.8 / top-p 0.9, on the
-LLM-like logits of kernels_sampling.py (a broad normal base and 48 peaks per row); each row checks the tokens are
+LLM-like logits of common.py (a broad normal base and 48 peaks per row); each row checks the tokens are
 equal. `--linear-only` / `--attention-only` / `--fused-only` / `--sampler-only` run one part.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import git_commit, time_ms, try_timing  # noqa: E402
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    return f"{model}, {torch.get_num_threads()} threads, {cpu_flags()}"
-
-
-def cpu_flags() -> str:
-    """The vector ISA flags that matter here, as /proc/cpuinfo reports them."""
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return "flags unknown"
-    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]
-    return "flags " + " ".join(f for f in wanted if f in flags) + " (no " + \
-        " ".join(f for f in wanted if f not in flags) + ")" if any(f not in flags for f in wanted) else \
-        "flags " + " ".join(wanted)
+from common import json_line, llm_like_logits, machine, print_header, time_ms, try_timing, write_rows
 
 
 LINEAR_SHAPES = [("qkv", 896, 1152), ("o", 896, 896), ("gate_up", 896, 9728), ("down", 4864, 896),
@@ -128,14 +102,6 @@ def print_linear_rows(rows: list[dict]) -> None:
 SAMPLER_ROWS = (1, 64, 256)
 SAMPLER_VOCAB = 151936
 SAMPLER_PARAMS = {"greedy": dict(temperature=0.0), "T 0.8, top-p 0.9": dict(temperature=0.8, top_p=0.9)}
-
-
-def llm_like_logits(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
-    """kernels_sampling.py's logits (fp32, CPU): normal * 2, plus 48 peaks of 4..12 per row."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(rows, vocab, generator=g) * 2
-    peaks = torch.randint(0, vocab, (rows, 48), generator=g)
-    return logits.scatter_add_(1, peaks, 4 + 8 * torch.rand(rows, 48, generator=g))
 
 
 def run_sampler(row_counts=SAMPLER_ROWS, warmup: int = 1, reps: int = 5) -> list[dict]:
@@ -327,7 +293,7 @@ def main() -> None:
     part.add_argument("--fused-only", action="store_true")
     part.add_argument("--sampler-only", action="store_true")
     args = parser.parse_args()
-    print(f"machine: {machine()}; commit {git_commit()}; torch {torch.__version__}", flush=True)
+    print_header()
     only = args.linear_only or args.attention_only or args.fused_only or args.sampler_only
     rows = run(reps=args.reps) if args.attention_only or not only else []
     print_rows(rows)
@@ -338,11 +304,9 @@ def main() -> None:
     sampler_rows = run_sampler() if args.sampler_only or not only else []
     print_sampler_rows(sampler_rows)
     rows += linear_rows + fused_rows + sampler_rows
-    facts = {"machine": machine(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
-             "torch": torch.__version__, "rows": rows}
     if args.out:
-        args.out.write_text(json.dumps(facts, indent=2))
-    print(json.dumps({k: v for k, v in facts.items() if k != "rows"}))
+        write_rows(args.out, rows)
+    print(json_line("kernels_native", {"rows": len(rows)}))
 
 
 if __name__ == "__main__":

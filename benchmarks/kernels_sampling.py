@@ -1,4 +1,4 @@
-"""The fused Triton sampler (kernels/sampling.py) against sort-based PyTorch sampling.
+"""The fused Triton sampler (kernels/sampling/) against sort-based PyTorch sampling.
 
     python benchmarks/kernels_sampling.py                  # batch 256 x vocab 152,064 on a GPU, tiny on a CPU
     python benchmarks/kernels_sampling.py --dtype bfloat16 --batch 64
@@ -15,11 +15,11 @@ Implementations, each one token per row from the same logits and per-row paramet
 Parameter mixes: top-k 50 + top-p 0.9 (T 0.8); top-p 0.95; temperature only (T 1.0); a mixed batch (a quarter
 greedy, the rest spread over the three); all greedy (torch: argmax).
 
-Logits are LLM-like: N(0, 2^2) over the vocabulary plus a few dozen likely tokens per row lifted by 4..12, so
-top-p cuts fall among a few to a few hundred tokens, as with a real model.
+Logits are LLM-like (common.llm_like_logits): N(0, 2^2) over the vocabulary plus a few dozen likely tokens per row
+lifted by 4..12, so top-p cuts fall among a few to a few hundred tokens, as with a real model.
 
-`run(device, dtype)` returns dict rows (kernel, impl, shape, ms, ratio_vs_triton = ms / triton's ms, so above 1
-means Triton is faster, device, interpreted) for benchmarks/bench_kernels.py. On a CPU the kernel runs in the
+The rows (kernel, impl, shape, ms, ratio_vs_triton = ms / triton's ms, so above 1 means Triton is faster, device,
+interpreted) go to --out for benchmarks/bench_kernels.py, which runs this script. On a CPU the kernel runs in the
 Triton interpreter: those figures are interpreter figures, not kernel speed.
 """
 
@@ -28,15 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import (device_and_dtype, kernel_module, kernel_rows, print_kernel_rows, time_ms,  # noqa: E402
-                    try_timing)
+from common import (device_and_dtype, json_line, kernel_module, kernel_rows, llm_like_logits, print_kernel_rows,
+                    time_ms, try_timing, write_rows)
 
 GPU_SHAPE = dict(batch=256, vocab=152_064)
 CPU_SHAPE = dict(batch=4, vocab=4096)
@@ -48,14 +45,6 @@ MIXES = {
     "mixed": None,
     "greedy": dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0),
 }
-
-
-def llm_like_logits(batch: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator(device=device).manual_seed(seed)
-    logits = torch.randn(batch, vocab, generator=g, device=device) * 2
-    peaks = torch.randint(0, vocab, (batch, 48), generator=g, device=device)
-    logits.scatter_add_(1, peaks, 4 + 8 * torch.rand(batch, 48, generator=g, device=device))
-    return logits.to(dtype)
 
 
 def mix_params(mix: str, batch: int, device: torch.device, seed: int = 0) -> dict:
@@ -99,7 +88,7 @@ def bench_mix(mix, device, dtype, batch, vocab, warmup, reps, with_reference=Tru
     from stage1 import SamplingParams
     from stage1.engine.sampler import SamplingBatch, sample
 
-    sampling, interpreted = kernel_module('sampling', device)
+    sampling, interpreted = kernel_module('sampling.launch', device)
     logits = llm_like_logits(batch, vocab, dtype, device)
     p = mix_params(mix, batch, device)
     args = (logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seeds"], p["steps"])
@@ -150,7 +139,7 @@ def run(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
 def sweep(device="cuda", dtype=torch.float32, **shape) -> list[dict]:
     """Times a few launch configurations of the kernel (GPU only) on the top-k + top-p and temperature mixes."""
     device, dtype = device_and_dtype(device, dtype)
-    sampling, _ = kernel_module('sampling', device)
+    sampling, _ = kernel_module('sampling.launch', device)
     dims = {**GPU_SHAPE, **shape}
     logits = llm_like_logits(dims["batch"], dims["vocab"], dtype, device)
     default = dict(sampling.GPU_CONFIG)
@@ -178,7 +167,7 @@ def profile(device="cuda", dtype=torch.float32, calls: int = 20, **shape) -> lis
     from torch.profiler import profile as torch_profile
 
     device, dtype = device_and_dtype(device, dtype)
-    sampling, _ = kernel_module('sampling', device)
+    sampling, _ = kernel_module('sampling.launch', device)
     dims = {**GPU_SHAPE, **shape}
     logits = llm_like_logits(dims["batch"], dims["vocab"], dtype, device)
     rows = []
@@ -216,6 +205,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="GPU: time alternative launch configurations")
     parser.add_argument("--profile", action="store_true", help="GPU: GPU time per kernel and host time per call")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list at the end")
+    parser.add_argument("--out", type=Path, help="write the rows and the run's facts to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
@@ -228,8 +218,11 @@ def main() -> None:
     else:
         rows = run(device, args.dtype, **shape)
         print_kernel_rows(rows)
+    if args.out:
+        write_rows(args.out, rows, device)
     if args.json:
         print(json.dumps(rows))
+    print(json_line("kernels_sampling", {"rows": len(rows), "device": str(device)}, device))
 
 
 if __name__ == "__main__":

@@ -15,58 +15,17 @@ checkpoint at the end unless --keep. The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
 import shutil
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import PRESETS, git_commit  # noqa: E402
-from tp_load_memory import machine  # noqa: E402
+from common import json_line, print_header, streamed_bf16_checkpoint
 
 PRESET = "qwen2.5-7b"
-_ROWS_PER_DRAW = 1 << 14  # rows drawn at once: a 152064 x 3584 embedding in 36 slices of ~235 MB of fp32
-
-
-def write_random_checkpoint(out: Path, seed: int = 0) -> Path:
-    """A random bf16 checkpoint of the 7B shape at `out` (written once: a finished one is reused)."""
-    from stage1.engine.config import ModelConfig
-    from stage1.engine.weights import checkpoint_layout
-
-    if (out / "model.safetensors").is_file():
-        return out
-    raw = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-           "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, "use_sliding_window": False,
-           "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151643, **PRESETS[PRESET]}
-    layout = {name: target.shape for name, target in checkpoint_layout(ModelConfig.from_dict(raw)).items()}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in layout.items():
-        size = 2 * math.prod(shape)
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    with open(tmp / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name, shape in layout.items():
-            rows, rest = (shape[0], shape[1:]) if shape else (1, ())
-            for start in range(0, rows, _ROWS_PER_DRAW):
-                part = (min(_ROWS_PER_DRAW, rows - start), *rest)
-                values = torch.ones(part) if name.endswith("norm.weight") else torch.randn(part, generator=g) * 0.02
-                values.to(torch.bfloat16).view(torch.int16).numpy().tofile(f)
-    (tmp / "config.json").write_text(json.dumps(raw, indent=2))
-    tmp.rename(out)
-    return out
 
 
 def child(model_dir: Path, kernels: str, dtype: str, prompt_len: int, new_tokens: int) -> None:
@@ -109,10 +68,10 @@ def main() -> None:
     ckpt = args.dir / "ckpt"
     if args.child:
         return child(ckpt, args.kernels, args.dtype, args.prompt_len, args.new_tokens)
-    print(f"machine: {machine()}; commit {git_commit()}; torch {torch.__version__}", flush=True)
+    print_header()
     try:
         start = time.perf_counter()
-        write_random_checkpoint(ckpt)
+        streamed_bf16_checkpoint(ckpt, PRESET)
         size = (ckpt / "model.safetensors").stat().st_size
         print(f"checkpoint: {size / 1e9:.2f} GB ({time.perf_counter() - start:.0f} s to have it)", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", "--dir", str(args.dir), "--kernels", args.kernels,
@@ -129,9 +88,7 @@ def main() -> None:
           f"{row['peak_rss_after_load'] / 2**30:.2f} GiB; parameters {row['param_bytes'] / 2**30:.2f} GiB); "
           f"{row['tokens']} tokens: prefill of {args.prompt_len} in {row['prefill_s']} s, decode step "
           f"{row['decode_step_ms']} ms")
-    print(json.dumps(dict(benchmark="load_7b_bf16", shape=PRESET, checkpoint_bytes=size, machine=machine(),
-                          torch=torch.__version__, commit=git_commit(), **row,
-                          date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))))
+    print(json_line("load_7b_bf16", dict(shape=PRESET, checkpoint_bytes=size, **row)))
 
 
 if __name__ == "__main__":

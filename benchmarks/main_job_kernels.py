@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import json_line, print_header
+
 from stage1.data.writer import DATA_FILE, REJECTS_FILE, iter_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +28,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "main-job-kernels")
     args = parser.parse_args()
     configs = [tuple(c.split("/")) for c in args.configs]
-    responses = {}
+    print_header()
+    responses, runs = {}, []
     for kernels, dtype in configs:
         out = args.work / f"{kernels}-{dtype}"
         start = time.time()
@@ -36,12 +39,17 @@ def main() -> None:
         manifest = json.loads((out / "manifest.json").read_text())
         responses[kernels, dtype] = {(row["id"], row.get("index")): row["raw_response"]
                                      for name in (DATA_FILE, REJECTS_FILE) for row in iter_jsonl(out / name)}
-        print(json.dumps({"kernels": kernels, "dtype": dtype, "rc": rc, "process_wall_s": round(wall, 1),
-                          "session": manifest["sessions"][-1]}), flush=True)
+        runs.append({"kernels": kernels, "dtype": dtype, "rc": rc, "process_wall_s": round(wall, 1),
+                     "session": manifest["sessions"][-1]})
+        print(json.dumps(runs[-1]), flush=True)
     first = responses[configs[0]]
+    differing = {}
     for config in configs[1:]:
-        differing = sum(first.get(key) != text for key, text in responses[config].items())
-        print(f"# raw responses differing from {'/'.join(configs[0])}: {'/'.join(config)} {differing} of {len(first)}")
+        differing["/".join(config)] = sum(first.get(key) != text for key, text in responses[config].items())
+        print(f"# raw responses differing from {'/'.join(configs[0])}: {'/'.join(config)} "
+              f"{differing['/'.join(config)]} of {len(first)}")
+    print(json_line("main_job_kernels", {"runs": runs, "responses": len(first),
+                                         f"differing_from_{'/'.join(configs[0])}": differing}))
 
 
 if __name__ == "__main__":

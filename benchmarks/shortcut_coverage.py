@@ -3,27 +3,23 @@
     python benchmarks/shortcut_coverage.py                     # the default model (cached), float32, on the CPU
     python benchmarks/shortcut_coverage.py --model DIR --json
 
-The shortcut (kernels/sampling_shortcut.py) gathers the tokens whose race score x + noise beats the most likely
+The shortcut (kernels/sampling/shortcut.py) gathers the tokens whose race score x + noise beats the most likely
 token's, keeps those no more likely token outscores (the front) and checks the filters at them in one pass. A row
 with more than CAP candidates or NT front tokens falls back to the threshold search, and every candidate's block
 needs Philox noise. This script runs the model teacher-forced over a few texts (every position is one next-token
 distribution), draws the sampler's very noise (the reference's Philox) and counts with the kernel's rule
 (`shortcut_fronts`, which tests/kernels/test_sampling_kernel.py ties to the kernel), per temperature: candidates,
 front sizes, the rows the shortcut would hand to the search, and the share of tokens that need noise. The same for
-the benchmark's synthetic LLM-like logits (benchmarks/kernels_sampling.py), for comparison.
+the benchmarks' synthetic LLM-like logits (common.llm_like_logits), for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from kernels_sampling import llm_like_logits  # noqa: E402
 
 TEXTS = [
     "Here are examples of prompts and their completions:\n\nThe answer to \"What is 2+2?\" is:\n4\n\n"
@@ -63,7 +59,7 @@ def model_logits(model_dir: Path) -> torch.Tensor:
 
 def shortcut_fronts(logits: torch.Tensor, temperature: float,
                     noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shortcut's rule (kernels/sampling_shortcut.py; rows without min-p, as here), per row of `logits` with
+    """The shortcut's rule (kernels/sampling/shortcut.py; rows without min-p, as here), per row of `logits` with
     the race noise `noise` (same shape): how many candidates there are, the tokens whose race score z = x + noise
     beats the top token's (the raw argmax, the first index on ties; an equal score beats it from a lower index),
     and how many of them make the front, those that no candidate at least as likely (x_j >= x_i) beats (a higher
@@ -106,6 +102,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="a checkpoint directory (default: the default model)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    # here, not at the top: tests/kernels/test_sampling_kernel.py loads this file by its path for shortcut_fronts
+    from common import json_line, llm_like_logits, print_header
+
     from stage1.kernels.sampling import GPU_CONFIG
     from stage1.models.fetch import default_model_dir
 
@@ -115,9 +114,9 @@ def main() -> None:
     except (OSError, ValueError) as e:  # a missing or broken checkpoint: its message says what to pass
         raise SystemExit(f"shortcut_coverage: {e}") from None
     sources = {f"{model_dir.name} (teacher-forced)": real,
-               "kernels_sampling.py llm_like_logits": llm_like_logits(64, 152_064, torch.float32,
-                                                                      torch.device("cpu"))}
+               "common.py llm_like_logits": llm_like_logits(64, 152_064)}
     results = []
+    print_header()
     print(f"CAP {GPU_CONFIG['CAP']}, front limit NT {GPU_CONFIG['NT']} (GPU_CONFIG)")
     for name, logits in sources.items():
         print(f"{name}: {logits.shape[0]} rows x {logits.shape[1]}")
@@ -129,6 +128,8 @@ def main() -> None:
                   f"{r['fallback_rows']:.1%}; tokens needing noise {r['tokens_needing_noise']:.1%}")
     if args.json:
         print(json.dumps(results))
+    print(json_line("shortcut_coverage", {"model": str(model_dir), "cap": GPU_CONFIG["CAP"], "nt": GPU_CONFIG["NT"],
+                                          "results": results}))
 
 
 if __name__ == "__main__":

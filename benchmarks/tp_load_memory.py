@@ -16,23 +16,15 @@ line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
-from common import git_commit  # noqa: E402
-
-# Qwen2.5-1.5B's published config.json (not in common.PRESETS, whose shapes the other benchmarks run)
-QWEN25_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6)
+from common import json_line, print_header, random_checkpoint
 
 
 def peak_rss() -> int:
@@ -113,13 +105,6 @@ class _MmapSlice:
         return t
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")) * 1024
-    return f"{cpu}, {os.cpu_count()} cores, {mem / 2**30:.1f} GiB RAM, {platform.system()} {platform.release()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/stage1-tp-load-memory"),
@@ -133,15 +118,15 @@ def main() -> None:
         size, rank, reader = args.child
         return child(args.dir / "ckpt", int(size), int(rank), reader)
 
-    # common.random_checkpoint writes into $STAGE1_CACHE/bench/<preset>-random-bfloat16
-    common.PRESETS.setdefault("qwen2.5-1.5b", QWEN25_1_5B)
+    # random_checkpoint writes into $STAGE1_CACHE/bench/<preset>-random-bfloat16
     os.environ["STAGE1_CACHE"] = str(args.dir)
     import torch
 
+    print_header()
     ckpt = args.dir / "ckpt"
     if not (ckpt / "model.safetensors").is_file():
         print(f"writing a random bf16 checkpoint of the Qwen2.5-1.5B shape under {args.dir} ...", flush=True)
-        common.random_checkpoint("qwen2.5-1.5b", torch.bfloat16).rename(ckpt)
+        random_checkpoint("qwen2.5-1.5b", torch.bfloat16).rename(ckpt)
     file_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     print(f"checkpoint: {file_bytes / 1e9:.3f} GB on disk")
     readers = ["positional"] + ([] if args.no_mmap_comparison else ["safetensors-mmap"])
@@ -172,10 +157,8 @@ def main() -> None:
                 print(f"{reader:17s} TP={r['size']} rank {r['rank']}: {ratio:.3f}x TP=1's peak RSS "
                       f"({above:.3f}x of what loading added above the baseline)")
                 summary[f"{reader} tp{r['size']}"] = max(summary.get(f"{reader} tp{r['size']}", 0), ratio)
-    print(json.dumps(dict(benchmark="tp_load_memory", shape="qwen2.5-1.5b", dtype="bfloat16", device="cpu",
-                          checkpoint_bytes=file_bytes, rows=rows, worst_ratio_vs_tp1=summary, machine=machine(),
-                          torch=torch.__version__, commit=git_commit(),
-                          date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))))
+    print(json_line("tp_load_memory", dict(shape="qwen2.5-1.5b", dtype="bfloat16", device="cpu",
+                                           checkpoint_bytes=file_bytes, rows=rows, worst_ratio_vs_tp1=summary)))
 
 
 if __name__ == "__main__":

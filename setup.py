@@ -11,8 +11,10 @@ torch this Python imports, so pip must not hide that torch behind build isolatio
 
     pip install --no-build-isolation -e .
 
-If it cannot be built (torch not importable at build time, no cmake, no compiler, a compile error) the package
-still installs, with a warning, and the engine runs on its other kernels; STAGE1_BUILD_CSRC=0 skips the build.
+Its Python functions are bound with pybind11, a build requirement (pyproject.toml) that --no-build-isolation does
+not install: `pip install pybind11` first. If it cannot be built (torch or pybind11 not importable at build time,
+no cmake, no compiler, a compile error) the package still installs, with a warning, and the engine runs on its
+other kernels; STAGE1_BUILD_CSRC=0 skips the build.
 The CUDA sources build only when torch itself was built with CUDA (torch.version.cuda), never because .cu files
 exist: a CPU torch has nothing to link them against.
 """
@@ -40,7 +42,8 @@ def _warn(message: str) -> None:
     line = "=" * 100
     print(f"\n{line}\nWARNING: stage1._C (native kernels) not built: {message}\nstage1 installs without it; "
           f"kernels='native' will be unavailable. Install with `pip install --no-build-isolation -e .` where "
-          f"torch, cmake and a C++17 compiler are present to build it.\n{line}\n", file=sys.stderr, flush=True)
+          f"torch, pybind11, cmake and a C++17 compiler are present to build it.\n{line}\n", file=sys.stderr,
+          flush=True)
 
 
 class CMakeBuild(build_ext):
@@ -63,6 +66,11 @@ class CMakeBuild(build_ext):
         except ImportError as exc:
             raise RuntimeError("torch is not importable by the build (pip's build isolation hides it: use "
                                "--no-build-isolation)") from exc
+        try:
+            import pybind11  # the Python module's bindings (plain pybind11, no torch types)
+        except ImportError as exc:
+            raise RuntimeError("pybind11 is not importable by the build (`pip install pybind11` first; pip's build "
+                               "isolation would install it but hide torch: use --no-build-isolation)") from exc
         cmake = shutil.which("cmake")
         if cmake is None:
             raise RuntimeError("cmake is not on PATH")
@@ -71,6 +79,7 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         args = [cmake, str(ROOT), f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_path.parent}",
                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython_EXECUTABLE={sys.executable}",
+                f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DSTAGE1_TORCH_VERSION={torch.__version__}",
                 f"-DSTAGE1_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
                 f"-DSTAGE1_CUDA={'ON' if torch.version.cuda else 'OFF'}", "-DCMAKE_BUILD_TYPE=Release"]
         if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
@@ -93,7 +102,9 @@ setup(
     version="0.1.0",
     description="A small, fast Qwen-2.5 inference engine and a few-shot SFT data generator for base models",
     python_requires=">=3.10",
-    packages=find_packages(include=["stage1", "stage1.*"]) + ["stage1.kernels"],
+    # stage1/kernels has no __init__.py, so find_packages stops there: it and its subpackages (kernels/sampling/)
+    packages=find_packages(include=["stage1", "stage1.*"]) + ["stage1.kernels"]
+    + [f"stage1.kernels.{name}" for name in find_packages(str(ROOT / "kernels"))],
     package_data={"stage1.data": ["*.json", "*.jsonl"]},
     install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.19", "tqdm", "numpy", "gguf>=0.19",
                       "datasketch>=1.6"],

@@ -1,10 +1,7 @@
-// stage1._C: the native ops, registered with the dispatcher as torch.ops.stage1.* (CPU and Meta kernels; CUDA
-// kernels will register here too when STAGE1_WITH_CUDA is defined), and a minimal Python module: importing
-// stage1._C loads this library, whose static TORCH_LIBRARY blocks register the ops. No pybind11: the module has
-// two plain CPython functions (the CPU kernel in use, and forcing one for tests), so it does not link
-// torch_python and does not depend on the pybind11 torch was built with.
-#include <Python.h>
-
+// stage1._C: the native ops, registered with the dispatcher as torch.ops.stage1.* (CPU and Meta kernels here; the
+// CUDA kernels register in cuda/*.cu when STAGE1_WITH_CUDA is defined). Importing stage1._C loads this library,
+// whose static TORCH_LIBRARY blocks register the ops; its Python functions (the CPU kernel set, build information)
+// are a plain pybind11 module in python/module.cpp, which includes no torch header and does not link torch_python.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,64 +16,44 @@
 #include "cpu/decode_attention.h"
 #include "cpu/linear_bf16w.h"
 #include "cpu/sampler.h"
+#include "isa.h"
 
 namespace stage1 {
 namespace {
 
 // ------------------------------------------------------------------------------------------ ISA dispatch (CPU)
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1 };
-
-bool cpu_has(Isa isa) {
-  switch (isa) {
-    case Isa::kScalar: return true;
-#if defined(__x86_64__) || defined(__i386__)
-    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-    default: return false;
-  }
-}
-
-const char* isa_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "scalar"; }
-
-Isa best_isa() { return cpu_has(Isa::kAvx2) ? Isa::kAvx2 : Isa::kScalar; }
-
-std::atomic<int>& current_isa() {
-  static std::atomic<int> isa{static_cast<int>(best_isa())};
-  return isa;
-}
-
 cpu::DecodeAttentionFn decode_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::decode_attention_avx2;
+  if (active_isa() == Isa::kAvx2) return cpu::decode_attention_avx2;
 #endif
   return cpu::decode_attention_scalar;
 }
 
 cpu::LinearBf16wFn linear_bf16w_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::linear_bf16w_avx2;
+  if (active_isa() == Isa::kAvx2) return cpu::linear_bf16w_avx2;
 #endif
   return cpu::linear_bf16w_scalar;
 }
 
 cpu::SampleRowsFn sample_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::sample_rows_avx2;
+  if (active_isa() == Isa::kAvx2) return cpu::sample_rows_avx2;
 #endif
   return cpu::sample_rows_scalar;
 }
 
 cpu::SampleRowWithPrefixFn sample_with_prefix_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::sample_row_with_prefix_avx2;
+  if (active_isa() == Isa::kAvx2) return cpu::sample_row_with_prefix_avx2;
 #endif
   return cpu::sample_row_with_prefix_scalar;
 }
 
 cpu::GumbelNoiseFn gumbel_noise_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-  if (static_cast<Isa>(current_isa().load()) == Isa::kAvx2) return cpu::gumbel_noise_avx2;
+  if (active_isa() == Isa::kAvx2) return cpu::gumbel_noise_avx2;
 #endif
   return cpu::gumbel_noise_scalar;
 }
@@ -421,46 +398,3 @@ TORCH_LIBRARY_IMPL(stage1, Meta, m) {
   m.impl("sample", &stage1::sample_meta);
   m.impl("gumbel_noise", &stage1::gumbel_noise_meta);
 }
-
-// ----------------------------------------------------------------------------------------------- Python module
-
-namespace {
-
-PyObject* cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(stage1::isa_name(static_cast<stage1::Isa>(stage1::current_isa().load())));
-}
-
-// _set_cpu_isa("scalar" | "avx2" | "best") -> the previous one; for tests and benchmarks of the fallbacks.
-PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
-  const char* name = PyUnicode_AsUTF8(arg);
-  if (name == nullptr) return nullptr;
-  const std::string want(name);
-  stage1::Isa isa;
-  if (want == "best") {
-    isa = stage1::best_isa();
-  } else if (want == "scalar") {
-    isa = stage1::Isa::kScalar;
-  } else if (want == "avx2") {
-    isa = stage1::Isa::kAvx2;
-  } else {
-    PyErr_Format(PyExc_ValueError, "unknown CPU kernel set %s: use scalar, avx2 or best", name);
-    return nullptr;
-  }
-  if (!stage1::cpu_has(isa)) {
-    PyErr_Format(PyExc_RuntimeError, "this CPU cannot run the %s kernels", name);
-    return nullptr;
-  }
-  const int previous = stage1::current_isa().exchange(static_cast<int>(isa));
-  return PyUnicode_FromString(stage1::isa_name(static_cast<stage1::Isa>(previous)));
-}
-
-PyMethodDef methods[] = {
-    {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernel set the ops run: avx2 or scalar."},
-    {"_set_cpu_isa", set_cpu_isa, METH_O, "Force a CPU kernel set (scalar, avx2, best); returns the previous."},
-    {nullptr, nullptr, 0, nullptr}};
-
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "stage1 native ops (torch.ops.stage1.*)", -1, methods};
-
-}  // namespace
-
-PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }

@@ -1,31 +1,34 @@
-"""Post-processing and filters: each turns a completion into a kept response or a reject with a reason.
+"""The filters: each one object that passes a row or rejects it with a reason, after datatrove's pipeline steps.
 
-Each check takes a `Candidate` and returns a rejection (reason, detail) or None. `checks_in_order` lists them in the
-order they run (the first that fires is the row's reason): empty, run_on, control_token, scaffolding, repetition,
-example_copy, instruction_echo, then across the dataset exact_duplicate and near_duplicate. Thresholds are the named
-constants below.
+A filter is one class: its `name` is the reason written into rejects.jsonl, its `description` what --help and the
+README say of it, its thresholds are its constructor's arguments (defaults: the named constants below; `build` takes
+them from the run's settings), and `check(row)` returns None (pass) or `self.reject(detail)`. `FILTERS` lists the
+classes in the order they run: the first that rejects a row gives its reason. The reasons the CLI lists
+(`reject_reasons()`) are that list's names. Adding a filter is one class and one entry in `FILTERS`.
+
+There are three kinds, by what a check compares a row with:
+- `PromptFilter`: the planned prompt, before it is sent (a rejected one is never generated from);
+- `RowFilter`: one completion alone (each shard runs them);
+- `DatasetFilter`: one completion against the rows kept before it in input order (exact and near duplicates). It
+  keeps state: `add(row)` feeds it each kept row, in input order, and `reset()` forgets them. A shard runs none; the
+  merge (merge.py) feeds fresh ones every shard's rows in input order, so it decides as one unsharded run does.
+`FILTERS` holds the kinds in that order, so a shard's reasons are the unsharded run's.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from stage1.data.errors import DataError
-from stage1.data.prompts import PromptStyle
+from stage1.data.prompts import load_styles
 
-# Reasons, as written into rejects.jsonl.
-EMPTY = "empty"
-RUN_ON = "run_on"
-CONTROL_TOKEN = "control_token"
-SCAFFOLDING = "scaffolding"
-REPETITION = "repetition"
-EXAMPLE_COPY = "example_copy"
-INSTRUCTION_ECHO = "instruction_echo"
-EXACT_DUPLICATE = "exact_duplicate"
-NEAR_DUPLICATE = "near_duplicate"
+if TYPE_CHECKING:
+    from stage1.data.prompts import PromptStyle
+    from stage1.data.settings import GenerationConfig
 
 # Qwen's control-token strings; the regex also catches the rest of its <|...|> family (fim, vision, tool tokens).
 CONTROL_TOKEN_TEXTS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -71,19 +74,349 @@ def post_process(raw: str, stops: tuple[str, ...] | list[str]) -> str:
     return raw[:cut].strip()
 
 
-def control_token_detail(text: str) -> str | None:
-    m = _CONTROL_TOKEN_RE.search(text)
-    return f"contains {m.group(0)}" if m else None
+def dedup_key(row_id: str, index: int | None) -> str:
+    """How a duplicate names the row it repeats."""
+    return f"{row_id}#{index}"
 
 
-def scaffolding_detail(text: str, patterns: tuple[str, ...]) -> str | None:
-    for pattern in patterns:
-        m = re.search(pattern, text, re.MULTILINE)
-        if m:
-            return f"matches {pattern!r}: {m.group(0).strip()!r}"
+@dataclass(frozen=True)
+class Candidate:
+    """What the filters see of one row: a planned prompt (response None) or a completion."""
+    instruction: str
+    response: str | None  # post-processed; None for a prompt not generated from yet
+    finish_reason: str | None
+    example_completions: dict[str, str]  # the completions of its few-shot examples, by example id
+    key: str = ""  # dedup_key: how a later duplicate names this row
+    prompt_tokens: int = 0
+
+    @classmethod
+    def of_written(cls, row: dict[str, Any]) -> Candidate:
+        """A row already in data.jsonl, as the dataset-level filters see it (resume, merge)."""
+        return cls(row["instruction"], row["response"], row["finish_reason"], {}, dedup_key(row["id"], row["index"]),
+                   row["prompt_tokens"])
+
+
+# -- the kinds --------------------------------------------------------------------------------------------------------
+class Filter:
+    """One filter. Subclasses set `name` (the reject reason) and `description`, and implement `check`."""
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> Filter:
+        """This filter with the run's thresholds (one the run turned off passes every row)."""
+        return cls()
+
+    def check(self, row: Candidate) -> Rejection | None:
+        """None if `row` passes, else `self.reject(detail)`."""
+        raise NotImplementedError
+
+    def reject(self, detail: str | None = None) -> Rejection:
+        return self.name, detail
+
+    # A filter also stands where a check function of the old API stood: called on a row, named by its reason
+    # (tests/data/test_settings.py and stage1/data/jobs.py still use it so).
+    def __call__(self, row: Candidate) -> Rejection | None:
+        return self.check(row)
+
+    @property
+    def __name__(self) -> str:
+        return self.name
+
+
+class PromptFilter(Filter):
+    """Looks at the planned prompt (`row.prompt_tokens`, `row.instruction`) before it is sent."""
+
+
+class RowFilter(Filter):
+    """Looks at one completion alone."""
+
+
+class DatasetFilter(Filter):
+    """Looks at one completion against the rows kept before it, fed in input order: the first of equals is kept."""
+
+    def reset(self) -> None:
+        """Forgets every row fed so far. Subclasses set up their state here (their `__init__` calls it)."""
+        raise NotImplementedError
+
+    def add(self, row: Candidate) -> None:
+        """Takes in a kept row: later rows are checked against it."""
+        raise NotImplementedError
+
+
+# -- the filters, in the order they run -------------------------------------------------------------------------------
+class PromptTooLong(PromptFilter):
+    name = "prompt_too_long"
+    description = "the prompt plus --max-tokens exceeds the model's context (never sent, never truncated)"
+
+    def __init__(self, max_tokens: int, max_model_len: int):
+        self.max_tokens = max_tokens
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> PromptTooLong:
+        return cls(config.max_tokens, max_model_len)
+
+    def check(self, row: Candidate) -> Rejection | None:
+        if row.prompt_tokens + self.max_tokens <= self.max_model_len:
+            return None
+        return self.reject(f"{row.prompt_tokens} prompt tokens + max_tokens {self.max_tokens} > max_model_len "
+                           f"{self.max_model_len}")
+
+
+class Empty(RowFilter):
+    name = "empty"
+    description = "nothing left once cut at the stop marker and stripped"
+
+    def check(self, row: Candidate) -> Rejection | None:
+        return None if row.response else self.reject()
+
+
+class RunOn(RowFilter):
+    name = "run_on"
+    description = "hit --max-tokens before the stop marker (--allow-run-on keeps them)"
+
+    def __init__(self, allow: bool = False):
+        self.allow = allow
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> RunOn:
+        return cls(config.allow_run_on)
+
+    def check(self, row: Candidate) -> Rejection | None:
+        if row.finish_reason != "length" or self.allow:
+            return None
+        return self.reject("hit max_tokens before the stop marker (pass --allow-run-on to keep such rows)")
+
+
+class ControlToken(RowFilter):
+    name = "control_token"
+    description = "holds a control token's text (<|endoftext|>, <|im_start|>, <|im_end|>, any <|...|>)"
+
+    def check(self, row: Candidate) -> Rejection | None:
+        m = _CONTROL_TOKEN_RE.search(row.response)
+        return self.reject(f"contains {m.group(0)}") if m else None
+
+
+class Scaffolding(RowFilter):
+    name = "scaffolding"
+    description = "starts the next few-shot example (the prompt style's scaffold patterns)"
+
+    def __init__(self, patterns: Iterable[str]):
+        self.patterns = tuple(patterns)
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> Scaffolding:
+        return cls(load_styles()[config.style].scaffold_patterns)
+
+    def check(self, row: Candidate) -> Rejection | None:
+        for pattern in self.patterns:
+            m = re.search(pattern, row.response, re.MULTILINE)
+            if m:
+                return self.reject(f"matches {pattern!r}: {m.group(0).strip()!r}")
+        return None
+
+
+class Repetition(RowFilter):
+    name = "repetition"
+    description = (f"repeated lines and n-grams, Gopher's rules (from {REPETITION_MIN_WORDS} words; below, a loop of "
+                   f"{SHORT_LOOP_NGRAM}-grams)")
+
+    def __init__(self, max_dup_line_frac: float = MAX_DUP_LINE_FRAC,
+                 max_dup_line_char_frac: float = MAX_DUP_LINE_CHAR_FRAC,
+                 max_top_ngram_char_frac: dict[int, float] = MAX_TOP_NGRAM_CHAR_FRAC,
+                 max_dup_ngram_char_frac: dict[int, float] = MAX_DUP_NGRAM_CHAR_FRAC,
+                 min_words: int = REPETITION_MIN_WORDS, short_loop_ngram: int = SHORT_LOOP_NGRAM,
+                 short_loop_max_char_frac: float = SHORT_LOOP_MAX_CHAR_FRAC):
+        self.max_dup_line_frac = max_dup_line_frac
+        self.max_dup_line_char_frac = max_dup_line_char_frac
+        self.max_top_ngram_char_frac = max_top_ngram_char_frac
+        self.max_dup_ngram_char_frac = max_dup_ngram_char_frac
+        self.min_words = min_words
+        self.short_loop_ngram = short_loop_ngram
+        self.short_loop_max_char_frac = short_loop_max_char_frac
+
+    def check(self, row: Candidate) -> Rejection | None:
+        rule = self.broken_rule(row.response)
+        return self.reject(rule) if rule else None
+
+    def broken_rule(self, text: str) -> str | None:
+        """Which repetition rule the text breaks, or None."""
+        line_frac, line_char_frac = duplicate_line_fractions(text)
+        if line_frac > self.max_dup_line_frac:
+            return f"duplicate line fraction {line_frac:.2f} > {self.max_dup_line_frac}"
+        if line_char_frac > self.max_dup_line_char_frac:
+            return f"duplicate line character fraction {line_char_frac:.2f} > {self.max_dup_line_char_frac}"
+        ws = words(text)
+        if len(ws) < self.min_words:
+            n, limit = self.short_loop_ngram, self.short_loop_max_char_frac
+            frac = duplicate_ngram_char_fraction(ws, n)
+            return f"duplicate {n}-gram character fraction {frac:.2f} > {limit}" if frac > limit else None
+        for n, limit in self.max_top_ngram_char_frac.items():
+            frac, gram = top_ngram_char_fraction(ws, n)
+            if frac > limit:
+                return f"top {n}-gram {gram!r} character fraction {frac:.2f} > {limit}"
+        for n, limit in self.max_dup_ngram_char_frac.items():
+            frac = duplicate_ngram_char_fraction(ws, n)
+            if frac > limit:
+                return f"duplicate {n}-gram character fraction {frac:.2f} > {limit}"
+        return None
+
+
+class ExampleCopy(RowFilter):
+    """The response is (nearly) one of its own few-shot completions: the model copied instead of answering."""
+    name = "example_copy"
+    description = "copies one of its own few-shot completions (ROUGE-L F above --copy-threshold)"
+
+    def __init__(self, threshold: float = COPY_THRESHOLD, min_words: int = COPY_MIN_WORDS):
+        self.threshold = threshold
+        self.min_words = min_words
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> ExampleCopy:
+        return cls(config.copy_threshold)
+
+    def check(self, row: Candidate) -> Rejection | None:
+        if len(words(row.response)) < self.min_words:
+            return None
+        for example_id, completion in row.example_completions.items():
+            score = rouge_l_f(row.response, completion)
+            if score > self.threshold:
+                return self.reject(f"ROUGE-L F {score:.2f} > {self.threshold} with example {example_id}")
+        return None
+
+
+class InstructionEcho(RowFilter):
+    name = "instruction_echo"
+    description = f"is only a passage of its own instruction ({ECHO_MIN_WORDS} words or more)"
+
+    def __init__(self, min_words: int = ECHO_MIN_WORDS):
+        self.min_words = min_words
+
+    def check(self, row: Candidate) -> Rejection | None:
+        said = words(row.response)
+        if len(said) < self.min_words or f" {' '.join(said)} " not in f" {' '.join(words(row.instruction))} ":
+            return None
+        return self.reject(f"the response ({len(said)} words) is a passage of the instruction")
+
+
+class ExactDuplicate(DatasetFilter):
+    name = "exact_duplicate"
+    description = "the same instruction and response as a row kept before it (case and spacing aside)"
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._first: dict[tuple[str, str], str] = {}  # normalized (instruction, response) -> the first row's key
+
+    @staticmethod
+    def _normalized(row: Candidate) -> tuple[str, str]:
+        return " ".join(row.instruction.casefold().split()), " ".join(row.response.casefold().split())
+
+    def check(self, row: Candidate) -> Rejection | None:
+        first = self._first.get(self._normalized(row))
+        return None if first is None else self.reject(f"same instruction and response as {first}")
+
+    def add(self, row: Candidate) -> None:
+        self._first.setdefault(self._normalized(row), row.key)
+
+
+class NearDuplicate(DatasetFilter):
+    name = "near_duplicate"
+    description = (f"a response near one kept before it (MinHash LSH over word {NEAR_DUP_SHINGLE}-grams, estimated "
+                   f"Jaccard at least --near-dup-threshold, {NEAR_DUP_MIN_WORDS}+ words; --no-near-dedup turns it off)")
+
+    def __init__(self, threshold: float = NEAR_DUP_THRESHOLD, num_perm: int = NEAR_DUP_NUM_PERM,
+                 shingle: int = NEAR_DUP_SHINGLE, min_words: int = NEAR_DUP_MIN_WORDS, enabled: bool = True):
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self.shingle = shingle
+        self.min_words = min_words
+        self.enabled = enabled
+        self.reset()
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> NearDuplicate:
+        return cls(config.near_dup_threshold, enabled=config.near_dedup)
+
+    def reset(self) -> None:
+        self._lsh = None  # off: passes every row, and needs no datasketch
+        if self.enabled:
+            try:
+                from datasketch import MinHashLSH
+            except ImportError:
+                raise DataError("near-duplicate filtering needs the datasketch package: pip install datasketch "
+                                "(or pass --no-near-dedup)") from None
+            self._lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+        self._minhashes: dict[str, Any] = {}  # key -> datasketch.MinHash
+        self._order: dict[str, int] = {}  # key -> when it was kept: a duplicate names the earliest match
+
+    def _minhash(self, response: str):
+        ws = words(response)
+        if self._lsh is None or len(ws) < self.min_words:
+            return None
+        from datasketch import MinHash
+        mh = MinHash(num_perm=self.num_perm, seed=1)
+        mh.update_batch([" ".join(ws[i:i + self.shingle]).encode("utf-8") for i in range(len(ws) - self.shingle + 1)])
+        return mh
+
+    def check(self, row: Candidate) -> Rejection | None:
+        mh = self._minhash(row.response)
+        if mh is None:
+            return None
+        # LSH gives candidates; the MinHash estimate confirms them (fewer false positives).
+        scores = {k: self._minhashes[k].jaccard(mh) for k in self._lsh.query(mh)}
+        matches = [k for k, score in scores.items() if score >= self.threshold]
+        if not matches:
+            return None
+        first = min(matches, key=self._order.__getitem__)
+        return self.reject(f"estimated Jaccard {scores[first]:.2f} >= {self.threshold} with {first}")
+
+    def add(self, row: Candidate) -> None:
+        mh = self._minhash(row.response)
+        if mh is not None:
+            self._order[row.key] = len(self._order)
+            self._minhashes[row.key] = mh
+            self._lsh.insert(row.key, mh)
+
+
+# The filters, in the order they run: prompt filters, then row filters, then dataset filters (see the module doc).
+FILTERS: tuple[type[Filter], ...] = (
+    PromptTooLong, Empty, RunOn, ControlToken, Scaffolding, Repetition, ExampleCopy, InstructionEcho,
+    ExactDuplicate, NearDuplicate,
+)
+
+
+def reject_reasons() -> dict[str, str]:
+    """Every reason a row of rejects.jsonl may give, in the order the filters run, with what it means (--help and the
+    README list them)."""
+    return {f.name: f.description for f in FILTERS}
+
+
+def build_filters(config: GenerationConfig, *kinds: type[Filter], max_model_len: int | None = None) -> list[Filter]:
+    """The run's filters of these kinds, in `FILTERS` order, with its thresholds. `max_model_len` (the engine's
+    context) is needed for the prompt filters only."""
+    return [f.build(config, max_model_len) for f in FILTERS if issubclass(f, kinds)]
+
+
+def first_rejection(filters: Iterable[Filter], row: Candidate) -> Rejection | None:
+    """The rejection of the first filter that rejects `row`, or None: it passes them all."""
+    for f in filters:
+        verdict = f.check(row)
+        if verdict:
+            return verdict
     return None
 
 
+def add_kept(filters: Iterable[Filter], row: Candidate) -> None:
+    """Feeds a kept row to the dataset-level filters among `filters`."""
+    for f in filters:
+        if isinstance(f, DatasetFilter):
+            f.add(row)
+
+
+# -- measures the row filters use -------------------------------------------------------------------------------------
 def duplicate_line_fractions(text: str) -> tuple[float, float]:
     """(lines repeating an earlier line / lines, their characters / all characters); lines without a word character
     (a lone brace, a rule) don't count."""
@@ -122,30 +455,6 @@ def duplicate_ngram_char_fraction(ws: list[str], n: int) -> float:
     return sum(len(w) for w, c in zip(ws, covered) if c) / total if total else 0.0
 
 
-def repetition_detail(text: str) -> str | None:
-    """Which Gopher-style repetition rule the text breaks, or None."""
-    line_frac, line_char_frac = duplicate_line_fractions(text)
-    if line_frac > MAX_DUP_LINE_FRAC:
-        return f"duplicate line fraction {line_frac:.2f} > {MAX_DUP_LINE_FRAC}"
-    if line_char_frac > MAX_DUP_LINE_CHAR_FRAC:
-        return f"duplicate line character fraction {line_char_frac:.2f} > {MAX_DUP_LINE_CHAR_FRAC}"
-    ws = words(text)
-    if len(ws) < REPETITION_MIN_WORDS:
-        frac = duplicate_ngram_char_fraction(ws, SHORT_LOOP_NGRAM)
-        if frac > SHORT_LOOP_MAX_CHAR_FRAC:
-            return f"duplicate {SHORT_LOOP_NGRAM}-gram character fraction {frac:.2f} > {SHORT_LOOP_MAX_CHAR_FRAC}"
-        return None
-    for n, limit in MAX_TOP_NGRAM_CHAR_FRAC.items():
-        frac, gram = top_ngram_char_fraction(ws, n)
-        if frac > limit:
-            return f"top {n}-gram {gram!r} character fraction {frac:.2f} > {limit}"
-    for n, limit in MAX_DUP_NGRAM_CHAR_FRAC.items():
-        frac = duplicate_ngram_char_fraction(ws, n)
-        if frac > limit:
-            return f"duplicate {n}-gram character fraction {frac:.2f} > {limit}"
-    return None
-
-
 def rouge_l_f(a: str, b: str) -> float:
     """ROUGE-L F1 of two texts over lower-cased words (longest common subsequence)."""
     x, y = words(a), words(b)
@@ -164,160 +473,29 @@ def rouge_l_f(a: str, b: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def example_copy_detail(response: str, completions: dict[str, str], threshold: float = COPY_THRESHOLD) -> str | None:
-    """Whether the response is (nearly) one of its own few-shot completions: the model copied instead of answering."""
-    if len(words(response)) < COPY_MIN_WORDS:
-        return None
-    for example_id, completion in completions.items():
-        score = rouge_l_f(response, completion)
-        if score > threshold:
-            return f"ROUGE-L F {score:.2f} > {threshold} with example {example_id}"
-    return None
-
-
-def instruction_echo_detail(response: str, instruction: str) -> str | None:
-    said = words(response)
-    if len(said) < ECHO_MIN_WORDS or f" {' '.join(said)} " not in f" {' '.join(words(instruction))} ":
-        return None
-    return f"the response ({len(said)} words) is a passage of the instruction"
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """What the checks see of one completion."""
-    instruction: str
-    response: str  # post-processed
-    finish_reason: str | None
-    example_completions: dict[str, str]  # the completions of its few-shot examples, by example id
-
-
-Check = Callable[[Candidate], Rejection | None]  # each named after the reason it gives
-
-
-def checks_in_order(quality: QualityFilter, dedup: Deduplicator | None) -> list[Check]:
-    """Every check a completion goes through, in the order they run: the first that fires is its reason. Each is
-    named after the reason it gives. Without `dedup` (a shard), only the per-row checks: the merge runs the rest."""
-    return row_checks(quality) + (dataset_checks(dedup) if dedup is not None else [])
-
-
-def row_checks(quality: QualityFilter) -> list[Check]:
-    """The checks that look at the row alone."""
-    return [quality.empty, quality.run_on, quality.control_token, quality.scaffolding, quality.repetition,
-            quality.example_copy, quality.instruction_echo]
-
-
-def dataset_checks(dedup: Deduplicator) -> list[Check]:
-    """The checks against the rows kept before it in input order (they run last)."""
-    return [dedup.exact_duplicate, dedup.near_duplicate]
-
-
-def dedup_key(row_id: str, index: int | None) -> str:
-    """How a duplicate names the row it repeats."""
-    return f"{row_id}#{index}"
-
-
-def first_rejection(checks: list[Check], candidate: Candidate) -> Rejection | None:
-    for check in checks:
-        verdict = check(candidate)
-        if verdict:
-            return verdict
-    return None
-
-
-def _fires(reason: str, detail: str | None) -> Rejection | None:
-    return (reason, detail) if detail else None
+# -- the names from before filter objects, for callers not yet moved to FILTERS (tests/data/test_prompts.py and
+# tests/data/test_settings.py); each is the objects above under its old name.
+def QualityFilter(style: PromptStyle, allow_run_on: bool = False,  # noqa: N802 (was a class)
+                  copy_threshold: float = COPY_THRESHOLD) -> list[Filter]:
+    """The row filters for a prompt style."""
+    return [Empty(), RunOn(allow_run_on), ControlToken(), Scaffolding(style.scaffold_patterns), Repetition(),
+            ExampleCopy(copy_threshold), InstructionEcho()]
 
 
 @dataclass
-class QualityFilter:
-    """The per-row checks: they depend on the row alone, never on the rest of the dataset."""
-    style: PromptStyle
-    allow_run_on: bool = False
-    copy_threshold: float = COPY_THRESHOLD
-
-    def post_process(self, raw: str) -> str:
-        return post_process(raw, self.style.stop)
-
-    def empty(self, c: Candidate) -> Rejection | None:
-        return None if c.response else (EMPTY, None)
-
-    def run_on(self, c: Candidate) -> Rejection | None:
-        if c.finish_reason == "length" and not self.allow_run_on:
-            return RUN_ON, "hit max_tokens before the stop marker (pass --allow-run-on to keep such rows)"
-        return None
-
-    def control_token(self, c: Candidate) -> Rejection | None:
-        return _fires(CONTROL_TOKEN, control_token_detail(c.response))
-
-    def scaffolding(self, c: Candidate) -> Rejection | None:
-        return _fires(SCAFFOLDING, scaffolding_detail(c.response, self.style.scaffold_patterns))
-
-    def repetition(self, c: Candidate) -> Rejection | None:
-        return _fires(REPETITION, repetition_detail(c.response))
-
-    def example_copy(self, c: Candidate) -> Rejection | None:
-        return _fires(EXAMPLE_COPY, example_copy_detail(c.response, c.example_completions, self.copy_threshold))
-
-    def instruction_echo(self, c: Candidate) -> Rejection | None:
-        return _fires(INSTRUCTION_ECHO, instruction_echo_detail(c.response, c.instruction))
-
-
 class Deduplicator:
-    """Exact duplicates of (instruction, response) and near-duplicate responses across the dataset.
+    """The dataset-level filters; `add(key, instruction, response)` feeds them a kept row."""
+    near: bool = True
+    threshold: float = NEAR_DUP_THRESHOLD
+    filters: list[DatasetFilter] | None = None  # these, or new exact and near (`near`, `threshold`) ones
 
-    Holds only kept rows, in the order they were kept; on resume it is rebuilt from data.jsonl in file order, so a
-    resumed run makes the same decisions as an uninterrupted one. A duplicate names the earliest row it repeats.
-    """
-
-    def __init__(self, near: bool = True, threshold: float = NEAR_DUP_THRESHOLD, num_perm: int = NEAR_DUP_NUM_PERM):
-        self._exact: dict[tuple[str, str], str] = {}
-        self._order: dict[str, int] = {}
-        self._minhashes: dict[str, object] = {}  # key -> datasketch.MinHash
-        self.threshold = threshold
-        self.num_perm = num_perm
-        self._lsh = None
-        if near:
-            try:
-                from datasketch import MinHashLSH
-            except ImportError:
-                raise DataError("near-duplicate filtering needs the datasketch package: pip install datasketch "
-                                "(or pass --no-near-dedup)") from None
-            self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-
-    @staticmethod
-    def _exact_key(instruction: str, response: str) -> tuple[str, str]:
-        return " ".join(instruction.casefold().split()), " ".join(response.casefold().split())
-
-    def _minhash(self, response: str):
-        ws = words(response)
-        if self._lsh is None or len(ws) < NEAR_DUP_MIN_WORDS:
-            return None
-        from datasketch import MinHash
-        mh = MinHash(num_perm=self.num_perm, seed=1)
-        mh.update_batch([" ".join(ws[i:i + NEAR_DUP_SHINGLE]).encode("utf-8")
-                         for i in range(len(ws) - NEAR_DUP_SHINGLE + 1)])
-        return mh
-
-    def exact_duplicate(self, c: Candidate) -> Rejection | None:
-        first = self._exact.get(self._exact_key(c.instruction, c.response))
-        return None if first is None else (EXACT_DUPLICATE, f"same instruction and response as {first}")
-
-    def near_duplicate(self, c: Candidate) -> Rejection | None:
-        mh = self._minhash(c.response)
-        if mh is None:
-            return None
-        # LSH gives candidates; the MinHash estimate confirms them (fewer false positives).
-        scores = {k: self._minhashes[k].jaccard(mh) for k in self._lsh.query(mh)}
-        matches = [k for k, score in scores.items() if score >= self.threshold]
-        if not matches:
-            return None
-        first = min(matches, key=self._order.__getitem__)
-        return NEAR_DUPLICATE, f"estimated Jaccard {scores[first]:.2f} >= {self.threshold} with {first}"
+    def __post_init__(self):
+        if self.filters is None:
+            self.filters = [ExactDuplicate(), NearDuplicate(self.threshold, enabled=self.near)]
 
     def add(self, key: str, instruction: str, response: str) -> None:
-        self._order[key] = len(self._order)
-        self._exact.setdefault(self._exact_key(instruction, response), key)
-        mh = self._minhash(response)
-        if mh is not None:
-            self._minhashes[key] = mh
-            self._lsh.insert(key, mh)
+        add_kept(self.filters, Candidate(instruction, response, None, {}, key))
+
+
+def checks_in_order(quality: list[Filter], dedup: Deduplicator | None) -> list[Filter]:
+    return [*quality, *(dedup.filters if dedup is not None else [])]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from stage1.data.errors import DataError
-from stage1.data.filters import Candidate, Deduplicator, dataset_checks, dedup_key, first_rejection
+from stage1.data.filters import Candidate, DatasetFilter, add_kept, build_filters, first_rejection
 from stage1.data.hashing import sha256_file
 from stage1.data.manifest import MANIFEST_FILE, DatasetSummary, identity_diff, read_manifest
 from stage1.data.readers import Instruction
@@ -156,8 +156,7 @@ def merge(shards: list[Shard], instructions: list[Instruction], config: Generati
         return ((candidate, row) for row in iter_jsonl(file))
 
     files = [tagged(s.path / DATA_FILE, True) for s in shards] + [tagged(s.path / REJECTS_FILE, False) for s in shards]
-    dedup = Deduplicator(config.near_dedup, config.near_dup_threshold)
-    checks = dataset_checks(dedup)
+    checks = build_filters(config, DatasetFilter)  # fresh: fed every shard's kept rows below, in input order
     summary = DatasetSummary()
     dedup_rejected = 0
     # One row per file in memory. Places are unique across files (load_shards): this is the order a sort of all the
@@ -165,12 +164,13 @@ def merge(shards: list[Shard], instructions: list[Instruction], config: Generati
     for candidate, row in heapq.merge(*files, key=lambda item: order(item[1])):
         kept = False
         if candidate:  # passed its shard's per-row filters: the dataset-wide ones decide
-            verdict = first_rejection(checks, Candidate(row["instruction"], row["response"], row["finish_reason"], {}))
+            view = Candidate.of_written(row)
+            verdict = first_rejection(checks, view)
             if verdict:
                 row = with_reason(row, *verdict)
                 dedup_rejected += 1
             else:
-                dedup.add(dedup_key(row["id"], row["index"]), row["instruction"], row["response"])
+                add_kept(checks, view)
                 kept = True
         (data if kept else rejects).write(dumps_line(row))
         summary.add(row, kept=kept)

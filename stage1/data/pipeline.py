@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stage1.data.engine import Engine
 from stage1.data.errors import PromptMismatchError
-from stage1.data.filters import (CONTROL_TOKEN_TEXTS, Candidate, Deduplicator, QualityFilter, checks_in_order,
-                                 dedup_key, first_rejection)
+from stage1.data.filters import (CONTROL_TOKEN_TEXTS, Candidate, DatasetFilter, Deduplicator, PromptFilter,
+                                 Rejection, RowFilter, add_kept, build_filters, dedup_key, first_rejection,
+                                 post_process)
 from stage1.data.hashing import derive_seed
 from stage1.data.prompts import CompletionStylePrompts, Prompt
 from stage1.data.readers import Instruction
-from stage1.data.rows import REASON_PROMPT_TOO_LONG, make_row, row_key, with_reason
+from stage1.data.rows import make_row, row_key, with_reason
 from stage1.data.settings import GenerationConfig
 from stage1.data.stream import Job, RequestStream
 from stage1.data.writer import DatasetWriter, iter_jsonl
@@ -87,7 +88,7 @@ class _Plan(NamedTuple):
     seed: int
     prompt: Prompt
     n_tokens: int  # prompt tokens
-    fits: bool  # prompt + max_tokens within max_model_len
+    rejection: Rejection | None  # by a prompt filter (prompt_too_long): never sent
 
 
 class Pipeline:
@@ -104,21 +105,26 @@ class Pipeline:
         self.writer = writer
         self.on_step = on_step
         self.prompts = CompletionStylePrompts(config.style)
-        self.quality = QualityFilter(self.prompts.style, config.allow_run_on, config.copy_threshold)
-        self.dedup = None if dedup_at_merge else Deduplicator(config.near_dedup, config.near_dup_threshold)
-        self.checks = checks_in_order(self.quality, self.dedup)
+        # The filters (filters.FILTERS, in order): the prompt's as it is planned, then each completion's; a shard
+        # leaves the dataset-level ones to the merge.
+        self.prompt_checks = build_filters(config, PromptFilter, max_model_len=llm.max_model_len)
+        self.checks = build_filters(config, *((RowFilter,) if dedup_at_merge else (RowFilter, DatasetFilter)))
         self.stop_token_ids = (default_stop_token_ids(llm) if config.stop_token_ids is None
                                else list(config.stop_token_ids))
         self.stats = SessionStats()
         self._done: set[tuple[str, int | None]] = set()
+
+    @property
+    def dedup(self) -> Deduplicator:
+        """The dataset-level filters under their old name (tests/data/test_settings.py feeds them a row)."""
+        return Deduplicator(filters=[f for f in self.checks if isinstance(f, DatasetFilter)])
 
     # -- resume ------------------------------------------------------------------------------------------------
     def load_existing(self) -> None:
         """Takes in the rows already written (a resumed run): which completions exist, and the dedup state."""
         for row in iter_jsonl(self.writer.data_path):
             self._done.add(row_key(row))
-            if self.dedup is not None:
-                self.dedup.add(dedup_key(row["id"], row["index"]), row["instruction"], row["response"])
+            add_kept(self.checks, Candidate.of_written(row))
         for row in iter_jsonl(self.writer.rejects_path):
             self._done.add(row_key(row))
 
@@ -170,7 +176,7 @@ class Pipeline:
         stop = self.prompts.style.stop
         for inst in todo:
             plan = self.plan(inst)
-            if not plan.fits:
+            if plan.rejection:
                 yield Job(plan, None)
             else:
                 yield Job(plan, plan.prompt.text, self.config.sampling_params(plan.seed, stop, self.stop_token_ids))
@@ -192,19 +198,20 @@ class Pipeline:
 
     # -- the steps ---------------------------------------------------------------------------------------------
     def plan(self, inst: Instruction) -> _Plan:
-        """The instruction's seed and prompt, and whether prompt + max_tokens fits the context. The engine raises on
-        an over-long prompt and we never truncate: such a row is rejected in `judge`, never sent."""
+        """The instruction's seed and prompt, and the prompt filters' verdict (whether prompt + max_tokens fits the
+        context: the engine raises on an over-long prompt and we never truncate). A prompt they reject is never sent:
+        its row is rejected in `judge`."""
         seed = derive_seed(self.config.seed, inst.id)
         prompt = self.prompts.build(inst.instruction, seed, inst.type)
         n_tokens = len(self.llm.tokenizer.encode(prompt.text))
-        fits = n_tokens + self.config.max_tokens <= self.llm.max_model_len
-        return _Plan(inst, seed, prompt, n_tokens, fits)
+        planned = Candidate(inst.instruction, None, None, {}, prompt_tokens=n_tokens)
+        return _Plan(inst, seed, prompt, n_tokens, first_rejection(self.prompt_checks, planned))
 
     def judge(self, plan: _Plan, out: RequestOutput | None, kept: list[Row], rejected: list[Row]) -> None:
         """Appends the instruction's rows to `kept` / `rejected`. A kept row joins the dedup state at once: later
-        rows are checked against it. `out` is None for a prompt that was never sent (too long)."""
+        rows are checked against it. `out` is None for a prompt that was never sent (a prompt filter rejected it)."""
         if out is None:
-            rejected.append(self._too_long(plan))
+            rejected.append(self._rejected_prompt(plan))
         else:
             self._verify(plan.prompt.text, out)
             self._judge_completions(plan, out, kept, rejected)
@@ -222,12 +229,10 @@ class Pipeline:
         return {"example_ids": plan.prompt.example_ids, "style": plan.prompt.style, "seed": plan.seed,
                 "sampling": self.config.sampling_fields()}
 
-    def _too_long(self, plan: _Plan) -> Row:
+    def _rejected_prompt(self, plan: _Plan) -> Row:
         self.stats.rejected += 1
         row = make_row(plan.inst, prompt=plan.prompt.text, prompt_tokens=plan.n_tokens, **self._row_fields(plan))
-        return with_reason(row, REASON_PROMPT_TOO_LONG,
-                           f"{plan.n_tokens} prompt tokens + max_tokens {self.config.max_tokens} > max_model_len "
-                           f"{self.llm.max_model_len}")
+        return with_reason(row, *plan.rejection)
 
     def _judge_completions(self, plan: _Plan, out: RequestOutput, kept: list[Row], rejected: list[Row]) -> None:
         inst = plan.inst
@@ -237,16 +242,17 @@ class Pipeline:
             self.stats.generated_tokens += len(comp.token_ids)
             if (inst.id, comp.index) in self._done:
                 continue  # written before a crash; regenerated only to complete its siblings
-            response = self.quality.post_process(comp.text)
+            response = post_process(comp.text, self.prompts.style.stop)
             row = make_row(inst, prompt=out.prompt, prompt_tokens=len(out.prompt_token_ids), completion=comp,
                            response=response, **self._row_fields(plan))
-            verdict = first_rejection(self.checks, Candidate(inst.instruction, response, comp.finish_reason, examples))
+            candidate = Candidate(inst.instruction, response, comp.finish_reason, examples,
+                                  dedup_key(inst.id, comp.index), len(out.prompt_token_ids))
+            verdict = first_rejection(self.checks, candidate)
             if verdict:
                 rejected.append(with_reason(row, *verdict))
                 self.stats.rejected += 1
             else:
-                if self.dedup is not None:
-                    self.dedup.add(dedup_key(inst.id, comp.index), inst.instruction, response)
+                add_kept(self.checks, candidate)
                 kept.append(row)
                 self.stats.kept += 1
 

@@ -12,7 +12,6 @@ ROW_FIELDS = (
     "id", "index", "instruction", "type", "source", "prompt", "response", "raw_response", "finish_reason",
     "stop_reason", "prompt_tokens", "response_tokens", "example_ids", "style", "seed", "sampling", "reason", "detail",
 )
-REASON_PROMPT_TOO_LONG = "prompt_too_long"
 
 
 def make_row(instruction, *, prompt: str, prompt_tokens: int, example_ids, style: str, seed: int,

@@ -4,10 +4,7 @@ import pytest
 
 from stage1.data import filters as F
 from stage1.data.prompts import load_styles
-
-COMPLETION = load_styles()["completion"]
-QA = load_styles()["qa"]
-
+from stage1.data.settings import GenerationConfig
 
 def test_post_process_cuts_at_the_first_stop_marker_only_and_strips():
     assert F.post_process("  Paris.\n\nWhat is next?\n\nMore", ["\n\n"]) == "Paris."
@@ -16,15 +13,22 @@ def test_post_process_cuts_at_the_first_stop_marker_only_and_strips():
     assert F.post_process("  ", ["\n\n"]) == ""
 
 
-def check(text, style=COMPLETION, finish="stop", examples=None, instruction="", **kw):
-    """The first rejection of `text` by all checks in order, with nothing kept yet (no duplicates possible)."""
-    checks = F.checks_in_order(F.QualityFilter(style, **kw), F.Deduplicator(near=False))
-    return F.first_rejection(checks, F.Candidate(instruction, text, finish, examples or {}))
+def check(text, style="completion", finish="stop", examples=None, instruction="", **settings):
+    """The first rejection of `text` by every completion filter in order, with nothing kept yet (no duplicates)."""
+    filters = F.build_filters(GenerationConfig(style=style, **settings), F.RowFilter, F.DatasetFilter)
+    return F.first_rejection(filters, F.Candidate(instruction, text, finish, examples or {}))
 
 
-def dup_check(d, instruction, response):
-    """The dataset-level checks alone, in their order."""
-    return F.first_rejection([d.exact_duplicate, d.near_duplicate], F.Candidate(instruction, response, "stop", {}))
+def dedup(near=True, threshold=F.NEAR_DUP_THRESHOLD):
+    return [F.ExactDuplicate(), F.NearDuplicate(threshold, enabled=near)]
+
+
+def keep(filters, key, instruction, response):
+    F.add_kept(filters, F.Candidate(instruction, response, "stop", {}, key))
+
+
+def dup_check(filters, instruction, response):
+    return F.first_rejection(filters, F.Candidate(instruction, response, "stop", {}))
 
 
 def test_a_good_answer_passes():
@@ -32,33 +36,34 @@ def test_a_good_answer_passes():
 
 
 def test_empty():
-    assert check("") == (F.EMPTY, None)
+    assert check("") == ("empty", None)
 
 
 def test_run_on_unless_allowed():
-    assert check("An answer that never ended", finish="length")[0] == F.RUN_ON
+    assert check("An answer that never ended", finish="length")[0] == "run_on"
     assert check("An answer that never ended", finish="length", allow_run_on=True) is None
 
 
 @pytest.mark.parametrize("token", ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>"])
 def test_leaked_control_token_text(token):
     reason, detail = check(f"The answer is 4.{token}user")
-    assert reason == F.CONTROL_TOKEN and token in detail
+    assert reason == "control_token" and token in detail
 
 
 @pytest.mark.parametrize("style, text", [
-    (COMPLETION, "Paris.\nHere are examples of prompts and their completions:"),
-    (COMPLETION, "Paris.\nInstruction: name a city"),
-    (COMPLETION, "### Response: Paris"),
-    (QA, "Paris.\nQ: What is the capital of Spain?"),
-    (QA, "Paris.\nA: Madrid."),
+    ("completion", "Paris.\nHere are examples of prompts and their completions:"),
+    ("completion", "Paris.\nInstruction: name a city"),
+    ("completion", "### Response: Paris"),
+    ("qa", "Paris.\nQ: What is the capital of Spain?"),
+    ("qa", "Paris.\nA: Madrid."),
 ])
 def test_scaffolding_that_starts_the_next_example(style, text):
-    assert check(text, style)[0] == F.SCAFFOLDING
+    assert check(text, style)[0] == "scaffolding"
+    assert F.Scaffolding(load_styles()[style].scaffold_patterns).check(F.Candidate("", text, "stop", {}))
 
 
 def test_qa_lines_are_fine_in_the_completion_style():
-    assert check("Q: is a letter, and so is A.", COMPLETION) is None
+    assert check("Q: is a letter, and so is A.", "completion") is None
 
 
 @pytest.mark.parametrize("text, rule", [
@@ -72,7 +77,7 @@ def test_qa_lines_are_fine_in_the_completion_style():
 ])
 def test_repetition_gopher_rules(text, rule):
     reason, detail = check(text)
-    assert reason == F.REPETITION and detail.startswith(rule), detail
+    assert reason == "repetition" and detail.startswith(rule), detail
 
 
 @pytest.mark.parametrize("text", [
@@ -85,7 +90,7 @@ def test_repetition_gopher_rules(text, rule):
     "as birds because they have feathers and are able to fly.",
 ])
 def test_natural_short_answers_are_not_repetition(text):
-    assert F.repetition_detail(text) is None
+    assert F.Repetition().broken_rule(text) is None
 
 
 def test_repetition_metrics_individually():
@@ -97,8 +102,8 @@ def test_repetition_metrics_individually():
     assert F.duplicate_ngram_char_fraction(ws, 3) == pytest.approx(5 / 9)
     assert F.duplicate_ngram_char_fraction(ws, 5) == pytest.approx(5 / 9)  # "a b c a b" again at 3
     assert F.duplicate_ngram_char_fraction(ws, 6) == 0.0
-    assert F.repetition_detail("Yes, yes.") is None  # too short for the n-gram rules
-    assert F.repetition_detail("def f(x):\n    return x\n}\n}\n") is None  # lines without words don't count
+    assert F.Repetition().broken_rule("Yes, yes.") is None  # too short for the n-gram rules
+    assert F.Repetition().broken_rule("def f(x):\n    return x\n}\n}\n") is None  # lines without words don't count
 
 
 def test_duplicate_ngram_rule_fires_when_top_ngram_rules_do_not():
@@ -106,7 +111,7 @@ def test_duplicate_ngram_rule_fires_when_top_ngram_rules_do_not():
     # 336 characters (0.18 > 0.15), while the top 4-gram covers only 48 (0.14 <= 0.16).
     phrase = " ".join(f"phr{i:03d}" for i in range(10))
     filler = " ".join(f"fil{i:03d}" for i in range(36))
-    detail = F.repetition_detail(f"{phrase} {filler} {phrase}")
+    detail = F.Repetition().broken_rule(f"{phrase} {filler} {phrase}")
     assert detail.startswith("duplicate 5-gram character fraction 0.18"), detail
 
 
@@ -119,7 +124,7 @@ def test_rouge_l():
 def test_copy_of_its_own_few_shot_completion():
     examples = {"ex-creative-01": "Snow blankets the quiet landscape in pristine white."}
     reason, detail = check("Snow blankets the quiet landscape in pure white.", examples=examples)
-    assert reason == F.EXAMPLE_COPY and "ex-creative-01" in detail
+    assert reason == "example_copy" and "ex-creative-01" in detail
     assert check("Autumn leaves drift over the sleeping town.", examples=examples) is None
     assert check("Tokyo", examples={"ex-completion-05": "Tokyo"}) is None  # short answers may coincide
 
@@ -135,40 +140,40 @@ def test_copy_of_its_own_few_shot_completion():
 ])
 def test_instruction_echo(instruction, response, echo):
     verdict = check(response, instruction=instruction)
-    assert (verdict is not None and verdict[0] == F.INSTRUCTION_ECHO) == echo, verdict
+    assert (verdict is not None and verdict[0] == "instruction_echo") == echo, verdict
 
 
 def test_exact_duplicates_of_instruction_and_response():
-    d = F.Deduplicator(near=False)
+    d = dedup(near=False)
     assert dup_check(d, "What is 2+2?", "4") is None
-    d.add("a#0", "What is 2+2?", "4")
-    assert dup_check(d, "what is  2+2?", " 4 ") == (F.EXACT_DUPLICATE, "same instruction and response as a#0")
+    keep(d, "a#0", "What is 2+2?", "4")
+    assert dup_check(d, "what is  2+2?", " 4 ") == ("exact_duplicate", "same instruction and response as a#0")
     assert dup_check(d, "What is 3+1?", "4") is None  # the same short answer to another question is fine
 
 
 def test_near_duplicates_across_the_dataset():
     base = ("Photosynthesis is the process by which green plants use sunlight water and carbon dioxide to make "
             "glucose and release oxygen into the air around them every day")
-    d = F.Deduplicator(near=True, threshold=0.7)
-    d.add("a#0", "Explain photosynthesis.", base)
-    d.add("b#0", "Explain gravity.", "Gravity pulls masses toward each other, which is why apples fall to the ground")
+    d = dedup(threshold=0.7)
+    keep(d, "a#0", "Explain photosynthesis.", base)
+    keep(d, "b#0", "Explain gravity.", "Gravity pulls masses toward each other, which is why apples fall to the ground")
     reason, detail = dup_check(d, "What is photosynthesis?", base.replace("every day", "each day"))
-    assert reason == F.NEAR_DUPLICATE and "a#0" in detail
+    assert reason == "near_duplicate" and "a#0" in detail
     assert dup_check(d, "What is gravity?",
                      "Gravity is the curvature of spacetime described by general relativity") is None
-    off = F.Deduplicator(near=False)
-    off.add("a#0", "Explain photosynthesis.", base)
+    off = dedup(near=False)
+    keep(off, "a#0", "Explain photosynthesis.", base)
     assert dup_check(off, "What is photosynthesis?", base.replace("every day", "each day")) is None
 
 
 def test_near_duplicate_names_the_earliest_match():
     text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
-    d = F.Deduplicator(threshold=0.5)
-    d.add("z#0", "q1", text)
-    d.add("a#0", "q2", text + " fifteen")
+    d = dedup(threshold=0.5)
+    keep(d, "z#0", "q1", text)
+    keep(d, "a#0", "q2", text + " fifteen")
     assert dup_check(d, "q3", text)[1].endswith("z#0")
 
 
 def test_order_of_checks_first_reason_wins():
-    assert check("<|im_end|>", finish="length")[0] == F.RUN_ON
-    assert check("Q: again <|im_end|>", QA)[0] == F.CONTROL_TOKEN
+    assert check("<|im_end|>", finish="length")[0] == "run_on"
+    assert check("Q: again <|im_end|>", "qa")[0] == "control_token"

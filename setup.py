@@ -46,6 +46,11 @@ def _warn(message: str) -> None:
           flush=True)
 
 
+def _warn_pybind11_fallback(bundled: Path) -> None:
+    print(f"stage1._C: pybind11 is not installed; building its Python functions against the pybind11 headers torch "
+          f"ships ({bundled}). `pip install pybind11` to build against the package.", file=sys.stderr, flush=True)
+
+
 class CMakeBuild(build_ext):
     """Builds stage1._C with CMake; a failure is a warning, not an error (the module is optional)."""
 
@@ -68,9 +73,16 @@ class CMakeBuild(build_ext):
                                "--no-build-isolation)") from exc
         try:
             import pybind11  # the Python module's bindings (plain pybind11, no torch types)
-        except ImportError as exc:
-            raise RuntimeError("pybind11 is not importable by the build (`pip install pybind11` first; pip's build "
-                               "isolation would install it but hide torch: use --no-build-isolation)") from exc
+            pybind11_arg = f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"
+        except ImportError:
+            # An offline machine without the package (a GPU node's image): the copy of pybind11's headers that torch
+            # ships, used alone (the module still sees no torch header or type).
+            bundled = Path(torch.__file__).parent / "include"
+            if not (bundled / "pybind11" / "pybind11.h").exists():
+                raise RuntimeError("pybind11 is not importable by the build (`pip install pybind11` first; pip's "
+                                   "build isolation would install it but hide torch: use --no-build-isolation)")
+            _warn_pybind11_fallback(bundled)
+            pybind11_arg = f"-DSTAGE1_PYBIND11_INCLUDE={bundled}"
         cmake = shutil.which("cmake")
         if cmake is None:
             raise RuntimeError("cmake is not on PATH")
@@ -79,7 +91,7 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         args = [cmake, str(ROOT), f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_path.parent}",
                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython_EXECUTABLE={sys.executable}",
-                f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DSTAGE1_TORCH_VERSION={torch.__version__}",
+                pybind11_arg, f"-DSTAGE1_TORCH_VERSION={torch.__version__}",
                 f"-DSTAGE1_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
                 f"-DSTAGE1_CUDA={'ON' if torch.version.cuda else 'OFF'}", "-DCMAKE_BUILD_TYPE=Release"]
         if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():

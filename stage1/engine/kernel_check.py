@@ -342,7 +342,8 @@ def device_identity(device: torch.device) -> dict:
     module = _load()[0]
     if module is not None and getattr(module, "__file__", None):
         stat = os.stat(module.__file__)
-        identity["stage1._C"] = [stat.st_size, int(stat.st_mtime), module.cpu_isa()]
+        identity["stage1._C"] = [stat.st_size, int(stat.st_mtime), module.cpu_isa(),
+                                 getattr(module, "build_info", dict)()]
     return identity
 
 

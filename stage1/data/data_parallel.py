@@ -63,17 +63,18 @@ def cpu_threads_each(size: int, env: Mapping[str, str] = os.environ) -> int:
     return max(1, total // size)
 
 
-def run_shard_processes(argv: list[str], out: str | Path, size: int, tensor_parallel_size: int, device: str,
-                        resume: bool) -> list[int]:
-    """Runs shard i of `size` for each i not complete yet (all of them unless `resume`), waits for them, and returns
-    the indices it ran. Raises ShardFailedError naming the first shard that failed."""
+def run_shard_processes(module: str, argv: list[str], out: str | Path, size: int, tensor_parallel_size: int,
+                        device: str, resume: bool) -> list[int]:
+    """Runs shard i of `size` for each i not complete yet (all of them unless `resume`): `python -m <module> <argv>`
+    for shard i, the job's CLI with the run's arguments. Waits for them, and returns the indices it ran. Raises
+    ShardFailedError naming the first shard that failed."""
     slices = gpu_slices(size, tensor_parallel_size, device)
     states = shard_states(out, size) if resume else {}
     todo = [i for i in range(size) if states.get(i) != "complete"]
     for i in sorted(set(range(size)) - set(todo)):
         print(f"[{shard_name(i, size)}] complete, not rerun", file=sys.stderr)
     threads = cpu_threads_each(size)
-    procs = {i: _start(argv, i, size, slices[i], threads) for i in todo}
+    procs = {i: _start(module, argv, i, size, slices[i], threads) for i in todo}
     relays = [threading.Thread(target=_relay, args=(p, shard_name(i, size)), daemon=True) for i, p in procs.items()]
     for t in relays:
         t.start()
@@ -91,12 +92,12 @@ def run_shard_processes(argv: list[str], out: str | Path, size: int, tensor_para
     return todo
 
 
-def _start(argv: list[str], index: int, size: int, gpus: str | None, threads: int) -> subprocess.Popen:
+def _start(module: str, argv: list[str], index: int, size: int, gpus: str | None, threads: int) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
     # The last occurrence of a flag wins with argparse: the process runs one shard, not data parallelism again.
-    cmd = [sys.executable, "-m", "stage1.generate", *argv, "--data-parallel-size", "1", "--num-shards", str(size),
+    cmd = [sys.executable, "-m", module, *argv, "--data-parallel-size", "1", "--num-shards", str(size),
            "--shard-index", str(index)]
     parent = os.getpid()
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -1,4 +1,5 @@
-"""`Engine`: what the data pipeline and the CLI use of an inference engine, and nothing more.
+"""`Engine`: what the data pipeline and the CLI use of an inference engine, and nothing more; and how a run gets one
+(its model directory, `stage1.LLM` started with the run's engine options, shut down after it).
 
 `stage1.LLM` implements it; so does the tests' fake engine (tests/data/conftest.py). The pipeline uses these members
 directly: an engine without one of them is not an engine for it. Generation goes through the step API
@@ -7,10 +8,15 @@ directly: an engine without one of them is not an engine for it. Generation goes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from stage1.data.errors import DataError
+
 if TYPE_CHECKING:
+    from stage1.data.run import EngineOptions
     from stage1.engine.outputs import RequestOutput
     from stage1.engine.params import SamplingParams
 
@@ -93,3 +99,54 @@ class Engine(Protocol):
 
     def shutdown(self) -> None:
         """Frees what the engine holds beyond this process's memory (its tensor-parallel workers)."""
+
+
+EngineFactory = Callable[[Path, "EngineOptions"], Engine]  # (model directory, options) -> a started engine
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """--model's directory, checked; None: the default model (stage1.models), fetched before."""
+    if model:
+        path = Path(model).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            raise DataError(f"--model {model}: a GGUF file; convert it once with python -m stage1.models import-gguf "
+                            f"{model} OUT_DIR and pass --model OUT_DIR")
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise DataError(f"--model {model}: not a model directory (it needs config.json, tokenizer.json and "
+                            "*.safetensors); pass the directory of a Hugging Face checkpoint")
+        return path
+    try:
+        from stage1.models import resolve_model
+    except ImportError:
+        raise DataError("no --model given and this install has no default model (stage1.models); pass --model DIR, "
+                        "the directory of a Qwen2.5 base checkpoint (config.json, tokenizer.json, *.safetensors)"
+                        ) from None
+    try:
+        return Path(resolve_model(None))
+    except Exception as e:  # noqa: BLE001 - any failure to get the default model becomes one clear line
+        raise DataError(f"no --model given and the default model is not available ({e}); fetch it with "
+                        "python -m stage1.models fetch, or pass --model DIR") from None
+
+
+def load_llm(model_dir: Path, options: EngineOptions) -> Engine:
+    """stage1.LLM: the first use of the engine, so torch loads here (a merge never gets here)."""
+    try:
+        from stage1 import LLM
+    except ImportError as e:  # torch (or another engine dependency) is missing where this run generates
+        raise DataError(f"the stage1 engine can't be imported ({e}); generating needs torch and the engine's "
+                        "dependencies (pip install torch, then pip install --no-build-isolation -e .); only --merge "
+                        "and the SLURM launcher run without them") from None
+    try:
+        return LLM(str(model_dir), **options.llm_kwargs())
+    except (OSError, ValueError) as e:
+        raise DataError(f"could not load the model in {model_dir}: {e}") from None
+
+
+@contextlib.contextmanager
+def started_engine(factory: EngineFactory, model_dir: Path, options: EngineOptions) -> Iterator[Engine]:
+    """The engine for the run, shut down after it (its tensor-parallel workers end with it)."""
+    llm = factory(model_dir, options)
+    try:
+        yield llm
+    finally:
+        llm.shutdown()

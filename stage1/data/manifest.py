@@ -1,5 +1,6 @@
 """The run manifest (manifest.json beside the data): what made this dataset, and whether an output directory already
-holds another run.
+holds another run. The manifests a run writes are built here, from its description (run.py): a running one, then
+complete with each session's record, and the merge's.
 
 `identity` is the part of the arguments that decides the rows (model files, input, prompt data, sampling, filters);
 `--resume` needs it to match, batch size and --limit may differ.
@@ -8,17 +9,27 @@ holds another run.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shlex
+import socket
 import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stage1.data.errors import DataError
 from stage1.data.hashing import sha256_file
 from stage1.data.writer import DATA_FILE, REJECTS_FILE, replaced_whole
+
+if TYPE_CHECKING:
+    from stage1.data.engine import Engine
+    from stage1.data.pipeline import Pipeline, SessionStats
+    from stage1.data.run import Run
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "stage1-sft-manifest/1"
@@ -52,10 +63,9 @@ def code_version() -> dict[str, Any]:
             dirty = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    try:
-        import torch
-        torch_version = torch.__version__
-    except ImportError:
+    try:  # the installed torch's version, read without importing it (the merge runs without torch)
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
         torch_version = None
     return {"stage1_version": version, "git_commit": commit, "git_dirty": dirty,
             "python": platform.python_version(), "torch": torch_version}
@@ -63,6 +73,79 @@ def code_version() -> dict[str, Any]:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@dataclass(frozen=True)
+class Started:
+    """When this process's run began: the manifests' times and its wall time."""
+    at: str = field(default_factory=now)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def wall_s(self) -> float:
+        return round(time.perf_counter() - self.t0, 2)
+
+
+def this_process() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+ROW_SEED = "int.from_bytes(sha256(f'{seed}:{id}')[:8], 'big') >> 1"
+
+
+def _described(run: Run, identity: dict[str, Any]) -> dict[str, Any]:
+    """What every manifest of a run says of the command that made it."""
+    return {"command": shlex.join(["python", "-m", run.job.cli, *run.argv]), "args": dict(run.flags),
+            "identity": identity}
+
+
+def running_manifest(run: Run, identity: dict[str, Any], model: dict[str, Any], llm: Engine, pipeline: Pipeline,
+                     previous: dict[str, Any] | None, started: Started) -> dict[str, Any]:
+    """Written before the data files exist, so a crashed run is always recognised and resumable. `previous`: the
+    manifest of the run being resumed."""
+    from stage1.data.shards import shard_name  # shards.py reads manifests: imported here, when needed
+
+    shard = {} if run.shard is None else {"shard": {"index": run.shard[0], "count": run.shard[1],
+                                                    "name": shard_name(*run.shard)}}
+    return {
+        "format": FORMAT, "status": "running", **shard, "running_on": this_process(),
+        "created_at": previous["created_at"] if previous else started.at, "updated_at": started.at,
+        **_described(run, identity),
+        "model": {**model, "max_model_len": llm.max_model_len, "eos_token_ids": list(llm.eos_token_ids),
+                  "vocab_size": llm.vocab_size},
+        "code": code_version(),
+        "generation": {"style": run.settings.style, "stop": list(pipeline.prompts.style.stop),
+                       "stop_token_ids": pipeline.stop_token_ids, **run.settings.sampling_fields(),
+                       "seed": run.settings.seed, "row_seed": ROW_SEED},
+        "files": {"data": DATA_FILE, "rejects": REJECTS_FILE},
+        "sessions": list(previous.get("sessions", [])) if previous else [],
+    }
+
+
+def session_record(run: Run, resumed: bool, engine_info: dict[str, Any], stats: SessionStats,
+                   started: Started) -> dict[str, Any]:
+    """One session of a run (a run resumed N times has N + 1): where, how fast, and its tail."""
+    return {"started_at": started.at, "finished_at": now(), "resumed": resumed, **this_process(),
+            "engine": engine_info, "wall_s": started.wall_s(), **stats.as_dict()}
+
+
+def completed_manifest(manifest: dict[str, Any], summary: dict[str, Any], session: dict[str, Any]) -> dict[str, Any]:
+    """The running manifest, complete: the whole dataset's counts and this session added."""
+    return {**manifest, "status": "complete", "updated_at": now(), **summary,
+            "sessions": manifest["sessions"] + [session]}
+
+
+def merged_manifest(run: Run, identity: dict[str, Any], first_shard: dict[str, Any], summary: dict[str, Any],
+                    shard_reports: list[dict[str, Any]], dataset_filter_rejected: int,
+                    started: Started) -> dict[str, Any]:
+    """The merge's: the model and generation its shards ran with, each shard's report (merge.shard_report)."""
+    return {
+        "format": FORMAT, "status": "complete", "created_at": started.at, "updated_at": now(),
+        **_described(run, identity), "model": first_shard.get("model"), "code": code_version(),
+        "generation": first_shard.get("generation"), "files": {"data": DATA_FILE, "rejects": REJECTS_FILE},
+        **summary,
+        "merge": {**this_process(), "wall_s": started.wall_s(), "dataset_filter_rejected": dataset_filter_rejected},
+        "merged_shards": shard_reports,
+    }
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:

@@ -21,7 +21,8 @@ from stage1.data.filters import (CONTROL_TOKEN_TEXTS, Candidate, DatasetFilter, 
                                  Rejection, RowFilter, add_kept, build_filters, dedup_key, first_rejection,
                                  post_process)
 from stage1.data.hashing import derive_seed
-from stage1.data.prompts import CompletionStylePrompts, Prompt
+from stage1.data.jobs import RESPONSES, JobKind
+from stage1.data.prompts import Prompt
 from stage1.data.readers import Instruction
 from stage1.data.rows import make_row, row_key, with_reason
 from stage1.data.settings import GenerationConfig
@@ -42,6 +43,7 @@ Row = dict[str, Any]
 class SessionStats:
     """This session only (a resumed run counts the whole dataset separately, from the files)."""
     instructions_todo: int = 0
+    instructions_finished: int = 0  # generated (finished by the engine, in any order) or never sent: the progress
     instructions_done: int = 0  # judged, in input order (written at the next write)
     rows_written: int = 0
     kept: int = 0  # rows judged so far
@@ -50,13 +52,14 @@ class SessionStats:
     prompt_tokens_cached: int = 0  # of those, taken from the engine's prefix cache (the shared few-shot prefix)
     generated_tokens: int = 0
     generate_seconds: float = 0.0  # the streaming loop's wall time (generation, judging and writing overlap)
-    # the tail: decode steps that ran below half of max_num_seqs and their time (engine deltas over the session);
-    # of those, the steps while instructions were still left to enter (the loop keeps this at 0), and the time from
-    # the last instruction entering to the end
+    # decode steps that ran below half of max_num_seqs and their time (engine deltas over the session); of those, the
+    # underfilled ones: while more instructions waited to enter than slots were free (stream.StreamTail), the tail
+    # the engine could have avoided; and the time from the last instruction entering to the end
     decode_steps: int = 0
     low_occupancy_decode_steps: int = 0
     low_occupancy_decode_seconds: float = 0.0
-    low_occupancy_decode_steps_while_feeding: int = 0
+    underfilled_decode_steps: int = 0
+    underfilled_decode_seconds: float = 0.0
     tail_seconds: float = 0.0
     repaired_bytes: int = 0  # a partial last line cut off the files on resume
 
@@ -65,15 +68,16 @@ class SessionStats:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
 
     @property
-    def low_occupancy_share(self) -> float:
-        """The low-occupancy decode time as a share of the loop's wall time."""
-        return self.low_occupancy_decode_seconds / self.generate_seconds if self.generate_seconds else 0.0
+    def underfilled_share(self) -> float:
+        """The underfilled decode time as a share of the loop's wall time."""
+        return self.underfilled_decode_seconds / self.generate_seconds if self.generate_seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "generate_seconds": round(self.generate_seconds, 3),
                 "low_occupancy_decode_seconds": round(self.low_occupancy_decode_seconds, 3),
+                "underfilled_decode_seconds": round(self.underfilled_decode_seconds, 3),
                 "tail_seconds": round(self.tail_seconds, 3), "tokens_per_s": round(self.tokens_per_s, 2),
-                "low_occupancy_share": round(self.low_occupancy_share, 4)}
+                "underfilled_share": round(self.underfilled_share, 4)}
 
 
 def default_stop_token_ids(llm: Engine) -> list[int]:
@@ -96,15 +100,16 @@ class Pipeline:
     (stream.py; each stored prompt must be what the model saw: `_verify`) -> `judge` (each completion through
     `self.checks`, in input order) -> `write` (one append per file, every `config.batch_size` instructions)."""
 
-    def __init__(self, llm: Engine, config: GenerationConfig, writer: DatasetWriter, *,
+    def __init__(self, llm: Engine, config: GenerationConfig, writer: DatasetWriter, *, job: JobKind = RESPONSES,
                  on_step: Callable[[SessionStats], None] | None = None, dedup_at_merge: bool = False):
-        """`on_step(stats)` runs after every engine step (the progress display). `dedup_at_merge`: this is a shard,
-        whose rows the merge deduplicates against the other shards' (merge.py), so only the per-row checks run."""
+        """`job`: the kind of dataset (its prompts). `on_step(stats)` runs after every engine step (the progress
+        display). `dedup_at_merge`: this is a shard, whose rows the merge deduplicates against the other shards'
+        (merge.py), so only the per-row checks run."""
         self.llm = llm
         self.config = config
         self.writer = writer
         self.on_step = on_step
-        self.prompts = CompletionStylePrompts(config.style)
+        self.prompts = job.prompts(config.style)
         # The filters (filters.FILTERS, in order): the prompt's as it is planned, then each completion's; a shard
         # leaves the dataset-level ones to the merge.
         self.prompt_checks = build_filters(config, PromptFilter, max_model_len=llm.max_model_len)
@@ -146,7 +151,8 @@ class Pipeline:
         stream: RequestStream[_Plan] = RequestStream(self.llm)
         before, t0 = _engine_totals(self.llm), time.perf_counter()
         try:
-            with closing(stream.run(self._jobs(todo))) as steps:  # closed at once on an error: aborts what runs
+            # closed at once on an error: aborts what runs
+            with closing(stream.run(self._jobs(todo), len(todo))) as steps:
                 self._consume(steps, lambda: self._account(before, t0, stream))
         finally:
             self._account(before, t0, stream)
@@ -191,9 +197,9 @@ class Pipeline:
         s.decode_steps = int(delta["decode_steps"])
         s.low_occupancy_decode_steps = int(delta["low_occupancy_decode_steps"])
         s.low_occupancy_decode_seconds = delta["low_occupancy_decode_seconds"]
-        fed_until = stream.tail.low_occupancy_decode_steps if stream.tail.at is not None else now[
-            "low_occupancy_decode_steps"]
-        s.low_occupancy_decode_steps_while_feeding = int(fed_until - before["low_occupancy_decode_steps"])
+        s.underfilled_decode_steps = stream.tail.underfilled_decode_steps
+        s.underfilled_decode_seconds = stream.tail.underfilled_decode_seconds
+        s.instructions_finished = stream.done
         s.tail_seconds = time.perf_counter() - stream.tail.at if stream.tail.at is not None else 0.0
 
     # -- the steps ---------------------------------------------------------------------------------------------

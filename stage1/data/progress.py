@@ -1,5 +1,9 @@
-"""What a user sees of a running job: rows done of the total (kept / rejected), prompt and generated tokens/s from
-the engine's running totals, and an ETA from rows done against the total.
+"""What a user sees of a job: while it runs, the instructions generated of the total, the rows judged (kept /
+rejected), prompt and generated tokens/s from the engine's running totals, and an ETA; when it ends, its summary.
+
+Progress and ETA count the instructions the engine has finished, in whatever order they finish, not the rows judged:
+rows are released in input order, so one long completion at the head holds back many finished ones, and an ETA over
+rows would then say "35 minutes" until they all come out at once.
 
 On a terminal it is one bar, redrawn at most every `refresh_s` (the loop calls `update` after every engine step, so
 it moves during prefill too; a single step longer than that shows when it ends). Anywhere else (a SLURM log) it is
@@ -11,17 +15,21 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 from stage1.data.engine import EngineStats
+from stage1.data.manifest import MANIFEST_FILE
 from stage1.data.pipeline import SessionStats
+from stage1.data.writer import DATA_FILE, REJECTS_FILE
 
 
 class RunProgress:
-    def __init__(self, total_rows: int, engine_stats: EngineStats, *, tty: bool, stream: TextIO | None = None,
+    def __init__(self, total_instructions: int, engine_stats: EngineStats, *, tty: bool, stream: TextIO | None = None,
                  refresh_s: float = 1.0, log_every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        """`stream`: default sys.stderr; `clock`: seconds, monotonic."""
-        self.total = total_rows
+        """`total_instructions`: those this session generates; `stream`: default sys.stderr; `clock`: seconds,
+        monotonic."""
+        self.total = total_instructions
         self.engine = engine_stats
         self.stream = stream if stream is not None else sys.stderr
         self.refresh_s = refresh_s if tty else log_every_s
@@ -31,7 +39,8 @@ class RunProgress:
         self.bar = None
         if tty:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_rows, unit="row", desc="rows", file=stream, dynamic_ncols=True,
+            self.bar = tqdm(total=total_instructions, unit="instruction", desc="instructions generated", file=stream,
+                            dynamic_ncols=True,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
 
     def update(self, stats: SessionStats) -> None:
@@ -49,23 +58,24 @@ class RunProgress:
             self.bar.close()
 
     def line(self, stats: SessionStats, now: float) -> str:
-        """rows 120/512 (23.4%): kept 100, rejected 20 | prompt 1834 tok/s, generated 56.1 tok/s | 5:01 elapsed, ETA
-        16:22."""
-        done = stats.kept + stats.rejected
+        """instructions generated 120/512 (23.4%): rows kept 100, rejected 20 | prompt 1834 tok/s, generated 56.1
+        tok/s | 5:01 elapsed, ETA 16:22."""
+        done = stats.instructions_finished
         elapsed = max(now - self.start, 1e-9)
         prompt, generated = (now_t - before_t for now_t, before_t in zip(self._tokens(), self._tokens_before))
         eta = _clock_time(elapsed * (self.total - done) / done) if done else "?"
         share = f" ({100 * done / self.total:.1f}%)" if self.total else ""
-        return (f"rows {done}/{self.total}{share}: kept {stats.kept}, rejected {stats.rejected} | prompt "
-                f"{prompt / elapsed:.0f} tok/s, generated {generated / elapsed:.1f} tok/s | {_clock_time(elapsed)} "
-                f"elapsed, ETA {eta}")
+        return (f"instructions generated {done}/{self.total}{share}: rows kept {stats.kept}, rejected "
+                f"{stats.rejected} | prompt {prompt / elapsed:.0f} tok/s, generated {generated / elapsed:.1f} tok/s | "
+                f"{_clock_time(elapsed)} elapsed, ETA {eta}")
 
     def _draw(self, stats: SessionStats, now: float) -> None:
         if self.bar is None:
             print(f"[{time.strftime('%H:%M:%S')}] {self.line(stats, now)}", file=self.stream, flush=True)
             return
-        self.bar.n = stats.kept + stats.rejected
-        self.bar.set_postfix_str(self.line(stats, now).split(": ", 1)[1], refresh=False)  # all but "rows N/M"
+        self.bar.n = stats.instructions_finished
+        # all but "instructions generated N/M", which the bar shows
+        self.bar.set_postfix_str(self.line(stats, now).split(": ", 1)[1], refresh=False)
         self.bar.refresh()
 
     def _tokens(self) -> tuple[int, int]:
@@ -77,3 +87,27 @@ def _clock_time(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def print_summary(out: Path, summary: dict[str, Any], *, session: dict[str, Any] | None = None,
+                  merged: tuple[int, int] | None = None) -> None:
+    """The end of a run, on stdout: the dataset's counts (manifest.dataset_summary) and files; for a generating
+    session (manifest.session_record) its speed and tail; for a merge, `merged` = (shards, rows its dataset-wide
+    filters rejected)."""
+    c = summary["counts"]
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none"
+    if merged:
+        reasons += f"; {merged[1]} of them by the dataset-wide filters at the merge"
+    print(f"{f'merged {merged[0]} shards: ' if merged else ''}{c['instructions']} instructions, {c['completions']} "
+          f"completions: {c['kept']} kept, {c['rejected']} rejected ({reasons})")
+    print(f"  data:     {out / DATA_FILE}\n  rejects:  {out / REJECTS_FILE}\n  manifest: {out / MANIFEST_FILE}")
+    if session is None:
+        return
+    print(f"  this session: {session['generated_tokens']} tokens generated in {session['generate_seconds']:.1f} s "
+          f"({session['tokens_per_s']:.1f} tokens/s), wall {session['wall_s']:.1f} s")
+    after = session["low_occupancy_decode_steps"] - session["underfilled_decode_steps"]
+    print(f"  tail: {session['underfilled_decode_steps']} of {session['decode_steps']} decode steps ran below half of "
+          f"--max-num-seqs while more instructions waited than slots were free "
+          f"({session['underfilled_decode_seconds']:.1f} s, {100 * session['underfilled_share']:.1f}% of the "
+          f"generation time)\n        {after} others ran below half at the end of the input, with too few instructions "
+          "left to fill the engine")

@@ -49,7 +49,7 @@ class GenerationConfig:
     max_tokens: int = sampling(256, "N", "most new tokens per completion; longer ones are rejected as run_on")
     n: int = sampling(1, "N", "completions per instruction")
     seed: int = 0  # the run seed; each row's derives from it and the row's id
-    batch_size: int = not_identity(256)  # prompts per LLM.generate call; rows are written after each
+    batch_size: int = not_identity(64)  # rows are appended and fsynced each time this many more instructions are done
     allow_run_on: bool = False
     near_dedup: bool = True
     near_dup_threshold: float = NEAR_DUP_THRESHOLD

@@ -48,9 +48,15 @@ class Job(Generic[T]):
 
 @dataclass
 class StreamTail:
-    """When the input ran out, and what the engine had done by then (running totals, to take deltas of)."""
+    """When the input ran out, and the decode steps below half occupancy that the stream could have filled.
+
+    A decode step below half of max_num_seqs is underfilled when, as it ran, more jobs were waiting to enter than
+    slots were free (the stream's room: max_num_seqs less the requests in flight): the engine could have been fuller,
+    had the reorder window let them in. Once fewer wait than slots are free, all of them have entered or can: the end
+    of the input, which every run has, is not counted."""
     at: float | None = None  # perf_counter() when the last job had entered; None while jobs remain
-    low_occupancy_decode_steps: int = 0  # the engine's running total at that moment
+    underfilled_decode_steps: int = 0
+    underfilled_decode_seconds: float = 0.0
 
 
 class ReorderBuffer(Generic[T]):
@@ -86,13 +92,15 @@ class RequestStream(Generic[T]):
         if self.window < 1:
             raise ValueError(f"the reorder window must be at least 1, got {self.window}")
         self.tail = StreamTail()
+        self.done = 0  # jobs finished by the engine (in any order) or never sent: what progress counts
         self._buffer: ReorderBuffer[tuple[Job[T], Any]] = ReorderBuffer()
         self._sent: dict[str, tuple[int, Job[T]]] = {}  # request id -> (position, job): the unfinished requests
         self._next_position = 0
 
-    def run(self, jobs: Iterable[Job[T]]) -> Iterator[list[tuple[Job[T], RequestOutput | None]]]:
+    def run(self, jobs: Iterable[Job[T]], total: int) -> Iterator[list[tuple[Job[T], RequestOutput | None]]]:
         """After each engine step (and once before the first): the jobs released, in input order, often none.
-        Closing the iterator early (an error or Ctrl-C in the caller) aborts the requests still in flight."""
+        `total`: how many jobs `jobs` holds (it is read lazily). Closing the iterator early (an error or Ctrl-C in the
+        caller) aborts the requests still in flight."""
         source = iter(jobs)
         try:
             while True:
@@ -102,7 +110,8 @@ class RequestStream(Generic[T]):
                     if exhausted:
                         return
                     continue
-                self._step()
+                waiting = total - self._next_position
+                self._step(underfilled=waiting > self.max_in_flight - len(self._sent))
                 yield self._buffer.pop_ready()
         finally:
             if self._sent:
@@ -119,6 +128,7 @@ class RequestStream(Generic[T]):
             position, self._next_position = self._next_position, self._next_position + 1
             if job.prompt is None:
                 self._buffer.put(position, (job, None))
+                self.done += 1
                 continue
             request_id = self.llm.add_request(job.prompt, job.params)
             self._sent[request_id] = (position, job)
@@ -126,10 +136,18 @@ class RequestStream(Generic[T]):
 
     def _input_ran_out(self) -> None:
         if self.tail.at is None:
-            self.tail = StreamTail(time.perf_counter(), self.llm.stats.low_occupancy_decode_steps)
+            self.tail.at = time.perf_counter()
 
-    def _step(self) -> None:
+    def _step(self, underfilled: bool) -> None:
+        """One engine step; `underfilled`: more jobs wait than slots are free, so a low-occupancy decode step in it
+        counts in the tail (the engine's running totals, read around it)."""
+        stats = self.llm.stats
+        low_steps, low_seconds = stats.low_occupancy_decode_steps, stats.low_occupancy_decode_seconds
         finished = self.llm.step()
+        if underfilled:
+            self.tail.underfilled_decode_steps += stats.low_occupancy_decode_steps - low_steps
+            self.tail.underfilled_decode_seconds += stats.low_occupancy_decode_seconds - low_seconds
+        self.done += len(finished)
         for out in finished:
             sent = self._sent.pop(out.request_id, None)
             if sent is None:

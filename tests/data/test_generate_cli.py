@@ -324,13 +324,13 @@ def test_kernels_and_dtype_reach_the_engine_and_decide_the_run(gen, make_llm, fa
     """--kernels and --dtype go to the engine (stage1.LLM) and into the run's identity: the arithmetic decides the
     rows, so a resume with other kernels is refused."""
     import stage1
-    from stage1.generate import _load_llm
+    from stage1.data.engine import load_llm
 
     built = {}
     monkeypatch.setattr(stage1, "LLM", lambda model_dir, **kw: built.update(kw) or make_llm())
     argv = ["--model", str(fake_model_dir), "--out", str(out), "--no-progress", "--limit", "3",
             "--kernels", "native", "--dtype", "float32"]
-    assert main(argv, llm_factory=_load_llm) == 0
+    assert main(argv, llm_factory=load_llm) == 0
     assert built["kernels"] == "native" and built["dtype"] == "float32"
     identity = json.loads((out / "manifest.json").read_text())["identity"]
     assert identity["kernels"] == "native" and identity["dtype"] == "float32"

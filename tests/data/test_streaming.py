@@ -1,6 +1,7 @@
 """The streaming loop (stage1/data/stream.py) against the fake engine, which schedules like the real one and finishes
 requests out of order: the engine stays full while instructions remain, outputs come back in input order, the
-reorder window bounds what is held, and the tail is reported."""
+reorder window bounds what is held, and the tail is reported: low occupancy counts only while more instructions waited
+than slots were free, not at the end of the input."""
 
 from __future__ import annotations
 
@@ -35,11 +36,26 @@ def test_no_decode_step_below_half_occupancy_while_instructions_remain(gen, make
     assert low_in_tail > 0  # the last run-ons, decoding alone: reported, not hidden
     assert llm.most_in_flight <= max_num_seqs * n  # topped up to max_num_seqs requests, never more waiting
     [session] = json.loads((out / "manifest.json").read_text())["sessions"]
-    assert session["low_occupancy_decode_steps_while_feeding"] == 0
+    assert session["underfilled_decode_steps"] == 0 and session["underfilled_share"] == 0  # the engine was kept full
     assert session["low_occupancy_decode_steps"] == low_in_tail == llm.stats.low_occupancy_decode_steps
     assert session["decode_steps"] == len(llm.decode_log)
     assert session["low_occupancy_decode_seconds"] == pytest.approx(low_in_tail * llm.STEP_SECONDS)
-    assert session["low_occupancy_share"] > 0 and session["tail_seconds"] >= 0
+    assert session["tail_seconds"] >= 0
+
+
+def test_fewer_instructions_than_slots_is_no_tail(gen, make_llm, respond_mixed, out, capsys):
+    """The README's first command: 124 instructions never fill 256 slots, so every decode step runs below half, and
+    none of that is a tail the engine could have avoided: the summary says 0, and where the others went."""
+    llm = make_llm(respond=respond_mixed)
+    assert gen("--n", 1, llm=llm) == 0
+    [session] = json.loads((out / "manifest.json").read_text())["sessions"]
+    low = llm.stats.low_occupancy_decode_steps
+    assert low == session["decode_steps"] == len(llm.decode_log) > 100  # all of them below half of 256
+    assert session["low_occupancy_decode_steps"] == low and session["underfilled_decode_steps"] == 0
+    printed = capsys.readouterr().out
+    assert (f"tail: 0 of {low} decode steps ran below half of --max-num-seqs while more instructions waited than "
+            "slots were free (0.0 s, 0.0% of the generation time)") in printed
+    assert f"{low} others ran below half at the end of the input, with too few instructions left" in printed
 
 
 def jobs(count, llm, none_at=()):
@@ -50,8 +66,8 @@ def jobs(count, llm, none_at=()):
 
 def test_outputs_come_back_in_input_order_though_requests_finish_out_of_order(make_llm, respond_mixed):
     llm = make_llm(respond=respond_mixed, max_num_seqs=8)
-    released = [(job.item, out) for step in RequestStream(llm).run(jobs(100, llm, none_at={0, 41, 99})) for job, out
-                in step]
+    released = [(job.item, out) for step in RequestStream(llm).run(jobs(100, llm, none_at={0, 41, 99}), 100)
+                for job, out in step]
     assert [item for item, _ in released] == list(range(100))
     assert [item for item, out in released if out is None] == [0, 41, 99]  # never sent, released in their place
     assert all(out.prompt == f"Write a sentence about topic {item}.\n" for item, out in released if out)
@@ -62,22 +78,45 @@ def test_outputs_come_back_in_input_order_though_requests_finish_out_of_order(ma
 
 def test_the_reorder_window_bounds_the_outputs_held(make_llm):
     """Job 0 runs 256 steps, the others 5: with a window of 12 the stream never holds more than 12 jobs past the
-    oldest unreleased one (and so stops feeding while job 0 runs: the window is the bound on low occupancy)."""
+    oldest unreleased one (and so stops feeding while job 0 runs: the window is the bound on low occupancy). Those
+    steps, job 0 decoding alone while 47 jobs wait, are the tail the engine could have avoided: counted."""
     def respond(prompt, seed, index):
         return "x" * 400 if "topic 0." in prompt else "done\n\nmore"
 
     llm = make_llm(respond=respond, max_num_seqs=4)
+    stream = RequestStream(llm, window=12)
     done = 0
-    for step in RequestStream(llm, window=12).run(jobs(60, llm)):
+    for step in stream.run(jobs(60, llm), 60):
         done += len(step)
         assert len(llm.seen_prompts) - done <= 12
-    assert done == 60
+    assert done == 60 == stream.done
     assert max(added for _, added in llm.decode_log) == 60
+    alone_while_held = sum(seqs == 1 and added == 12 for seqs, added in llm.decode_log)
+    assert alone_while_held > 200  # job 0 decoding alone, the window full of 11 finished jobs behind it
+    assert alone_while_held <= stream.tail.underfilled_decode_steps <= llm.stats.low_occupancy_decode_steps
+    assert stream.tail.underfilled_decode_seconds == pytest.approx(
+        stream.tail.underfilled_decode_steps * llm.STEP_SECONDS)
+
+
+def test_done_counts_jobs_as_the_engine_finishes_them(make_llm):
+    """What progress counts: a job is done when the engine finishes it, in any order (or at once, never sent), long
+    before a slow job ahead of it releases it."""
+    def respond(prompt, seed, index):
+        return "x" * 400 if "topic 0." in prompt else "done\n\nmore"
+
+    llm = make_llm(respond=respond, max_num_seqs=4)
+    stream = RequestStream(llm)
+    released, most_ahead = 0, 0
+    for step in stream.run(jobs(30, llm, none_at={5}), 30):
+        released += len(step)
+        most_ahead = max(most_ahead, stream.done - released)
+    assert stream.done == released == 30
+    assert most_ahead == 29  # all but job 0 done while job 0 held them back
 
 
 def test_closing_the_stream_early_aborts_the_requests_in_flight(make_llm):
     llm = make_llm(max_num_seqs=4)
-    steps = RequestStream(llm).run(jobs(50, llm))
+    steps = RequestStream(llm).run(jobs(50, llm), 50)
     released = 0
     while released == 0 or not llm.has_unfinished_requests():
         released += len(next(steps))
@@ -95,7 +134,7 @@ def test_an_output_for_a_request_never_sent_stops_the_stream(make_llm):
 
     llm.step = step
     with pytest.raises(PromptMismatchError, match="never sent"):
-        for _ in RequestStream(llm).run(jobs(4, llm)):
+        for _ in RequestStream(llm).run(jobs(4, llm), 4):
             pass
 
 

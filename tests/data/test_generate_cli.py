@@ -288,6 +288,17 @@ def test_an_output_dir_holding_another_run_is_refused(gen, make_llm, out, capsys
     assert json.loads((out / "manifest.json").read_text())["identity"]["seed"] == 1
 
 
+def test_a_run_from_before_job_kinds_resumes(gen, make_llm, out, capsys):
+    """Its manifest's identity has no "job": it was the main job's, so it is this run."""
+    assert gen("--limit", 4, llm=make_llm()) == 0
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["identity"].pop("job") == "responses"
+    path.write_text(json.dumps(manifest))
+    resumed = make_llm()
+    assert gen("--limit", 6, "--resume", llm=resumed) == 0 and len(resumed.seen_prompts) == 2
+
+
 def test_a_dir_with_data_but_no_manifest_is_refused(gen, make_llm, out, capsys):
     out.mkdir()
     (out / "data.jsonl").write_text("{}\n")

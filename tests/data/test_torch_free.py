@@ -49,6 +49,16 @@ def test_the_merge_imports_no_torch(gen, make_llm, respond_mixed, fake_model_dir
     assert (out / "data.jsonl").read_bytes()
 
 
+def test_help_imports_no_torch_and_offers_the_engines_kernel_choices():
+    from stage1.engine.backends import CHOICES
+
+    report, stderr = probe("stage1.generate", ["--help"])
+    assert report == {"rc": 0, "imported": []}, stderr
+    from stage1.generate import build_parser
+    [kernels] = [a for a in build_parser()._actions if a.dest == "kernels"]
+    assert tuple(kernels.choices) == CHOICES
+
+
 def test_the_launcher_imports_no_torch(fake_model_dir, tmp_path):
     """--help, then a submission of 2 shards and the merge to a stand-in sbatch (records nothing, answers like
     SLURM), as on a login node."""

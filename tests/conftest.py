@@ -44,12 +44,3 @@ def decode_graphs_on_cpu(monkeypatch):
         return dataclasses.replace(config, decode_graphs=not kwargs.get("enforce_eager", False))
 
     monkeypatch.setattr(EngineConfig, "build", classmethod(forced))
-
-
-@pytest.fixture(scope="session")
-def real_model_dir():
-    """The default model imported into the cache; fetched on first use (about a minute), reused after. Tests that
-    use it are marked real_model."""
-    from stage1.models import default_model_dir
-
-    return default_model_dir(fetch=True)

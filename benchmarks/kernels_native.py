@@ -32,7 +32,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import json_line, llm_like_logits, machine, print_header, time_ms, try_timing, write_rows
+from common import finish_rows, llm_like_logits, machine, print_header, time_ms, try_timing
 
 
 LINEAR_SHAPES = [("qkv", 896, 1152), ("o", 896, 896), ("gate_up", 896, 9728), ("down", 4864, 896),
@@ -304,9 +304,7 @@ def main() -> None:
     sampler_rows = run_sampler() if args.sampler_only or not only else []
     print_sampler_rows(sampler_rows)
     rows += linear_rows + fused_rows + sampler_rows
-    if args.out:
-        write_rows(args.out, rows)
-    print(json_line("kernels_native", {"rows": len(rows)}))
+    finish_rows("kernels_native", rows, args)
 
 
 if __name__ == "__main__":

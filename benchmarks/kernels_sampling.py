@@ -25,15 +25,11 @@ Triton interpreter: those figures are interpreter figures, not kernel speed.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
-from common import (device_and_dtype, json_line, kernel_module, kernel_rows, llm_like_logits, print_kernel_rows,
-                    time_ms, try_timing, write_rows)
+from common import (device_and_dtype, finish_rows, kernel_device, kernel_module, kernel_parser, kernel_rows,
+                    llm_like_logits, print_kernel_rows, time_ms, try_timing)
 
 GPU_SHAPE = dict(batch=256, vocab=152_064)
 CPU_SHAPE = dict(batch=4, vocab=4096)
@@ -197,19 +193,14 @@ def profile(device="cuda", dtype=torch.float32, calls: int = 20, **shape) -> lis
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = kernel_parser(__doc__)
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (the logits' dtype)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--sweep", action="store_true", help="GPU: time alternative launch configurations")
     parser.add_argument("--profile", action="store_true", help="GPU: GPU time per kernel and host time per call")
-    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list at the end")
-    parser.add_argument("--out", type=Path, help="write the rows and the run's facts to this JSON file")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = kernel_device(args)
     shape = {key: getattr(args, key) for key in GPU_SHAPE if getattr(args, key) is not None}
     if args.sweep or args.profile:
         if device.type != "cuda":
@@ -218,11 +209,7 @@ def main() -> None:
     else:
         rows = run(device, args.dtype, **shape)
         print_kernel_rows(rows)
-    if args.out:
-        write_rows(args.out, rows, device)
-    if args.json:
-        print(json.dumps(rows))
-    print(json_line("kernels_sampling", {"rows": len(rows), "device": str(device)}, device))
+    finish_rows("kernels_sampling", rows, args, device)
 
 
 if __name__ == "__main__":

@@ -86,9 +86,11 @@ KERNELS = (_stats_kernel, _candidates_kernel, _verify_kernel, _search_kernel, _d
 # for the search (one sync; without it the 13 search and draw launches always go out, and return at once).
 # FUSE is off with the shortcut on: the shortcut draws temperature-only rows in its second launch, and FUSE's race
 # code takes the statistics kernel from 80 to 189 registers (fp32 logits, sm_90), one block per SM instead of 3,
-# for every row. These defaults are reasoned, not timed: no GPU has run the shortcut yet (--sweep compares).
+# for every row. SYNC is off on a GPU: its read-back would make the host wait for the step's forward, and with async
+# scheduling the host must prepare the next step meanwhile (model_runner.py); the search launches of rows already
+# drawn return at once. These defaults are reasoned, not timed: no GPU has run the shortcut yet (--sweep compares).
 # `python benchmarks/kernels_sampling.py --sweep` compares alternatives on a GPU.
-GPU_CONFIG = dict(BLOCK=2048, SBLOCK=256, NT=16, PROGRAMS_PER_SM=8, FUSE=False, SHORTCUT=True, CAP=128, SYNC=True,
+GPU_CONFIG = dict(BLOCK=2048, SBLOCK=256, NT=16, PROGRAMS_PER_SM=8, FUSE=False, SHORTCUT=True, CAP=128, SYNC=False,
                   num_warps=8)
 
 

@@ -114,15 +114,6 @@ class Filter:
     def reject(self, detail: str | None = None) -> Rejection:
         return self.name, detail
 
-    # A filter also stands where a check function of the old API stood: called on a row, named by its reason
-    # (tests/data/test_settings.py and stage1/data/jobs.py still use it so).
-    def __call__(self, row: Candidate) -> Rejection | None:
-        return self.check(row)
-
-    @property
-    def __name__(self) -> str:
-        return self.name
-
 
 class PromptFilter(Filter):
     """Looks at the planned prompt (`row.prompt_tokens`, `row.instruction`) before it is sent."""
@@ -471,31 +462,3 @@ def rouge_l_f(a: str, b: str) -> float:
         return 0.0
     p, r = lcs / len(x), lcs / len(y)
     return 2 * p * r / (p + r)
-
-
-# -- the names from before filter objects, for callers not yet moved to FILTERS (tests/data/test_prompts.py and
-# tests/data/test_settings.py); each is the objects above under its old name.
-def QualityFilter(style: PromptStyle, allow_run_on: bool = False,  # noqa: N802 (was a class)
-                  copy_threshold: float = COPY_THRESHOLD) -> list[Filter]:
-    """The row filters for a prompt style."""
-    return [Empty(), RunOn(allow_run_on), ControlToken(), Scaffolding(style.scaffold_patterns), Repetition(),
-            ExampleCopy(copy_threshold), InstructionEcho()]
-
-
-@dataclass
-class Deduplicator:
-    """The dataset-level filters; `add(key, instruction, response)` feeds them a kept row."""
-    near: bool = True
-    threshold: float = NEAR_DUP_THRESHOLD
-    filters: list[DatasetFilter] | None = None  # these, or new exact and near (`near`, `threshold`) ones
-
-    def __post_init__(self):
-        if self.filters is None:
-            self.filters = [ExactDuplicate(), NearDuplicate(self.threshold, enabled=self.near)]
-
-    def add(self, key: str, instruction: str, response: str) -> None:
-        add_kept(self.filters, Candidate(instruction, response, None, {}, key))
-
-
-def checks_in_order(quality: list[Filter], dedup: Deduplicator | None) -> list[Filter]:
-    return [*quality, *(dedup.filters if dedup is not None else [])]

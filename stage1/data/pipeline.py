@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stage1.data.engine import Engine
 from stage1.data.errors import PromptMismatchError
-from stage1.data.filters import (CONTROL_TOKEN_TEXTS, Candidate, DatasetFilter, Deduplicator, PromptFilter,
+from stage1.data.filters import (CONTROL_TOKEN_TEXTS, Candidate, DatasetFilter, PromptFilter,
                                  Rejection, RowFilter, add_kept, build_filters, dedup_key, first_rejection,
                                  post_process)
 from stage1.data.hashing import derive_seed
@@ -118,11 +118,6 @@ class Pipeline:
                                else list(config.stop_token_ids))
         self.stats = SessionStats()
         self._done: set[tuple[str, int | None]] = set()
-
-    @property
-    def dedup(self) -> Deduplicator:
-        """The dataset-level filters under their old name (tests/data/test_settings.py feeds them a row)."""
-        return Deduplicator(filters=[f for f in self.checks if isinstance(f, DatasetFilter)])
 
     # -- resume ------------------------------------------------------------------------------------------------
     def load_existing(self) -> None:

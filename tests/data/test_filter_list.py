@@ -127,3 +127,16 @@ def test_a_new_dataset_filter_decides_at_the_merge_as_in_one_process(gen, make_l
     assert gen(*RUN, "--merge", llm=None) == 0
     assert files(out) == files(unsharded)
 
+
+
+def test_the_readme_table_is_the_filter_list():
+    """README.md's table of reject reasons lists FILTERS in order, each with its kind and its description."""
+    from pathlib import Path
+
+    from stage1.data.filters import FILTERS, PromptFilter, RowFilter
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")
+            and line.split("`")[1] in {f.name for f in FILTERS}]
+    kind = lambda f: "prompt" if issubclass(f, PromptFilter) else "row" if issubclass(f, RowFilter) else "dataset"  # noqa: E731
+    assert rows == [f"| `{f.name}` | {kind(f)} | {f.description.replace('|', chr(92) + '|')} |" for f in FILTERS]

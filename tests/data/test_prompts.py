@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from stage1.data.filters import Candidate, Deduplicator, QualityFilter, checks_in_order, first_rejection
+from stage1.data.filters import Candidate, DatasetFilter, RowFilter, build_filters, first_rejection
+from stage1.data.settings import GenerationConfig
 from stage1.data.prompts import CompletionStylePrompts, Example, PromptStyle, load_examples, load_styles, normalize
 from stage1.data.readers import read_instructions
 
@@ -86,7 +87,7 @@ def test_pool_is_large_tagged_and_well_formed():
 @pytest.mark.parametrize("style", ["completion", "qa"])
 def test_pool_completions_pass_every_quality_filter(style):
     """The filters would reject what the examples teach? Then the filters or the examples are wrong."""
-    checks = checks_in_order(QualityFilter(load_styles()[style]), Deduplicator(near=False))
+    checks = build_filters(GenerationConfig(style=style, near_dedup=False), RowFilter, DatasetFilter)
     for ex in load_examples():
         assert first_rejection(checks, Candidate(ex.prompt, ex.completion, "stop", {})) is None, ex.id
 

@@ -11,7 +11,7 @@ import pytest
 
 from stage1.data.engine import Engine, EngineStats, EngineTokenizer
 from stage1.data.errors import DataError
-from stage1.data.filters import Candidate, first_rejection
+from stage1.data.filters import Candidate, add_kept, first_rejection
 from stage1.data.pipeline import Pipeline
 from stage1.data.settings import GenerationConfig, flag
 from stage1.data.writer import DatasetWriter
@@ -107,14 +107,15 @@ def test_the_fake_engine_implements_the_engine_protocol(make_llm):
 
 def test_pipeline_checks_each_completion_in_the_listed_order(make_llm, tmp_path):
     pipeline = Pipeline(make_llm(), GenerationConfig(), DatasetWriter(tmp_path))
-    assert [check.__name__ for check in pipeline.checks] == [
+    assert [check.name for check in pipeline.checks] == [
         "empty", "run_on", "control_token", "scaffolding", "repetition", "example_copy", "instruction_echo",
         "exact_duplicate", "near_duplicate"]
     # An echo of its instruction that repeats a kept row too: both checks fire, the earlier one is the reason.
     instruction = "Rewrite this sentence in the passive voice: The chef cooked a delicious meal."
-    pipeline.dedup.add("a#0", instruction, "The chef cooked a delicious meal.")
+    add_kept(pipeline.checks, Candidate(instruction, "The chef cooked a delicious meal.", "stop", {}, "a#0"))
     both = Candidate(instruction, "The chef cooked a delicious meal.", "stop", {})
-    assert [check(both)[0] for check in pipeline.checks if check(both)] == ["instruction_echo", "exact_duplicate"]
+    assert [check.check(both)[0] for check in pipeline.checks if check.check(both)] == [
+        "instruction_echo", "exact_duplicate"]
     assert first_rejection(pipeline.checks, both)[0] == "instruction_echo"
 
 

@@ -10,7 +10,7 @@ sequences and blocks; this is the one place that turns the one into the other.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .distributed import ParallelState, parallel_state
 from .engine_config import EngineConfig
 from .kv_cache import allocate_kv_cache, num_blocks_for_budget
 from .params import SamplingParams
-from .sampler import SamplingBatch, SamplingRows, token_logprobs
+from .sampler import SamplingBatch, token_logprobs
 from .scheduler import ScheduledBatch
 from .sequence import PENDING
 from .step_inputs import BlockTableRows, StagedUpload
@@ -45,7 +45,7 @@ class StepPlan:
     cu_seqlens: np.ndarray  # [seqs + 1] int32: where each sequence's new tokens start
     context_lens: np.ndarray  # [seqs] int32: cached + new tokens
     sample_rows: np.ndarray  # [sampling rows] int64: the packed index of each sampling row's last token
-    sampling: SamplingRows
+    sampling: SamplingBatch  # host arrays
     # rows of input_ids whose token the previous step sampled and the host has not read (async scheduling), and
     # that step's sampling row of each: the device fills them in
     pending_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -216,8 +216,8 @@ class ModelRunner:
         sampling = batch.sampling_seqs
         if self.config.async_scheduling:
             self._sample_row_of = {seq.seq_id: row for row, seq in enumerate(sampling)}
-        sampling = SamplingRows.of([s.params for s in sampling], seeds=[s.seed for s in sampling],
-                                   steps=[s.num_output_tokens for s in sampling])
+        sampling = SamplingBatch.of([s.params for s in sampling], seeds=[s.seed for s in sampling],
+                                    steps=[s.num_output_tokens for s in sampling])
         return StepPlan(batch.is_prefill, input_ids, positions, slots, block_tables, cu_seqlens, context_lens,
                         np.array(sample_rows, dtype=np.int64), sampling, pending_rows, pending_from)
 
@@ -248,8 +248,8 @@ class ModelRunner:
                                block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=cu_seqlens,
                                cu_seqlens_q_host=plan.cu_seqlens.tolist(),
                                context_lens_host=plan.context_lens.tolist(), backend=self.config.kernels.attention)
-        sampling = SamplingBatch.on_device(rows, temperature.view(torch.float32), top_k, top_p.view(torch.float32),
-                                           min_p.view(torch.float32), seeds, steps)
+        sampling = replace(rows, temperature=temperature.view(torch.float32), top_k=top_k,
+                           top_p=top_p.view(torch.float32), min_p=min_p.view(torch.float32), seeds=seeds, steps=steps)
         return StepInputs(input_ids, positions, ctx, sample_rows, sampling, pending_rows, pending_from)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:

@@ -10,7 +10,8 @@ same token from the same survivors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -21,25 +22,28 @@ from .params import SamplingParams
 
 
 @dataclass
-class SamplingRows:
-    """The per-row parameters of one step as host arrays (what the model runner stages to the device in one copy)
-    and what the host knows of them all, so the device is never asked."""
+class SamplingBatch:
+    """The per-row parameters of one step: host arrays as the model runner prepares them (`of`; it stages them to
+    the device in one copy per dtype), tensors on the logits' device as the samplers read them (`build`, `to`). The
+    flags are what the host knows of all rows, so the device is never asked."""
 
-    temperature: np.ndarray  # [rows] float32; 0 marks greedy rows
-    top_k: np.ndarray  # [rows] int64; 0 = off
-    top_p: np.ndarray  # [rows] float32
-    min_p: np.ndarray  # [rows] float32
-    seeds: np.ndarray  # [rows] int64: the Philox key
-    steps: np.ndarray  # [rows] int64: tokens the row's sequence has generated so far (the counter's high word)
+    temperature: torch.Tensor | np.ndarray  # [rows] float32; 0 marks greedy rows
+    top_k: torch.Tensor | np.ndarray  # [rows] int64; 0 = off
+    top_p: torch.Tensor | np.ndarray  # [rows] float32
+    min_p: torch.Tensor | np.ndarray  # [rows] float32
+    seeds: torch.Tensor | np.ndarray  # [rows] int64: the Philox key
+    steps: torch.Tensor | np.ndarray  # [rows] int64: tokens the row's sequence has generated (the counter's high word)
     all_greedy: bool
     max_logprobs: int | None  # the largest `logprobs` any row asked for
-    max_top_k: int  # the largest top_k any row asked for (0: top-k off everywhere)
+    max_top_k: int = 0  # the largest top_k any row asked for (0: top-k off everywhere)
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ("temperature", "top_k", "top_p", "min_p", "seeds", "steps")
 
     @classmethod
-    def of(cls, params: list[SamplingParams], seeds=None, steps=None) -> "SamplingRows":
-        """`seeds` and `steps` (sequences of ints or int64 arrays) default to the row index and 0: rows with the
-        same seed and step draw the same noise. Rows usually share a few SamplingParams objects (one per request,
-        often one for all): each distinct one is read once, then spread to its rows."""
+    def of(cls, params: list[SamplingParams], seeds=None, steps=None) -> "SamplingBatch":
+        """The rows as host arrays. `seeds` and `steps` (sequences of ints or int64 arrays) default to the row index
+        and 0: rows with the same seed and step draw the same noise. Rows usually share a few SamplingParams objects
+        (one per request, often one for all): each distinct one is read once, then spread to its rows."""
         rows = len(params)
         if params and params.count(params[0]) == rows:  # one for all (a C loop, identity first)
             unique, index = [params[0]], np.zeros(rows, dtype=np.int64)
@@ -49,52 +53,28 @@ class SamplingRows:
             unique = [p for _, p in first_seen.values()]
         asked = [p.logprobs for p in unique if p.logprobs is not None]
 
-        def per_row(values: list, dtype) -> np.ndarray:
-            return np.array(values, dtype=dtype)[index]
+        def per_row(field: str, dtype) -> np.ndarray:
+            return np.array([getattr(p, field) for p in unique], dtype=dtype)[index]
 
         return cls(
-            temperature=per_row([p.temperature for p in unique], np.float32),
-            top_k=per_row([p.top_k for p in unique], np.int64),
-            top_p=per_row([p.top_p for p in unique], np.float32),
-            min_p=per_row([p.min_p for p in unique], np.float32),
+            temperature=per_row("temperature", np.float32), top_k=per_row("top_k", np.int64),
+            top_p=per_row("top_p", np.float32), min_p=per_row("min_p", np.float32),
             seeds=np.arange(rows, dtype=np.int64) if seeds is None else np.asarray(seeds, dtype=np.int64),
             steps=np.zeros(rows, dtype=np.int64) if steps is None else np.asarray(steps, dtype=np.int64),
-            all_greedy=all(p.greedy for p in unique),
-            max_logprobs=max(asked) if asked else None,
-            max_top_k=max((p.top_k for p in unique), default=0),
-        )
-
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        """The per-row arrays, in SamplingBatch.on_device's order."""
-        return self.temperature, self.top_k, self.top_p, self.min_p, self.seeds, self.steps
-
-
-@dataclass
-class SamplingBatch:
-    """The per-row parameters of one step, as tensors on the logits' device."""
-
-    temperature: torch.Tensor  # [rows] float32; 0 marks greedy rows
-    top_k: torch.Tensor  # [rows] int64; 0 = off
-    top_p: torch.Tensor  # [rows] float32
-    min_p: torch.Tensor  # [rows] float32
-    seeds: torch.Tensor  # [rows] int64: the Philox key
-    steps: torch.Tensor  # [rows] int64: tokens the row's sequence has generated so far (the counter's high word)
-    all_greedy: bool
-    max_logprobs: int | None  # the largest `logprobs` any row asked for
-    max_top_k: int = 0  # the largest top_k any row asked for (0: top-k off everywhere), known on the host
+            all_greedy=all(p.greedy for p in unique), max_logprobs=max(asked) if asked else None,
+            max_top_k=max((p.top_k for p in unique), default=0))
 
     @classmethod
     def build(cls, params: list[SamplingParams], device: torch.device, seeds=None, steps=None) -> "SamplingBatch":
-        """SamplingRows.of(params, seeds, steps) on `device` (the model runner stages them instead: one copy)."""
-        rows = SamplingRows.of(params, seeds, steps)
-        return cls.on_device(rows, *(torch.from_numpy(a).to(device) for a in rows.arrays()))
+        """`of(params, seeds, steps)` as tensors on `device`."""
+        return cls.of(params, seeds, steps).to(device)
 
-    @classmethod
-    def on_device(cls, rows: SamplingRows, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> "SamplingBatch":
-        """The batch from `rows`' arrays already on the device (in SamplingRows' field order) and its host facts."""
-        return cls(temperature, top_k, top_p, min_p, seeds, steps, rows.all_greedy, rows.max_logprobs,
-                   rows.max_top_k)
+    def to(self, device: torch.device) -> "SamplingBatch":
+        return replace(self, **{name: torch.from_numpy(getattr(self, name)).to(device) for name in self.ARRAYS})
+
+    def arrays(self) -> tuple:
+        """The per-row arrays (or tensors), in ARRAYS' order."""
+        return tuple(getattr(self, name) for name in self.ARRAYS)
 
 
 def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from stage1.engine.engine_core import StepStats
 from stage1.engine.outputs import CompletionOutput, RequestOutput
 
 WORDS = ("river stone lantern quiet maple orbit velvet harbor signal meadow copper ember glacier willow cobalt "
@@ -35,19 +36,6 @@ class FakeTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return None  # no control tokens in a byte vocabulary
-
-
-@dataclass
-class FakeStats:
-    """The engine's running totals (StepStats' fields the pipeline reads); the fake has no prefix cache."""
-    prefill_steps: int = 0
-    prefill_tokens: int = 0
-    prefix_cached_tokens: int = 0
-    decode_steps: int = 0
-    decode_seconds: float = 0.0
-    generated_tokens: int = 0
-    low_occupancy_decode_steps: int = 0
-    low_occupancy_decode_seconds: float = 0.0
 
 
 @dataclass
@@ -107,7 +95,7 @@ class FakeLLM:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.eos_token_ids = [0]
-        self.stats = FakeStats()
+        self.stats = StepStats()  # the engine's own running totals; the fake has no prefix cache
         self.engine_info = {"device": "fake", "kernels": "fake"}
         self.respond = respond
         self.fail_at_step = fail_at_step

@@ -2,22 +2,11 @@
 new filter is one class and one list entry: it rejects rows with its reason, in one process and at the merge of
 shards, which gives the same files."""
 
-import json
-
 from stage1.data import filters as F
 from stage1.data.prompts import load_styles
 from stage1.data.settings import GenerationConfig
 
-RUN = ("--limit", 60, "--n", 2, "--batch-size", 4)
-FILES = ("data.jsonl", "rejects.jsonl")
-
-
-def files(out):
-    return {name: (out / name).read_bytes() for name in FILES}
-
-
-def rows(path):
-    return [json.loads(line) for line in path.read_bytes().splitlines()]
+from dataset_files import FILES, RUN, files, rows
 
 
 def test_the_reason_list_is_the_filters_names_in_order():

@@ -14,16 +14,7 @@ from stage1.data.errors import DataError
 from stage1.data.readers import read_instructions
 from stage1.data.shards import incomplete_shards, resolve_shard, select, shard_dir, shard_of, shard_states
 
-RUN = ("--limit", 60, "--n", 2, "--batch-size", 4)
-FILES = ("data.jsonl", "rejects.jsonl")
-
-
-def files(out):
-    return {name: (out / name).read_bytes() for name in FILES}
-
-
-def rows(path):
-    return [json.loads(line) for line in path.read_bytes().splitlines()]
+from dataset_files import FILES, RUN, files, rows
 
 
 @pytest.fixture

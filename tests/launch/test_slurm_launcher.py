@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -196,6 +197,121 @@ def test_slurm_submission_one_array_then_the_merge(tmp_path, monkeypatch, capsys
     assert all(t.generate_args == ["--out", str(out), "--tp", "2"] for t in tasks)
 
 
+def stand_ins(tmp_path: Path, monkeypatch, **scripts: str) -> Path:
+    """SLURM commands that answer as the given shell scripts do (srun, which only has to exist, fails)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool, body in {"srun": "exit 1", **scripts}.items():
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return bin_dir
+
+
+def test_sbatch_refusal_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """sbatch's refusal (here a GPU asked of a partition without any) is one line naming the option and the fix,
+    exit 2; it was submitit's FailedJobError traceback, exit 1."""
+    stand_ins(tmp_path, monkeypatch, sbatch='echo "sbatch: error: Invalid generic resource (gres) specification" >&2; '
+                                            'exit 1')
+    assert launch.main(["slurm", "--array", "2", "--", "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sbatch refused the shards' array: --gpus-per-task 1: "), \
+        captured.err
+    assert "pass --gpus-per-task 0" in lines[0] and "Invalid generic resource" in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("said, flags, expected", [
+    ("sbatch: error: invalid partition specified: gpu", ["--partition", "gpu"], "--partition gpu: no such partition"),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+     ["--account", "x"], "--account x: not an account of yours"),
+    ("sbatch: error: Batch job submission failed: Invalid qos specification", ["--qos", "q"], "--qos q: not a QOS"),
+    ("sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
+     ["--time", "9:00:00"], "--time 9:00:00: above what"),
+    ("sbatch: error: Batch job submission failed: More processors requested than permitted",
+     ["--cpus-per-task", "64"], "--cpus-per-task 64: more than a node"),
+    ("sbatch: error: Batch job submission failed: Invalid feature specification", ["--sbatch", "constraint=h100"],
+     "--sbatch constraint=h100: no node"),
+    ("sbatch: error: Batch job submission failed: Something new", [], "sbatch: Batch job submission failed: Something"),
+])
+def test_sbatch_refusals_name_the_option(said, flags, expected):
+    opts = launcher_opts(*flags)
+    opts.gpus_per_task = 0
+    assert expected in launch.refusal(said, opts, merge=False)
+
+
+def test_merge_refusal_cancels_the_array(tmp_path, monkeypatch, capsys):
+    """The array is accepted, the merge refused (here its partition): the array is cancelled (nothing half-run),
+    one line says so."""
+    stand_ins(tmp_path, monkeypatch,
+              sbatch='if grep -q "partition=nope" "$1"; then echo "sbatch: error: invalid partition specified: nope" '
+                     '>&2; exit 1; fi; echo "Submitted batch job 1000"',
+              scancel=f'echo "$@" > {tmp_path}/cancelled')
+    argv = ["slurm", "--array", "2", "--merge-partition", "nope", "--", "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "sbatch refused the merge job: --merge-partition nope" in err and "array job 1000 was cancelled" in err
+    assert (tmp_path / "cancelled").read_text().strip() == "1000"
+
+
+def test_one_shard_resubmit_is_a_plain_job_with_its_real_log(tmp_path, monkeypatch, capsys):
+    """submitit submits one task as a plain job: it is named so, with its log's real name (it was announced as an
+    array job with the log hint 19_k_0_log.err, the file being 19_0_log.err)."""
+    stand_ins(tmp_path, monkeypatch, sbatch='n=$(cat "$COUNTER" 2>/dev/null || echo 0); echo $((n + 1)) > "$COUNTER"; '
+                                            'echo "Submitted batch job $((19 + n))"',
+              scontrol='echo "AccountingStorageType   = accounting_storage/none"')
+    monkeypatch.setenv("COUNTER", str(tmp_path / "counter"))
+    out = tmp_path / "out"
+    fake_shard(out, 0, 2, "complete")
+    assert launch.main(["slurm", "--array", "2", "--resubmit", "--", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "submitting shard 1 and the merge" in printed
+    assert f"submitted shard 1 of 2 as job 19 (its log, once it starts: {out}/slurm-logs/19_0_log.err)" in printed
+    assert "array job" not in printed and "array task" not in printed and "_k_" not in printed
+    assert "sacct" not in printed  # no accounting on this cluster: no sacct to suggest
+
+
+def test_job_states_from_squeue_then_sacct(tmp_path, monkeypatch, capsys):
+    """SlurmStates: squeue's answer; a job it no longer lists is GONE where accounting is off (said once, not
+    each poll), sacct's state where it is on; a squeue that does not answer is no state at all (ask again)."""
+    answers = tmp_path / "squeue.txt"
+    stand_ins(tmp_path, monkeypatch, squeue=f'cat {answers}',
+              scontrol=f'cat {tmp_path}/config', sacct=f'cat {tmp_path}/sacct.txt')
+    (tmp_path / "config").write_text("AccountingStorageType   = accounting_storage/none\n")
+    answers.write_text("12_0|COMPLETED|None\n13|PENDING|DependencyNeverSatisfied\n")
+    states = launch.SlurmStates()
+    for _ in range(3):
+        got = states.query(["12_0", "12_1", "13"])
+        assert got == {"12_0": launch.JobState("COMPLETED", "None"), "12_1": launch.JobState("GONE"),
+                       "13": launch.JobState("PENDING", "DependencyNeverSatisfied")}
+    assert capsys.readouterr().err.count("no longer lists job 12_1") == 1
+    assert got["12_1"].ended and got["12_0"].ended and not got["13"].ended
+
+    # a pending array task that is cancelled leaves no record at all without accounting: dropped while pending
+    answers.write_text("12_0|RUNNING|None\n12_1|PENDING|JobArrayTaskLimit\n")
+    assert states.query(["12_0", "12_1"])["12_1"] == launch.JobState("PENDING", "JobArrayTaskLimit")
+    answers.write_text("12_0|RUNNING|None\n")
+    assert states.query(["12_0", "12_1"])["12_1"] == launch.JobState("GONE", "was pending")
+    never_started = SimpleNamespace(paths=SimpleNamespace(stderr=tmp_path / "none.err",
+                                                          result_pickle=tmp_path / "none.pkl"))
+    assert launch.how_it_ended(never_started, launch.JobState("GONE", "was pending")).startswith(
+        "was CANCELLED before it started")
+    assert launch.how_it_ended(never_started, launch.JobState("GONE")).startswith("ended without a result")
+    launch.SlurmStates.submitted(states, ["14"])  # accepted by sbatch: pending, even if never seen by squeue
+    assert states.query(["14"])["14"] == launch.JobState("GONE", "was pending")
+
+    (tmp_path / "config").write_text("AccountingStorageType   = accounting_storage/slurmdbd\n")
+    (tmp_path / "sacct.txt").write_text("12_1|CANCELLED by 0\n")
+    assert launch.SlurmStates().query(["12_0", "12_1"])["12_1"] == launch.JobState("CANCELLED")
+
+    stand_ins(tmp_path, monkeypatch, squeue='echo "squeue: error: Unable to contact slurm controller" >&2; exit 1')
+    states = launch.SlurmStates()
+    assert states.query(["12_0"]) is None and states.query(["12_0"]) is None
+    assert capsys.readouterr().err.count("squeue did not answer") == 1
+
+
 # --- the hand-written sbatch scripts -----------------------------------------------------------------------------
 
 def run_script(script: Path, tmp_path: Path, **env: str) -> list[str]:
@@ -221,21 +337,43 @@ def test_sbatch_scripts_are_valid_bash(name):
 
 
 def test_sbatch_scripts_pass_generate_flags(tmp_path):
+    extra = "--max-tokens 77 --dtype bfloat16 --top-p 0.5 --style qa"  # GENERATE_ARGS, in shell quoting
     task = generate_parser().parse_args(run_script(EXAMPLES / "generate_array.sbatch", tmp_path,
                                                    SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_TASK_COUNT="8",
-                                                   SLURM_ARRAY_JOB_ID="77"))
+                                                   SLURM_ARRAY_JOB_ID="77", GENERATE_ARGS=extra))
     assert (task.num_shards, task.shard_index, task.resume, task.out) == (8, 3, True, "out/run1")
+    assert (task.max_tokens, task.dtype, task.top_p, task.style) == (77, "bfloat16", 0.5, "qa")
     # resubmitting shards 3 and 5 of 8: the array has 2 tasks, NUM_SHARDS says 8
     task = generate_parser().parse_args(run_script(EXAMPLES / "generate_array.sbatch", tmp_path, NUM_SHARDS="8",
                                                    SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_COUNT="2"))
-    assert (task.num_shards, task.shard_index) == (8, 5)
-    merge = generate_parser().parse_args(run_script(EXAMPLES / "merge.sbatch", tmp_path, OUT="out/x"))
+    assert (task.num_shards, task.shard_index, task.max_tokens) == (8, 5, generate_parser().get_default("max_tokens"))
+    merge = generate_parser().parse_args(run_script(EXAMPLES / "merge.sbatch", tmp_path, OUT="out/x", NUM_SHARDS="8",
+                                                    GENERATE_ARGS=extra))
     assert (merge.merge, merge.num_shards, merge.out, merge.shard_index) == (True, 8, "out/x", None)
-    assert (merge.model, merge.instructions) == (task.model, task.instructions)
+    assert (merge.model, merge.instructions, merge.max_tokens, merge.dtype) == (task.model, task.instructions, 77,
+                                                                              "bfloat16")
+    # without NUM_SHARDS the merge counts the shards from their directories
+    (tmp_path / "out" / "y" / "shards" / shard_name(2, 6)).mkdir(parents=True)
+    merge = generate_parser().parse_args(run_script(EXAMPLES / "merge.sbatch", tmp_path, OUT="out/y"))
+    assert merge.num_shards == 6
     text = (EXAMPLES / "generate_array.sbatch").read_text()
-    for line in ("#SBATCH --array=0-7", "#SBATCH --gpus-per-task=1", "#SBATCH --requeue", "--array=3,5",
-                 "--dependency=afterok:$ARRAY_JOB_ID"):
+    for line in ("#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@120", "--array=3,5",
+                 "--dependency=afterok:$ARRAY"):
         assert line in text, line
+    assert "#SBATCH --open-mode=append" in (EXAMPLES / "merge.sbatch").read_text()
+    # resources come from sbatch's command line: none fixed in the scripts
+    for script in ("generate_array.sbatch", "merge.sbatch"):
+        lines = (EXAMPLES / script).read_text().splitlines()
+        assert not [line for line in lines if line.startswith(("#SBATCH --array", "#SBATCH --gpus", "#SBATCH --cpus",
+                                                               "#SBATCH --mem", "#SBATCH --partition"))], script
+
+
+def test_sbatch_scripts_refuse_what_they_cannot_run(tmp_path):
+    """Not an array task; a merge with no shard count and no shards: exit 2 with one line, generate never run."""
+    for script, env in (("generate_array.sbatch", {}), ("merge.sbatch", {"OUT": "out/none"})):
+        proc = subprocess.run(["bash", str(EXAMPLES / script)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=30, env={"PATH": "/usr/bin:/bin", **env})
+        assert proc.returncode == 2 and proc.stderr.startswith("error: "), (script, proc.stderr)
 
 
 # --- whole runs on submitit's LocalExecutor ----------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Triton kernels for attention over the paged KV cache, and the backend that puts them behind the engine.
 
 The backend interface, the step's context and the cache layout are in stage1/contract.py, the plain-PyTorch
-references in stage1/engine/attention.py: per layer one tensor `[2, num_blocks, block_size, num_kv_heads, head_dim]` (K at 0, V at 1); the token at position p of a
-sequence lives in slot `block_table[p // block_size] * block_size + p % block_size`.
+references in stage1/engine/attention.py: per layer one tensor `[2, num_blocks, block_size, num_kv_heads, head_dim]`
+(K at 0, V at 1); the token at position p of a sequence lives in slot
+`block_table[p // block_size] * block_size + p % block_size`.
 
 Every kernel reads K/V through the block table one token row at a time (a vector of page ids per tile), so any
 block size works and a tile may span pages. Softmax is online (running max and sum, in base 2 with the scale
@@ -370,14 +371,33 @@ def _prefill_kernel(
 # `--sweep` of benchmarks/kernels_attention.py times alternatives (on an H200, 8 x 1024 tokens, 40/8 heads,
 # head_dim 128: 0.441 ms with these against 0.604 with 128 x 64 tiles on 8 warps, 2 stages; 2026-11-28).
 PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+# Where those tiles spill (ptxas through tests/kernels/compile_sm90.py, 2026-12-07; spill bytes not timed on a GPU):
+# on sm_80, bf16 at head_dim 128 takes 255 registers and spills 56 bytes; 8 warps over 2 stages take 190 and spill
+# nothing. In fp32 (no tensor-core dot) 64-wide tiles spill 25-57 KB on sm_80 and sm_90; 32 x 32 tiles on 4 warps
+# spill nothing on sm_80 and at head_dim 64, and 1.9 KB on sm_90 at head_dim 128.
+PREFILL_CONFIG_SM80_HALF = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+PREFILL_CONFIG_FP32 = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def prefill_meta(group: int, head_dim: int, block_size: int, dtype: torch.dtype) -> dict:
-    """_prefill_kernel's compile-time arguments and launch options. BLOCK_M rows hold BLOCK_Q query tokens x
-    their group of heads. The default 128 x 64 tiles on 8 warps compile for sm_90 without spills (~200 registers
-    at head_dim 128, ~120 at 64; wgmma used)."""
+@functools.lru_cache(maxsize=None)
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability; (9, 0) elsewhere (the interpreter ignores launch options)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+
+
+def prefill_meta(group: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                 capability: tuple[int, int] = (9, 0)) -> dict:
+    """_prefill_kernel's compile-time arguments and launch options for a GPU of `capability`. BLOCK_M rows hold
+    BLOCK_Q query tokens x their group of heads. bf16/fp16 on sm_90: the timed tiles above (no spills: ~240
+    registers at head_dim 128, ~150 at 64; wgmma used); on sm_80 8 warps; fp32 small tiles (see above)."""
     head_dim_p2 = triton.next_power_of_2(head_dim)
-    cfg = PREFILL_CONFIG if head_dim_p2 <= 128 else dict(PREFILL_CONFIG, BLOCK_M=64, BLOCK_N=32)
+    if dtype == torch.float32:
+        cfg = PREFILL_CONFIG_FP32
+    elif capability < (9, 0):
+        cfg = PREFILL_CONFIG_SM80_HALF
+    else:
+        cfg = PREFILL_CONFIG
+    cfg = cfg if head_dim_p2 <= 128 else dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], 64), BLOCK_N=32)
     block_m = max(cfg["BLOCK_M"], triton.next_power_of_2(group))
     return dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2, BLOCK_SIZE=block_size, BLOCK_M=block_m,
                 BLOCK_Q=block_m // group, BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=_dot_precision(dtype),
@@ -401,7 +421,7 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Te
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    meta = prefill_meta(group, head_dim, block_size, cache.dtype)
+    meta = prefill_meta(group, head_dim, block_size, cache.dtype, device_capability(q.device))
     grid = (triton.cdiv(num_tokens, meta["BLOCK_Q"]) + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, cache, block_tables, cu_seqlens_q, context_lens, out,

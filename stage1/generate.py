@@ -13,10 +13,10 @@ import sys
 import textwrap
 
 from stage1.data.engine import EngineFactory, load_llm
-from stage1.data.errors import DataError, PromptMismatchError, ShardFailedError
+from stage1.data.cli import run_cli
 from stage1.data.jobs import RESPONSES
-from stage1.data.modes import execute
-from stage1.data.run import add_engine_and_parallel_flags, add_input_output_flags, build_run
+from stage1.data.run import add_engine_and_parallel_flags, add_input_output_flags
+from stage1.data.readers import read_instructions
 from stage1.data.settings import GenerationConfig, add_sampling_flags
 from stage1.data.writer import DATA_FILE, REJECTS_FILE
 
@@ -66,7 +66,7 @@ exit codes: 0 done, 1 the run stopped (engine/prompt mismatch, disk error), 2 ba
 
 
 def _builtin_summary() -> str:
-    builtin = RESPONSES.read_input(None, "auto")
+    builtin = read_instructions(None)
     return f"{len(builtin)} instructions of {len({i.type for i in builtin})} types"
 
 
@@ -103,33 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, llm_factory: EngineFactory | None = None) -> int:
     """`llm_factory(model_dir, engine_options)` makes the engine (tests pass a fake one); default: stage1.LLM."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    try:
-        return execute(build_run(RESPONSES, args, argv), llm_factory or load_llm)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (PromptMismatchError, ShardFailedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions: the run stops where it was, its rows intact
-        if args.merge:  # the merge writes beside OUT's files and renames them in only once whole (merge.py)
-            print(f"error: {e}; the merge left OUT's files and the shards as they were: fix this and rerun the "
-                  "same --merge command", file=sys.stderr)
-        else:
-            print(f"error: {e}; rows written so far are intact, fix this and rerun with --resume", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: the rows written so far are intact; rerun with --resume to continue", file=sys.stderr)
-        return 130
-    except RuntimeError as e:
-        # a tensor-parallel worker that died; its module is loaded only where an engine ran (never in a merge)
-        workers = sys.modules.get("stage1.engine.tp_workers")
-        if workers is None or not isinstance(e, workers.WorkerDiedError):
-            raise
-        print(f"error: {e}; rows written so far are intact, rerun with --resume", file=sys.stderr)
-        return 1
+    return run_cli(RESPONSES, build_parser(), argv, llm_factory or load_llm)
 
 
 if __name__ == "__main__":

@@ -85,15 +85,11 @@ class Candidate:
     instruction: str
     response: str | None  # post-processed; None for a prompt not generated from yet
     finish_reason: str | None
-    example_completions: dict[str, str]  # the completions of its few-shot examples, by example id
+    # what it must not copy, by example id: the completions of its few-shot examples (responses); the pool's prompts
+    # (instructions)
+    example_completions: dict[str, str]
     key: str = ""  # dedup_key: how a later duplicate names this row
     prompt_tokens: int = 0
-
-    @classmethod
-    def of_written(cls, row: dict[str, Any]) -> Candidate:
-        """A row already in data.jsonl, as the dataset-level filters see it (resume, merge)."""
-        return cls(row["instruction"], row["response"], row["finish_reason"], {}, dedup_key(row["id"], row["index"]),
-                   row["prompt_tokens"])
 
 
 # -- the kinds --------------------------------------------------------------------------------------------------------
@@ -344,13 +340,9 @@ class NearDuplicate(DatasetFilter):
         self._order: dict[str, int] = {}  # key -> when it was kept: a duplicate names the earliest match
 
     def _minhash(self, response: str):
-        ws = words(response)
-        if self._lsh is None or len(ws) < self.min_words:
+        if self._lsh is None:
             return None
-        from datasketch import MinHash
-        mh = MinHash(num_perm=self.num_perm, seed=1)
-        mh.update_batch([" ".join(ws[i:i + self.shingle]).encode("utf-8") for i in range(len(ws) - self.shingle + 1)])
-        return mh
+        return word_minhash(response, self.shingle, self.num_perm, self.min_words)
 
     def check(self, row: Candidate) -> Rejection | None:
         mh = self._minhash(row.response)
@@ -379,16 +371,143 @@ FILTERS: tuple[type[Filter], ...] = (
 )
 
 
-def reject_reasons() -> dict[str, str]:
-    """Every reason a row of rejects.jsonl may give, in the order the filters run, with what it means (--help and the
-    README list them)."""
-    return {f.name: f.description for f in FILTERS}
+# -- the instruction job's filters (python -m stage1.instructions): its rows' text is a generated instruction ----------
+# Thresholds, chosen on a real run of the default model (README, "Instructions from the base model").
+INSTRUCTION_MIN_WORDS = 3  # "Write a poem." is a request; "Sort." or "Hello" is not
+INSTRUCTION_MAX_WORDS = 120  # past this a "request" is a passage (a story, an essay) the model wrote instead
+INSTRUCTION_SHINGLE = 2  # instructions are short: word 2-grams (a 6-word instruction has 5, 3-grams only 4)
+INSTRUCTION_MIN_SHINGLE_WORDS = 4  # below, one changed word moves the Jaccard by a third or more
+POOL_COPY_THRESHOLD = 0.5  # estimated Jaccard with a pool example's prompt: "What is 15% of 90?" vs "... of 80?" is 0.6
+INSTRUCTION_NEAR_DUP_THRESHOLD = 0.6  # between generated instructions
+# A request starts as one; an answer as these (the model answering the pool's requests, or a chat reply).
+ANSWER_OPENERS = ("sure", "certainly", "of course", "here is", "here are", "here's", "the answer", "answer:",
+                  "yes,", "no,", "as an ai", "i'm sorry", "i am sorry", "i cannot", "i can't", "absolutely")
+# A line that opens a list item: two or more of them, not introduced by a line ending in ':', are a list of requests.
+_LIST_ITEM_RE = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+\S")
 
 
-def build_filters(config: GenerationConfig, *kinds: type[Filter], max_model_len: int | None = None) -> list[Filter]:
-    """The run's filters of these kinds, in `FILTERS` order, with its thresholds. `max_model_len` (the engine's
-    context) is needed for the prompt filters only."""
-    return [f.build(config, max_model_len) for f in FILTERS if issubclass(f, kinds)]
+class InstructionLength(RowFilter):
+    name = "length"
+    description = (f"fewer than {INSTRUCTION_MIN_WORDS} or more than {INSTRUCTION_MAX_WORDS} words (not empty: "
+                   "that is `empty`)")
+
+    def __init__(self, min_words: int = INSTRUCTION_MIN_WORDS, max_words: int = INSTRUCTION_MAX_WORDS):
+        self.min_words = min_words
+        self.max_words = max_words
+
+    def check(self, row: Candidate) -> Rejection | None:
+        n = len(words(row.response))
+        if n < self.min_words:
+            return self.reject(f"{n} words < {self.min_words}")
+        return self.reject(f"{n} words > {self.max_words}") if n > self.max_words else None
+
+
+class InstructionScaffolding(Scaffolding):
+    """The instruction styles' own scaffold patterns (the entry labels, the header)."""
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> InstructionScaffolding:
+        from stage1.data.instruction_prompts import load_instruction_styles
+        return cls(load_instruction_styles()[config.style].scaffold_patterns)
+
+
+class MultipleInstructions(RowFilter):
+    """The engine already cuts at the next entry's label (the style's stops); what is left may still hold several
+    requests: several questions, or a list of tasks."""
+    name = "multiple_instructions"
+    description = ("holds more than one request (2+ lines ending in '?', or 2+ list items not introduced by a line "
+                   "ending in ':'); the entry boundary itself is cut by the style's stops")
+
+    def check(self, row: Candidate) -> Rejection | None:
+        lines = [line.strip() for line in row.response.splitlines() if line.strip()]
+        questions = sum(line.endswith("?") for line in lines)
+        if questions >= 2:
+            return self.reject(f"{questions} lines ending in '?'")
+        items = [i for i, line in enumerate(lines) if _LIST_ITEM_RE.match(line)]
+        if len(items) >= 2 and not (items[0] > 0 and lines[items[0] - 1].endswith(":")):
+            return self.reject(f"{len(items)} list items with no introducing line")
+        return None
+
+
+class AnswerNotRequest(RowFilter):
+    name = "answer_not_request"
+    description = f"opens as an answer does, not a request ({', '.join(repr(o) for o in ANSWER_OPENERS[:6])}, ...)"
+
+    def __init__(self, openers: tuple[str, ...] = ANSWER_OPENERS):
+        self.openers = openers
+
+    def check(self, row: Candidate) -> Rejection | None:
+        text = row.response.casefold().lstrip()
+        opener = next((o for o in self.openers if text.startswith(o)
+                       and (o[-1] in ",:" or not text[len(o):len(o) + 1].isalnum())), None)  # "no," not "north"
+        return self.reject(f"opens with {opener!r}") if opener else None
+
+
+class PoolCopy(RowFilter):
+    """A copy or near-copy of an example of the pool (any of them, shown in its prompt or not): `example_completions`
+    holds the pool's texts for this job."""
+    name = "pool_copy"
+    description = (f"near an example of the pool (MinHash over word {INSTRUCTION_SHINGLE}-grams, estimated Jaccard at "
+                   f"least --copy-threshold; exact copies of any length)")
+
+    def __init__(self, threshold: float = POOL_COPY_THRESHOLD, shingle: int = INSTRUCTION_SHINGLE,
+                 num_perm: int = NEAR_DUP_NUM_PERM, min_words: int = INSTRUCTION_MIN_SHINGLE_WORDS):
+        self.threshold = threshold
+        self.shingle = shingle
+        self.num_perm = num_perm
+        self.min_words = min_words
+        self._pool: dict[str, Any] = {}  # example text -> its MinHash (None: too short), computed once
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> PoolCopy:
+        return cls(config.copy_threshold)
+
+    def check(self, row: Candidate) -> Rejection | None:
+        own = " ".join(words(row.response))
+        mh = word_minhash(row.response, self.shingle, self.num_perm, self.min_words)
+        for example_id, text in row.example_completions.items():
+            if own == " ".join(words(text)):
+                return self.reject(f"the text of example {example_id}")
+            if text not in self._pool:
+                self._pool[text] = word_minhash(text, self.shingle, self.num_perm, self.min_words)
+            theirs = self._pool[text]
+            if mh is not None and theirs is not None and mh.jaccard(theirs) >= self.threshold:
+                return self.reject(f"estimated Jaccard {mh.jaccard(theirs):.2f} >= {self.threshold} with example "
+                                   f"{example_id}")
+        return None
+
+
+class InstructionExactDuplicate(ExactDuplicate):
+    description = "the same instruction as one kept before it (case and spacing aside)"
+
+
+class InstructionNearDuplicate(NearDuplicate):
+    description = (f"an instruction near one kept before it (MinHash LSH over word {INSTRUCTION_SHINGLE}-grams, "
+                   f"estimated Jaccard at least --near-dup-threshold, {INSTRUCTION_MIN_SHINGLE_WORDS}+ words; "
+                   "--no-near-dedup turns it off)")
+
+    def __init__(self, threshold: float = INSTRUCTION_NEAR_DUP_THRESHOLD, enabled: bool = True):
+        super().__init__(threshold, shingle=INSTRUCTION_SHINGLE, min_words=INSTRUCTION_MIN_SHINGLE_WORDS,
+                         enabled=enabled)
+
+
+INSTRUCTION_FILTERS: tuple[type[Filter], ...] = (
+    PromptTooLong, Empty, RunOn, ControlToken, InstructionScaffolding, InstructionLength, MultipleInstructions,
+    AnswerNotRequest, Repetition, PoolCopy, InstructionExactDuplicate, InstructionNearDuplicate,
+)
+
+
+def reject_reasons(filters: tuple[type[Filter], ...] | None = None) -> dict[str, str]:
+    """Every reason a row of rejects.jsonl may give, in the order the filters run (a job's list; None: `FILTERS`),
+    with what it means (--help and the README list them)."""
+    return {f.name: f.description for f in (FILTERS if filters is None else filters)}
+
+
+def build_filters(config: GenerationConfig, *kinds: type[Filter], max_model_len: int | None = None,
+                  filters: tuple[type[Filter], ...] | None = None) -> list[Filter]:
+    """The run's filters of these kinds, in `filters` order (a job's list; None: `FILTERS`), with its thresholds.
+    `max_model_len` (the engine's context) is needed for the prompt filters only."""
+    return [f.build(config, max_model_len) for f in (FILTERS if filters is None else filters) if issubclass(f, kinds)]
 
 
 def first_rejection(filters: Iterable[Filter], row: Candidate) -> Rejection | None:
@@ -408,6 +527,17 @@ def add_kept(filters: Iterable[Filter], row: Candidate) -> None:
 
 
 # -- measures the row filters use -------------------------------------------------------------------------------------
+def word_minhash(text: str, shingle: int, num_perm: int, min_words: int):
+    """The datasketch MinHash of the text's word `shingle`-grams, or None below `min_words` words."""
+    ws = words(text)
+    if len(ws) < min_words:
+        return None
+    from datasketch import MinHash
+    mh = MinHash(num_perm=num_perm, seed=1)
+    mh.update_batch([" ".join(ws[i:i + shingle]).encode("utf-8") for i in range(len(ws) - shingle + 1)])
+    return mh
+
+
 def duplicate_line_fractions(text: str) -> tuple[float, float]:
     """(lines repeating an earlier line / lines, their characters / all characters); lines without a word character
     (a lone brace, a rule) don't count."""

@@ -117,8 +117,22 @@ def running_manifest(run: Run, identity: dict[str, Any], model: dict[str, Any], 
                        "stop_token_ids": pipeline.stop_token_ids, **run.settings.sampling_fields(),
                        "seed": run.settings.seed, "row_seed": ROW_SEED},
         "files": {"data": DATA_FILE, "rejects": REJECTS_FILE},
+        **_instructions_from(run),
         "sessions": list(previous.get("sessions", [])) if previous else [],
     }
+
+
+def _instructions_from(run: Run) -> dict[str, Any]:
+    """Where the input came from when a `python -m stage1.instructions` run wrote it: that run's manifest."""
+    from stage1.data.readers import instruction_run_manifest
+
+    made = instruction_run_manifest(run.instructions)
+    if made is None:
+        return {}
+    manifest = Path(run.instructions).parent / MANIFEST_FILE
+    return {"instructions_from": {"manifest": str(manifest), "manifest_sha256": sha256_file(manifest),
+                                  "data_sha256": sha256_file(run.instructions), "command": made.get("command"),
+                                  "identity": made.get("identity"), "kept": made.get("counts", {}).get("kept")}}
 
 
 def session_record(run: Run, resumed: bool, engine_info: dict[str, Any], stats: SessionStats,

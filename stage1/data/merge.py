@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from stage1.data.errors import DataError
-from stage1.data.filters import Candidate, DatasetFilter, add_kept, build_filters, first_rejection
+from stage1.data.filters import DatasetFilter, add_kept, build_filters, first_rejection
 from stage1.data.hashing import sha256_file
+from stage1.data.jobs import RESPONSES, JobKind
 from stage1.data.manifest import MANIFEST_FILE, DatasetSummary, identity_diff, read_manifest
 from stage1.data.readers import Instruction
 from stage1.data.rows import row_key, with_reason
@@ -59,9 +60,10 @@ def input_order(instructions: list[Instruction]) -> Callable[[Row], tuple[int, i
 
 
 def load_shards(out: str | Path, count: int, identity: dict[str, Any], implicit: dict[str, Any],
-                instructions: list[Instruction], n: int) -> list[Shard]:
+                instructions: list[Instruction], n: int, *, until_kept: bool = False) -> list[Shard]:
     """Every shard of the run in OUT, checked: this run's (identity), complete, and holding exactly its rows, each
-    file in input order."""
+    file in input order. `until_kept`: the job stops once its goal is kept, so a complete shard holds a prefix of
+    its input (no gaps) rather than all of it."""
     out = Path(out)
     root = out / SHARDS_DIR
     if not root.is_dir():
@@ -75,11 +77,12 @@ def load_shards(out: str | Path, count: int, identity: dict[str, Any], implicit:
                         f"{'it' if len(strangers) == 1 else 'them'} out of {root}")
     by_id = {inst.id: inst for inst in instructions}
     order = input_order(instructions)
-    return [_load_shard(out, index, count, identity, implicit, by_id, order, n) for index in range(count)]
+    return [_load_shard(out, index, count, identity, implicit, by_id, order, n, until_kept) for index in range(count)]
 
 
 def _load_shard(out: Path, index: int, count: int, identity: dict[str, Any], implicit: dict[str, Any],
-                by_id: dict[str, Instruction], order: Callable[[Row], tuple[int, int]], n: int) -> Shard:
+                by_id: dict[str, Instruction], order: Callable[[Row], tuple[int, int]], n: int,
+                until_kept: bool) -> Shard:
     path = shard_dir(out, index, count)
     name = f"shard {shard_name(index, count)} ({path})"
     hint = RUN_SHARDS_HINT.format(count=count, index=index)
@@ -101,7 +104,7 @@ def _load_shard(out: Path, index: int, count: int, identity: dict[str, Any], imp
     seen: set[tuple[str, int | None]] = set()
     kept = _check_rows(name, index, count, path / DATA_FILE, seen, by_id, order)
     rejected = _check_rows(name, index, count, path / REJECTS_FILE, seen, by_id, order)
-    _check_complete(name, hint, index, count, seen, by_id, n)
+    _check_complete(name, hint, index, count, seen, by_id, n, until_kept)
     return Shard(index, shard_name(index, count), path, manifest, kept, rejected)
 
 
@@ -133,10 +136,15 @@ def _check_rows(name: str, index: int, count: int, file: Path, seen: set[tuple[s
 
 
 def _check_complete(name: str, hint: str, index: int, count: int, seen: set[tuple[str, int | None]],
-                    by_id: dict[str, Instruction], n: int) -> None:
-    """Every instruction of the shard has all its rows (`seen`: the shard's row keys)."""
+                    by_id: dict[str, Instruction], n: int, until_kept: bool) -> None:
+    """Every instruction of the shard has all its rows (`seen`: the shard's row keys); with `until_kept`, every one
+    up to its last with rows."""
     ids = {row_id for row_id, _ in seen}
-    for inst in by_id.values():
+    insts = list(by_id.values())
+    if until_kept:
+        last = max((p for p, inst in enumerate(insts) if inst.id in ids), default=-1)
+        insts = insts[:last + 1]
+    for inst in insts:
         if shard_of(inst.id, count) != index or (inst.id, None) in seen:
             continue
         missing = [k for k in range(n) if (inst.id, k) not in seen]
@@ -147,7 +155,7 @@ def _check_complete(name: str, hint: str, index: int, count: int, seen: set[tupl
 
 
 def merge(shards: list[Shard], instructions: list[Instruction], config: GenerationConfig, data: BinaryIO,
-          rejects: BinaryIO) -> Merged:
+          rejects: BinaryIO, job: JobKind = RESPONSES) -> Merged:
     """The shards' rows in input order into `data` (kept) and `rejects`, with the dataset-wide filters run over the
     kept ones in that order. The shards must have passed `load_shards`: each file in input order, no row twice."""
     order = input_order(instructions)
@@ -156,7 +164,8 @@ def merge(shards: list[Shard], instructions: list[Instruction], config: Generati
         return ((candidate, row) for row in iter_jsonl(file))
 
     files = [tagged(s.path / DATA_FILE, True) for s in shards] + [tagged(s.path / REJECTS_FILE, False) for s in shards]
-    checks = build_filters(config, DatasetFilter)  # fresh: fed every shard's kept rows below, in input order
+    # fresh: fed every shard's kept rows below, in input order
+    checks = build_filters(config, DatasetFilter, filters=job.filters())
     summary = DatasetSummary()
     dedup_rejected = 0
     # One row per file in memory. Places are unique across files (load_shards): this is the order a sort of all the
@@ -164,7 +173,7 @@ def merge(shards: list[Shard], instructions: list[Instruction], config: Generati
     for candidate, row in heapq.merge(*files, key=lambda item: order(item[1])):
         kept = False
         if candidate:  # passed its shard's per-row filters: the dataset-wide ones decide
-            view = Candidate.of_written(row)
+            view = job.candidate_of_written(row)
             verdict = first_rejection(checks, view)
             if verdict:
                 row = with_reason(row, *verdict)
@@ -178,13 +187,13 @@ def merge(shards: list[Shard], instructions: list[Instruction], config: Generati
 
 
 def write_merged(out: str | Path, shards: list[Shard], instructions: list[Instruction],
-                 config: GenerationConfig) -> Merged:
+                 config: GenerationConfig, job: JobKind = RESPONSES) -> Merged:
     """The merge streamed into data.jsonl and rejects.jsonl beside OUT's, renamed into place once both are whole: an
     error leaves OUT's old files, a kill the old file or the new one, never a part of one. The manifest comes after
     (write_manifest), so a merge whose manifest is missing or older is redone."""
     out = Path(out)
     with replaced_whole(out / DATA_FILE) as data, replaced_whole(out / REJECTS_FILE) as rejects:
-        return merge(shards, instructions, config, data, rejects)
+        return merge(shards, instructions, config, data, rejects, job)
 
 
 def check_merge_target(out: str | Path, identity: dict[str, Any], implicit: dict[str, Any], *,

@@ -50,8 +50,8 @@ def execute(run: Run, engine_factory: EngineFactory = load_llm) -> int:
 
 
 def read_inputs(run: Run) -> Inputs:
-    instructions = run.job.read_input(run.instructions, run.input_format)  # all of it, validated, before anything
-    input_sha256 = run.job.input_fingerprint(instructions)
+    instructions = run.job.read_input(run)  # all of it, validated, before anything
+    input_sha256 = run.job.input_fingerprint(run, instructions)
     if run.limit:
         instructions = instructions[:run.limit]
     model_dir = resolve_model_dir(run.model)
@@ -67,17 +67,49 @@ def generate(run: Run, inputs: Inputs, engine_factory: EngineFactory, started: S
     out.mkdir(parents=True, exist_ok=True)
     with started_engine(engine_factory, inputs.model_dir, run.engine) as llm:
         writer = DatasetWriter(out)  # its files are opened (created) below, after the manifest
-        pipeline = Pipeline(llm, run.settings, writer, job=run.job, dedup_at_merge=run.shard is not None)
+        goal = run.job.keep_goal(run)
+        # A shard of a job with a goal dedups its own rows, so its goal counts distinct ones; the merge then finds
+        # the duplicates across shards.
+        pipeline = Pipeline(llm, run.settings, writer, job=run.job, job_options=run.job_options, keep_goal=goal,
+                            dedup_at_merge=run.shard is not None and goal is None)
         manifest = running_manifest(run, identity, inputs.model, llm, pipeline, previous, started)
         write_manifest(out, manifest)  # before the data files exist: a crashed run is always recognised, resumable
         with writer:
             stats = _stream(run, pipeline, instructions)
         engine_info = llm.engine_info
     summary = dataset_summary(iter_jsonl(writer.data_path), iter_jsonl(writer.rejects_path))
+    summary.update(_goal_report(run, summary, len(instructions)))
     session = session_record(run, bool(run.resume and previous), engine_info, stats, started)
     write_manifest(out, completed_manifest(manifest, summary, session))
     print_summary(out, summary, session=session)
+    _say_goal(run, summary)
     return 0
+
+
+def _goal_report(run: Run, summary: dict[str, Any], attempts: int) -> dict[str, Any]:
+    """For a job that generates until --count rows are kept: the goal, what was kept, and whether the cap on
+    attempts stopped it first (`attempts`: how many this process could make)."""
+    goal = run.job.keep_goal(run)
+    if goal is None:
+        return {}
+    kept = summary["counts"]["kept"]
+    return {"goal": {"count": run.flags.get("count"), "this_process": goal, "kept": kept,
+                     "attempts": summary["counts"]["instructions"], "attempt_cap": attempts,
+                     "cap_reached": kept < goal}}
+
+
+def _say_goal(run: Run, summary: dict[str, Any]) -> None:
+    goal = summary.get("goal")
+    if goal is None:
+        return
+    if goal["cap_reached"]:
+        where = "a shard" if "merged" in goal else f"kept {goal['kept']} of {goal['this_process']} after " \
+            f"{goal['attempts']} attempts:"
+        print(f"  stopped at the cap on attempts ({where}); to go on, rerun with --resume and a larger --max-attempts")
+    if "merged" in goal and goal["kept"] < goal["count"]:
+        missing = goal["count"] - goal["kept"]
+        print(f"  {goal['kept']} of --count {goal['count']} remain after the cross-shard dedup; to top up, rerun the "
+              f"same command with --resume --count {goal['count'] + missing} (the rows there stay as they are)")
 
 
 def _stream(run: Run, pipeline: Pipeline, instructions: list[Instruction]) -> SessionStats:
@@ -121,12 +153,18 @@ def merge(run: Run, inputs: Inputs, count: int, started: Started) -> int:
     """The `count` shards of OUT into one dataset (merge.py); every check passes before anything is written."""
     identity = run.identity(inputs.model, inputs.input_sha256, count)
     implicit = implicit_identity()
-    shards = load_shards(run.out, count, identity, implicit, inputs.instructions, run.settings.n)
+    until_kept = run.job.keep_goal(run) is not None
+    shards = load_shards(run.out, count, identity, implicit, inputs.instructions, run.settings.n, until_kept=until_kept)
     check_merge_target(run.out, identity, implicit, replace=run.overwrite)
-    merged = write_merged(run.out, shards, inputs.instructions, run.settings)
+    merged = write_merged(run.out, shards, inputs.instructions, run.settings, run.job)
+    if until_kept:
+        reached = all(not s.manifest.get("goal", {}).get("cap_reached") for s in shards)
+        merged.summary["goal"] = {"count": run.flags.get("count"), "kept": merged.summary["counts"]["kept"],
+                                  "merged": count, "cap_reached": not reached}
     write_manifest(run.out, merged_manifest(run, identity, shards[0].manifest, merged.summary,
                                             [shard_report(s) for s in shards], merged.dedup_rejected, started))
     print_summary(run.out, merged.summary, merged=(count, merged.dedup_rejected))
+    _say_goal(run, merged.summary)
     return 0
 
 

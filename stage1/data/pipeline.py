@@ -24,7 +24,7 @@ from stage1.data.hashing import derive_seed
 from stage1.data.jobs import RESPONSES, JobKind
 from stage1.data.prompts import Prompt
 from stage1.data.readers import Instruction
-from stage1.data.rows import make_row, row_key, with_reason
+from stage1.data.rows import row_key, with_reason
 from stage1.data.settings import GenerationConfig
 from stage1.data.stream import Job, RequestStream
 from stage1.data.writer import DatasetWriter, iter_jsonl
@@ -101,19 +101,27 @@ class Pipeline:
     `self.checks`, in input order) -> `write` (one append per file, every `config.batch_size` instructions)."""
 
     def __init__(self, llm: Engine, config: GenerationConfig, writer: DatasetWriter, *, job: JobKind = RESPONSES,
-                 on_step: Callable[[SessionStats], None] | None = None, dedup_at_merge: bool = False):
-        """`job`: the kind of dataset (its prompts). `on_step(stats)` runs after every engine step (the progress
-        display). `dedup_at_merge`: this is a shard, whose rows the merge deduplicates against the other shards'
-        (merge.py), so only the per-row checks run."""
+                 job_options: Any = None, on_step: Callable[[SessionStats], None] | None = None,
+                 dedup_at_merge: bool = False, keep_goal: int | None = None):
+        """`job`: the kind of dataset (its prompts, rows and filters), `job_options` its own settings. `on_step(stats)`
+        runs after every engine step (the progress display). `dedup_at_merge`: this is a shard, whose rows the merge
+        deduplicates against the other shards' (merge.py), so only the per-row checks run. `keep_goal`: stop once
+        this many rows are kept (on disk and new), judging in input order, so where it stops does not depend on
+        batching; None: go through the whole input."""
         self.llm = llm
         self.config = config
         self.writer = writer
+        self.job = job
         self.on_step = on_step
-        self.prompts = job.prompts(config.style)
-        # The filters (filters.FILTERS, in order): the prompt's as it is planned, then each completion's; a shard
-        # leaves the dataset-level ones to the merge.
-        self.prompt_checks = build_filters(config, PromptFilter, max_model_len=llm.max_model_len)
-        self.checks = build_filters(config, *((RowFilter,) if dedup_at_merge else (RowFilter, DatasetFilter)))
+        self.keep_goal = keep_goal
+        self.kept_on_disk = 0  # rows kept by earlier sessions (load_existing)
+        self.prompts = job.prompts(config.style, job_options)
+        # The job's filters, in order: the prompt's as it is planned, then each completion's; a shard leaves the
+        # dataset-level ones to the merge.
+        self.prompt_checks = build_filters(config, PromptFilter, max_model_len=llm.max_model_len,
+                                           filters=job.filters())
+        self.checks = build_filters(config, *((RowFilter,) if dedup_at_merge else (RowFilter, DatasetFilter)),
+                                    filters=job.filters())
         self.stop_token_ids = (default_stop_token_ids(llm) if config.stop_token_ids is None
                                else list(config.stop_token_ids))
         self.stats = SessionStats()
@@ -124,7 +132,8 @@ class Pipeline:
         """Takes in the rows already written (a resumed run): which completions exist, and the dedup state."""
         for row in iter_jsonl(self.writer.data_path):
             self._done.add(row_key(row))
-            add_kept(self.checks, Candidate.of_written(row))
+            add_kept(self.checks, self.job.candidate_of_written(row))
+            self.kept_on_disk += 1
         for row in iter_jsonl(self.writer.rejects_path):
             self._done.add(row_key(row))
 
@@ -140,9 +149,15 @@ class Pipeline:
         todo = [inst for inst in instructions if self.missing(inst)]
         return todo, sum(len(self.missing(inst)) for inst in todo)
 
+    @property
+    def goal_reached(self) -> bool:
+        return self.keep_goal is not None and self.kept_on_disk + self.stats.kept >= self.keep_goal
+
     def run(self, instructions: list[Instruction]) -> SessionStats:
         todo, _ = self.todo(instructions)
         self.stats.instructions_todo = len(todo)
+        if self.goal_reached:
+            return self.stats  # a resumed run that had kept enough: nothing to generate
         stream: RequestStream[_Plan] = RequestStream(self.llm)
         before, t0 = _engine_totals(self.llm), time.perf_counter()
         try:
@@ -162,8 +177,12 @@ class Pipeline:
         unwritten = 0  # instructions judged since the last write
         for released in steps:
             for job, out in released:
+                if self.goal_reached:
+                    break  # what comes after is not written; the stream aborts what is in flight when closed
                 self.judge(job.item, out, kept, rejected)
-            unwritten += len(released)
+                unwritten += 1
+            if self.goal_reached:
+                break
             if unwritten >= self.config.batch_size:
                 self.write(kept, rejected)
                 kept, rejected, unwritten = [], [], 0
@@ -203,7 +222,7 @@ class Pipeline:
         context: the engine raises on an over-long prompt and we never truncate). A prompt they reject is never sent:
         its row is rejected in `judge`."""
         seed = derive_seed(self.config.seed, inst.id)
-        prompt = self.prompts.build(inst.instruction, seed, inst.type)
+        prompt = self.prompts.prompt_for(inst, seed)
         n_tokens = len(self.llm.tokenizer.encode(prompt.text))
         planned = Candidate(inst.instruction, None, None, {}, prompt_tokens=n_tokens)
         return _Plan(inst, seed, prompt, n_tokens, first_rejection(self.prompt_checks, planned))
@@ -232,19 +251,19 @@ class Pipeline:
 
     def _rejected_prompt(self, plan: _Plan) -> Row:
         self.stats.rejected += 1
-        row = make_row(plan.inst, prompt=plan.prompt.text, prompt_tokens=plan.n_tokens, **self._row_fields(plan))
+        row = self.job.make_row(plan.inst, prompt=plan.prompt.text, prompt_tokens=plan.n_tokens, **self._row_fields(plan))
         return with_reason(row, *plan.rejection)
 
     def _judge_completions(self, plan: _Plan, out: RequestOutput, kept: list[Row], rejected: list[Row]) -> None:
         inst = plan.inst
         self.stats.prompt_tokens += len(out.prompt_token_ids)
-        examples = {ex_id: self.prompts.example(ex_id).completion for ex_id in plan.prompt.example_ids}
+        examples = self.prompts.copy_sources(plan.prompt)
         for comp in sorted(out.outputs, key=lambda c: c.index):
             self.stats.generated_tokens += len(comp.token_ids)
             if (inst.id, comp.index) in self._done:
                 continue  # written before a crash; regenerated only to complete its siblings
             response = post_process(comp.text, self.prompts.style.stop)
-            row = make_row(inst, prompt=out.prompt, prompt_tokens=len(out.prompt_token_ids), completion=comp,
+            row = self.job.make_row(inst, prompt=out.prompt, prompt_tokens=len(out.prompt_token_ids), completion=comp,
                            response=response, **self._row_fields(plan))
             candidate = Candidate(inst.instruction, response, comp.finish_reason, examples,
                                   dedup_key(inst.id, comp.index), len(out.prompt_token_ids))

@@ -89,9 +89,8 @@ def normalize(text: str) -> str:
 class CompletionStylePrompts:
     """Builds a row's prompt: `build(instruction, seed, type)` -> Prompt(text, example_ids, style).
 
-    The examples: one of the instruction's own type when the pool has one (it shows the expected form of the answer),
-    then examples of other types (diversity), all ranked by sha256(seed, example id) and shown in rank order. An example
-    whose prompt is the instruction's own text is never used.
+    The examples (`choose_examples`): one of the instruction's own type when the pool has one, then examples of other
+    types. An example whose prompt is the instruction's own text is never used.
     """
 
     def __init__(self, style: str = DEFAULT_STYLE, examples: tuple[Example, ...] | None = None):
@@ -109,22 +108,37 @@ class CompletionStylePrompts:
     def choose_examples(self, instruction: str, seed: int, type: str | None = None) -> list[Example]:
         own = normalize(instruction)
         candidates = [ex for ex in self.examples if self._normalized[ex.id] != own]
-        lo, hi = self.style.num_examples
-        k = min(lo + derive_seed(seed, "num_examples") % (hi - lo + 1), len(candidates))
-        rank = {ex.id: derive_seed(seed, ex.id) for ex in candidates}
-        ranked = sorted(candidates, key=lambda ex: rank[ex.id])
-        chosen: list[Example] = []
-        same_type = [ex for ex in ranked if ex.type == type]
-        if same_type and k:
-            chosen.append(same_type[0])
-        for ex in ranked:  # one per type first, then any (a pool with few types still fills k)
-            if len(chosen) < k and ex not in chosen and ex.type not in {c.type for c in chosen}:
-                chosen.append(ex)
-        for ex in ranked:
-            if len(chosen) < k and ex not in chosen:
-                chosen.append(ex)
-        return sorted(chosen, key=lambda ex: rank[ex.id])
+        return choose_examples(candidates, self.style.num_examples, seed, type)
 
     def build(self, instruction: str, seed: int, type: str | None = None) -> Prompt:
         examples = self.choose_examples(instruction, seed, type)
         return Prompt(self.style.render(instruction, examples), tuple(ex.id for ex in examples), self.style.name)
+
+    def prompt_for(self, inst, seed: int) -> Prompt:
+        """The pipeline's call: the prompt of one input row (readers.Instruction)."""
+        return self.build(inst.instruction, seed, inst.type)
+
+    def copy_sources(self, prompt: Prompt) -> dict[str, str]:
+        """What a completion of `prompt` must not copy (ExampleCopy): its examples' completions."""
+        return {ex_id: self._by_id[ex_id].completion for ex_id in prompt.example_ids}
+
+
+def choose_examples(candidates: list[Example] | tuple[Example, ...], num_examples: tuple[int, int], seed: int,
+                    type: str | None) -> list[Example]:
+    """k examples (k in the inclusive range, by the seed): one of `type` when there is one (it shows the expected form),
+    then one per other type (diversity), then any; all ranked by sha256(seed, example id) and shown in rank order."""
+    lo, hi = num_examples
+    k = min(lo + derive_seed(seed, "num_examples") % (hi - lo + 1), len(candidates))
+    rank = {ex.id: derive_seed(seed, ex.id) for ex in candidates}
+    ranked = sorted(candidates, key=lambda ex: rank[ex.id])
+    chosen: list[Example] = []
+    same_type = [ex for ex in ranked if ex.type == type]
+    if same_type and k:
+        chosen.append(same_type[0])
+    for ex in ranked:  # one per type first, then any (a pool with few types still fills k)
+        if len(chosen) < k and ex not in chosen and ex.type not in {c.type for c in chosen}:
+            chosen.append(ex)
+    for ex in ranked:
+        if len(chosen) < k and ex not in chosen:
+            chosen.append(ex)
+    return sorted(chosen, key=lambda ex: rank[ex.id])

@@ -41,6 +41,8 @@ def read_instructions(path: str | Path | None = None, fmt: str = "auto") -> list
         raise DataError(f"{path}: no such file; pass --instructions with a JSONL or text file, or leave it out to use "
                         "the built-in instructions")
     text = _decode(path.read_bytes(), path)
+    if instruction_run_manifest(path) is not None:
+        return _check_ids(_parse_instruction_run(text, str(path)))
     if fmt == "auto":
         fmt = "jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "text"
     rows = _parse_jsonl(text, str(path), path.name) if fmt == "jsonl" else _parse_text(text, str(path), path.name)
@@ -48,6 +50,33 @@ def read_instructions(path: str | Path | None = None, fmt: str = "auto") -> list
         raise DataError(f"{path}: no instructions found (the file is empty or holds only blank lines); "
                         "write one instruction per line, or one JSON object per line in a .jsonl file")
     return _check_ids(rows)
+
+
+def instruction_run_manifest(path: str | Path | None) -> dict[str, Any] | None:
+    """The manifest of the `python -m stage1.instructions` run whose data file `path` is (manifest.json beside it,
+    of that job), or None."""
+    if path is None:
+        return None
+    manifest = Path(path).parent / "manifest.json"
+    if Path(path).name != "data.jsonl" or not manifest.is_file():
+        return None
+    try:
+        made = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return made if isinstance(made, dict) and made.get("identity", {}).get("job") == "instructions" else None
+
+
+def _parse_instruction_run(text: str, name: str) -> list[Instruction]:
+    """The kept rows of an instruction run: their id, instruction, type and topic (its generation fields, which the
+    response rows would clash with, stay in its own files; its manifest is referenced in the response run's)."""
+    rows = []
+    for n, line in enumerate(_lines(text), 1):
+        if line.strip():
+            obj = json.loads(line)
+            rows.append(Instruction(obj["id"], obj["instruction"], obj["type"], obj["source"],
+                                    {"topic": obj.get("topic")}, f"{name}:{n}"))
+    return rows
 
 
 def instructions_fingerprint(instructions: list[Instruction]) -> str:

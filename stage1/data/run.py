@@ -69,6 +69,7 @@ class Run:
     shard_count: int | None = None
     argv: tuple[str, ...] = ()  # the command line as given (the manifest's command; what shard processes rerun)
     flags: dict[str, Any] = field(default_factory=dict)  # every flag's parsed value, as the manifest records them
+    job_options: Any = None  # the job's own flags, read and checked (JobKind.options_from_args)
 
     @property
     def where(self) -> Path:
@@ -94,16 +95,19 @@ def implicit_identity() -> dict[str, Any]:
             "num_shards": 1}
 
 
-def add_input_output_flags(p: argparse.ArgumentParser, *, input_help: str, default_out: str) -> None:
+def add_input_output_flags(p: argparse.ArgumentParser, *, input_help: str | None, default_out: str) -> None:
+    """`input_help` None: the job reads no input file (--instructions, --format and --limit are left out)."""
     io = p.add_argument_group("input and output")
     io.add_argument("--model", metavar="DIR",
                     help="model directory (config.json, tokenizer.json, *.safetensors); default: the stage1 default "
                          "model (see python -m stage1.models)")
-    io.add_argument("--instructions", metavar="FILE", help=input_help)
-    io.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
-                    help="how to read --instructions (default: auto, by file suffix)")
+    if input_help is not None:
+        io.add_argument("--instructions", metavar="FILE", help=input_help)
+        io.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
+                        help="how to read --instructions (default: auto, by file suffix)")
     io.add_argument("--out", metavar="DIR", default=default_out, help="output directory (default: %(default)s)")
-    io.add_argument("--limit", type=int, metavar="N", help="use only the first N instructions")
+    if input_help is not None:
+        io.add_argument("--limit", type=int, metavar="N", help="use only the first N instructions")
     io.add_argument("--resume", action="store_true",
                     help="continue the run in --out: skip completions already written, generate the rest")
     io.add_argument("--overwrite", action="store_true", help="delete the run in --out and start again")
@@ -166,10 +170,13 @@ def build_run(job: JobKind, args: argparse.Namespace, argv: list[str]) -> Run:
         mode, count = Mode.DATA_PARALLEL, args.data_parallel_size
     else:
         mode, count = (Mode.SINGLE, None) if shard is None else (Mode.SHARD, shard[1])
+    given = vars(args)  # a job without an input file has no --instructions, --format, --limit
     return Run(job=job, mode=mode, settings=settings, engine=engine, out=Path(args.out), model=args.model,
-               instructions=args.instructions, input_format=args.format, limit=args.limit, resume=args.resume,
+               instructions=given.get("instructions"), input_format=given.get("format", "auto"),
+               limit=given.get("limit"), resume=args.resume,
                overwrite=args.overwrite, progress=not args.no_progress, shard=shard, shard_count=count,
-               argv=tuple(argv), flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+               argv=tuple(argv), flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               job_options=job.options_from_args(args))
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -177,7 +184,7 @@ def _check(args: argparse.Namespace) -> None:
     checks = [
         (args.batch_size >= 1, "--batch-size must be at least 1"),
         (args.max_num_seqs >= 1, "--max-num-seqs must be at least 1"),
-        (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
+        (vars(args).get("limit") is None or args.limit >= 1, "--limit must be at least 1"),
         (0 < args.near_dup_threshold <= 1, "--near-dup-threshold must be in (0, 1]"),
         (0 < args.copy_threshold <= 1, "--copy-threshold must be in (0, 1]"),
         (args.max_model_len is None or args.max_model_len >= 1, "--max-model-len must be at least 1"),

@@ -380,8 +380,8 @@ def resources_asked(opts, merge: bool = False) -> str:
 
 def where(opts, merge: bool) -> tuple[str, str, str, str]:
     """(partition flag, partition, time flag, time) of the shards or of the merge."""
-    if merge and opts.merge_partition:
-        partition_flag, partition = "--merge-partition", opts.merge_partition
+    if merge:  # the merge runs on --merge-partition, or else --partition
+        partition_flag, partition = "--merge-partition", opts.merge_partition or opts.partition
     else:
         partition_flag, partition = "--partition", opts.partition
     time_flag, limit = ("--merge-time", opts.merge_time) if merge else ("--time", opts.time)
@@ -641,8 +641,8 @@ def wait_slurm(opts, shard_jobs: dict[int, Any], merge, out: Path, resubmit: str
                     stuck.append(f"{label} cannot start: SLURM holds it pending with reason {state.reason}: {fix}")
             if stuck:
                 queued = ",".join(sorted({i.split("_")[0] for i, s in states.items() if not s.ended}))
-                print("\n".join(stuck) + f"\nIts jobs stay queued: `scancel {queued}` removes them; then, fixed, "
-                      f"the same command (or with --resubmit once shards exist):\n    {resubmit}", file=sys.stderr)
+                print("\n".join(stuck) + f"\nThe jobs stay queued: `scancel {queued}` removes them. Then, with "
+                      f"that fixed:\n    {resubmit}", file=sys.stderr)
                 return 1
             if shards_ended:
                 if report_slurm(shard_jobs, states, merge, out, opts.array, resubmit):

@@ -74,9 +74,12 @@ def launch(argv: list[str], env: dict[str, str], logs: Path, timeout: float) -> 
     return Launcher(argv, env, logs).finish(timeout)
 
 
-def wait_for(what: str, check, timeout: float, every: float = 0.2):
+def wait_for(what: str, check, timeout: float, every: float = 0.2, launcher: Launcher | None = None):
+    """check()'s first true value within `timeout` seconds; fails at once if `launcher` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if launcher is not None and launcher.proc.poll() is not None:
+            raise AssertionError(f"the launcher ended before {what}: {launcher.finish(1)!r}")
         value = check()
         if value:
             return value

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -219,7 +220,7 @@ class SlurmCluster:
         self._write_slurm_conf()
 
     def _setup_associations(self) -> None:
-        user = os.environ.get("USER") or "root"
+        user = pwd.getpwuid(os.geteuid()).pw_name
         for argv in (["add", "cluster", CLUSTER],
                      ["add", "qos", "high"],
                      ["add", "account", ACCOUNT, f"cluster={CLUSTER}"],
@@ -273,7 +274,7 @@ class SlurmCluster:
         if "slurmctld" not in self.procs or self.procs["slurmctld"].poll() is not None:
             return
         try:
-            self.run("scancel", "--full", "--user", os.environ.get("USER") or "root", check=False, timeout=15)
+            self.run("scancel", "--full", "--user", pwd.getpwuid(os.geteuid()).pw_name, check=False, timeout=15)
             deadline = time.monotonic() + (self.kill_wait + 20 if timeout is None else timeout)
             while time.monotonic() < deadline:
                 left = self.run("squeue", "-h", "-o", "%i", check=False, timeout=10)

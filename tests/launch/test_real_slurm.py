@@ -100,7 +100,7 @@ def test_cancelled_task_is_named_and_resubmitted_alone(queue, tiny_model_dir, in
     run = Launcher([*launcher_args("t-cancel", "--max-parallel", "1"), "--",
                     *generate_args(tiny_model_dir, instructions, out)], queue.env, tmp_path / "launcher")
     task = wait_for("array task 1 queued", lambda: [i for i, (s, _) in jobs(queue, "t-cancel").items()
-                                                    if i.endswith("_1") and s == "PENDING"], 60)[0]
+                                                    if i.endswith("_1") and s == "PENDING"], 60, launcher=run)[0]
     queue.run("scancel", task)
     done = run.finish(timeout=120)
     assert done.returncode == 1, done
@@ -135,7 +135,7 @@ def test_preempted_shard_is_requeued_and_resumes(queue, tiny_model_dir, instruct
         state = {i: s for i, (s, _) in jobs(queue, "t-preempt").items() if i.endswith("_0")}
         return manifest.exists() and list(state.values()) == ["RUNNING"] and list(state)[0]
 
-    task = wait_for("shard 0 running", running, 120, every=0.05)
+    task = wait_for("shard 0 running", running, 120, every=0.05, launcher=run)
     assert shard_states(out, 2)[0] == "running", "shard 0 ended before it could be preempted"
     queue.run("scancel", "--signal=USR2", task)
     done = run.finish(timeout=300)

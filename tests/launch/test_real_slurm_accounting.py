@@ -67,7 +67,7 @@ def test_late_cancel_names_the_shard_and_resubmit_runs_the_merge(queue, tiny_mod
         state = {i: s for i, (s, _) in jobs(queue, "t-late").items() if i.endswith("_1")}
         return manifest.exists() and list(state.values()) == ["RUNNING"] and list(state)[0]
 
-    task = wait_for("shard 1 running", running, 120, every=0.05)
+    task = wait_for("shard 1 running", running, 120, every=0.05, launcher=run)
     queue.run("scancel", task)
     done = run.finish(timeout=180)
     assert done.returncode == 1, done

@@ -208,6 +208,21 @@ def stand_ins(tmp_path: Path, monkeypatch, **scripts: str) -> Path:
     return bin_dir
 
 
+@pytest.mark.parametrize("generate, expected", [
+    (["--tp", "2"], "#SBATCH --gpus-per-task=2"),  # a GPU run: its --tp GPUs a task
+    ([], "#SBATCH --gpus-per-task=1"),
+    (["--device", "cpu"], None),  # a CPU run asks no GPU (it asked 1, which a CPU partition refuses)
+])
+def test_gpus_per_task_default_fits_the_run(tmp_path, monkeypatch, capsys, generate, expected):
+    array = tmp_path / "array.sh"  # the first submission: the shards' array (then the merge's)
+    stand_ins(tmp_path, monkeypatch, sbatch=f'[ -e {array} ] || cp "$1" {array}; echo "Submitted batch job 7"',
+              scontrol='echo "AccountingStorageType = accounting_storage/none"')
+    assert launch.main(["slurm", "--array", "2", "--", "--out", str(tmp_path / "o"), *generate]) == 0
+    capsys.readouterr()
+    lines = [line for line in array.read_text().splitlines() if line.startswith("#SBATCH --gpus")]
+    assert lines == ([expected] if expected else [])
+
+
 def test_sbatch_refusal_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     """sbatch's refusal (here a GPU asked of a partition without any) is one line naming the option and the fix,
     exit 2; it was submitit's FailedJobError traceback, exit 1."""

@@ -24,7 +24,11 @@ def start_cluster(accounting: bool, **settings):
         pytest.skip(why)
     # a short path: munge's socket path must fit a sockaddr_un
     cluster = SlurmCluster(tempfile.mkdtemp(prefix="stage1-slurm-"), accounting=accounting, **settings)
-    cluster.start()
+    try:
+        cluster.start()  # on a failure it stops what it started, by process id, and says why
+    except BaseException:
+        shutil.rmtree(cluster.root, ignore_errors=True)
+        raise
     return cluster
 
 

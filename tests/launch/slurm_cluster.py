@@ -371,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(command or ["sinfo"], env=cluster.env).returncode
     finally:
         left = cluster.stop()
+        if args.dir is None:  # its own temporary directory
+            shutil.rmtree(cluster.root, ignore_errors=True)
         print(f"SLURM stopped{f' (and leftover job processes {left})' if left else ''}", file=sys.stderr)
 
 

@@ -126,7 +126,9 @@ def _stream(run: Run, pipeline: Pipeline, instructions: list[Instruction]) -> Se
               f"to generate -> {writer.out_dir}")
     progress = None
     if run.progress and total:
-        progress = RunProgress(len(todo), pipeline.llm.stats, tty=sys.stderr.isatty())
+        # a job with a keep goal counts kept rows toward it (--count), not attempts
+        progress = RunProgress(len(todo), pipeline.llm.stats, tty=sys.stderr.isatty(), goal=pipeline.keep_goal,
+                               kept_before=pipeline.kept_on_disk)
         pipeline.on_step = progress.update
     stats = None
     try:

@@ -26,7 +26,7 @@ from stage1.data.prompts import Prompt
 from stage1.data.readers import Instruction
 from stage1.data.rows import row_key, with_reason
 from stage1.data.settings import GenerationConfig
-from stage1.data.stream import Job, RequestStream
+from stage1.data.stream import Job, RequestStream, attempts_ahead
 from stage1.data.writer import DatasetWriter, iter_jsonl
 
 if TYPE_CHECKING:
@@ -158,7 +158,9 @@ class Pipeline:
         self.stats.instructions_todo = len(todo)
         if self.goal_reached:
             return self.stats  # a resumed run that had kept enough: nothing to generate
-        stream: RequestStream[_Plan] = RequestStream(self.llm)
+        # with a keep goal, only about what is still needed enters (stream.attempts_ahead); judged in input order,
+        # the rows kept do not depend on it
+        stream: RequestStream[_Plan] = RequestStream(self.llm, ahead=None if self.keep_goal is None else self._ahead)
         before, t0 = _engine_totals(self.llm), time.perf_counter()
         try:
             # closed at once on an error: aborts what runs
@@ -167,6 +169,10 @@ class Pipeline:
         finally:
             self._account(before, t0, stream)
         return self.stats
+
+    def _ahead(self) -> int:
+        s = self.stats
+        return attempts_ahead(self.keep_goal - self.kept_on_disk - s.kept, s.instructions_done, s.kept)
 
     def _consume(self, steps: Iterator[list[tuple[Job[_Plan], RequestOutput | None]]],
                  account: Callable[[], None]) -> None:

@@ -8,6 +8,10 @@ rows would then say "35 minutes" until they all come out at once.
 On a terminal it is one bar, redrawn at most every `refresh_s` (the loop calls `update` after every engine step, so
 it moves during prefill too; a single step longer than that shows when it ends). Anywhere else (a SLURM log) it is
 one line every `log_every_s`, and a last one at the end, so a long job leaves a readable trace.
+
+A job with a keep goal (the instruction job: until --count are kept) counts what the user asked for instead: rows
+kept toward the goal (with those already on disk), its ETA from the rows this session kept, and the attempts finished
+beside them; how many attempts that takes is not known in advance.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ from stage1.data.writer import DATA_FILE, REJECTS_FILE
 
 class RunProgress:
     def __init__(self, total_instructions: int, engine_stats: EngineStats, *, tty: bool, stream: TextIO | None = None,
-                 refresh_s: float = 1.0, log_every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+                 refresh_s: float = 1.0, log_every_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 goal: int | None = None, kept_before: int = 0):
         """`total_instructions`: those this session generates; `stream`: default sys.stderr; `clock`: seconds,
-        monotonic."""
-        self.total = total_instructions
+        monotonic. `goal`: rows to keep (the bar counts kept rows toward it), `kept_before` of them on disk."""
+        self.goal = goal
+        self.kept_before = kept_before
+        self.total = total_instructions if goal is None else goal
         self.engine = engine_stats
         self.stream = stream if stream is not None else sys.stderr
         self.refresh_s = refresh_s if tty else log_every_s
@@ -39,7 +46,8 @@ class RunProgress:
         self.bar = None
         if tty:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_instructions, unit="instruction", desc="instructions generated", file=stream,
+            self.bar = tqdm(total=self.total, initial=kept_before if goal is not None else 0, unit="instruction",
+                            desc="instructions generated" if goal is None else "instructions kept", file=stream,
                             dynamic_ncols=True,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
 
@@ -59,22 +67,29 @@ class RunProgress:
 
     def line(self, stats: SessionStats, now: float) -> str:
         """instructions generated 120/512 (23.4%): rows kept 100, rejected 20 | prompt 1834 tok/s, generated 56.1
-        tok/s | 5:01 elapsed, ETA 16:22."""
-        done = stats.instructions_finished
+        tok/s | 5:01 elapsed, ETA 16:22.
+        With a goal: instructions kept 12/30 (40.0%): attempts finished 20, judged 15, rejected 3 | ..."""
         elapsed = max(now - self.start, 1e-9)
         prompt, generated = (now_t - before_t for now_t, before_t in zip(self._tokens(), self._tokens_before))
-        eta = _clock_time(elapsed * (self.total - done) / done) if done else "?"
+        if self.goal is None:
+            done, rate_done, rate_total = stats.instructions_finished, stats.instructions_finished, self.total
+            head, rows = "instructions generated", f"rows kept {stats.kept}, rejected {stats.rejected}"
+        else:
+            done, rate_done, rate_total = self.kept_before + stats.kept, stats.kept, self.goal - self.kept_before
+            head = "instructions kept"
+            rows = (f"attempts finished {stats.instructions_finished}, judged {stats.instructions_done}, rejected "
+                    f"{stats.rejected}")
+        eta = _clock_time(elapsed * max(rate_total - rate_done, 0) / rate_done) if rate_done else "?"
         share = f" ({100 * done / self.total:.1f}%)" if self.total else ""
-        return (f"instructions generated {done}/{self.total}{share}: rows kept {stats.kept}, rejected "
-                f"{stats.rejected} | prompt {prompt / elapsed:.0f} tok/s, generated {generated / elapsed:.1f} tok/s | "
-                f"{_clock_time(elapsed)} elapsed, ETA {eta}")
+        return (f"{head} {done}/{self.total}{share}: {rows} | prompt {prompt / elapsed:.0f} tok/s, generated "
+                f"{generated / elapsed:.1f} tok/s | {_clock_time(elapsed)} elapsed, ETA {eta}")
 
     def _draw(self, stats: SessionStats, now: float) -> None:
         if self.bar is None:
             print(f"[{time.strftime('%H:%M:%S')}] {self.line(stats, now)}", file=self.stream, flush=True)
             return
-        self.bar.n = stats.instructions_finished
-        # all but "instructions generated N/M", which the bar shows
+        self.bar.n = stats.instructions_finished if self.goal is None else self.kept_before + stats.kept
+        # all but "instructions generated N/M" ("instructions kept N/M"), which the bar shows
         self.bar.set_postfix_str(self.line(stats, now).split(": ", 1)[1], refresh=False)
         self.bar.refresh()
 
@@ -109,5 +124,7 @@ def print_summary(out: Path, summary: dict[str, Any], *, session: dict[str, Any]
     print(f"  tail: {session['underfilled_decode_steps']} of {session['decode_steps']} decode steps ran below half of "
           f"--max-num-seqs while more instructions waited than slots were free "
           f"({session['underfilled_decode_seconds']:.1f} s, {100 * session['underfilled_share']:.1f}% of the "
-          f"generation time)\n        {after} others ran below half at the end of the input, with too few instructions "
-          "left to fill the engine")
+          f"generation time)\n        {after} others ran below half " + (
+              "while the keep goal held back the attempts not yet needed, or at the end of the input"
+              if "goal" in summary else
+              "at the end of the input, with too few instructions left to fill the engine"))

@@ -14,13 +14,15 @@ a slot is free, prefill first, so topping up between steps keeps every slot busy
 (prompts are tokenized when added). With n > 1, up to (n - 1) * max_num_seqs sequences wait. The other bound is the
 reorder window: a job enters only within `window` input positions of the oldest unreleased one, so the buffer holds
 at most `window` outputs however long the oldest one runs. While the window is not full, decode steps run full, but
-for the slots freed by a finish, which the scheduler fills at the next step with a prefill.
+for the slots freed by a finish, which the scheduler fills at the next step with a prefill. A job with a keep goal
+adds a third bound, `ahead` (`attempts_ahead`): only about as many jobs as the goal still needs enter.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -37,6 +39,27 @@ T = TypeVar("T")
 # slots go through many short ones (256 tokens against a median of ~20: about 13 jobs per slot); 16 leaves room for
 # that, at the cost of holding up to 16 * max_num_seqs outputs in memory.
 WINDOW_PER_SEQ = 16
+
+# A job that stops once `goal` rows are kept (the instruction job) judges in input order and aborts whatever is still
+# in flight when it gets there, so every attempt past the one that reaches the goal is wasted compute (with 256 slots
+# and 5 x count + 100 attempts allowed, most of a small run's). Such a stream admits only about what is still
+# needed: the rows still missing over the kept rate seen so far, which starts at a prior (a few pseudo-attempts at
+# PRIOR_KEPT_RATE, so one early reject does not triple the estimate), floored at MIN_KEPT_RATE so a run of rejects
+# cannot flood the engine, plus a margin that keeps a few in reserve for the rejects still to come. Which attempts are
+# kept does not depend on this: they are still judged in input order.
+PRIOR_KEPT_RATE = 0.8
+PRIOR_ATTEMPTS = 4
+MIN_KEPT_RATE = 0.25
+GOAL_MARGIN = 8
+
+
+def attempts_ahead(missing: int, judged: int, kept: int) -> int:
+    """How many jobs past the `judged` ones (of which `kept` were kept) may be in flight while `missing` rows are
+    still needed for the goal."""
+    if missing <= 0:
+        return 0
+    rate = (kept + PRIOR_KEPT_RATE * PRIOR_ATTEMPTS) / (judged + PRIOR_ATTEMPTS)
+    return math.ceil(missing / max(rate, MIN_KEPT_RATE)) + GOAL_MARGIN
 
 
 @dataclass(frozen=True)
@@ -85,8 +108,11 @@ class ReorderBuffer(Generic[T]):
 class RequestStream(Generic[T]):
     """One pass of jobs through `llm`'s step API (see the module docstring). Use once."""
 
-    def __init__(self, llm: Engine, *, window: int | None = None):
+    def __init__(self, llm: Engine, *, window: int | None = None, ahead: Callable[[], int] | None = None):
+        """`ahead()`: for a job with a keep goal, how many jobs past the released ones may have entered (read
+        before each admission; `attempts_ahead`); None: as many as the window and max_num_seqs allow."""
         self.llm = llm
+        self.ahead = ahead
         self.max_in_flight = llm.max_num_seqs
         self.window = window if window is not None else WINDOW_PER_SEQ * llm.max_num_seqs
         if self.window < 1:
@@ -110,7 +136,8 @@ class RequestStream(Generic[T]):
                     if exhausted:
                         return
                     continue
-                waiting = total - self._next_position
+                # those waiting to enter; past a keep goal's limit they are not wanted, so not counted
+                waiting = min(total, self._goal_limit()) - self._next_position
                 self._step(underfilled=waiting > self.max_in_flight - len(self._sent))
                 yield self._buffer.pop_ready()
         finally:
@@ -120,7 +147,7 @@ class RequestStream(Generic[T]):
 
     def _admit(self, source: Iterator[Job[T]]) -> bool:
         """Adds jobs while there is room; True once the input is exhausted."""
-        while len(self._sent) < self.max_in_flight and self._next_position < self._buffer.head + self.window:
+        while len(self._sent) < self.max_in_flight and self._next_position < self._admit_limit():
             job = next(source, None)
             if job is None:
                 self._input_ran_out()
@@ -133,6 +160,14 @@ class RequestStream(Generic[T]):
             request_id = self.llm.add_request(job.prompt, job.params)
             self._sent[request_id] = (position, job)
         return self.tail.at is not None
+
+    def _goal_limit(self) -> int | float:
+        """The first input position a keep goal (`ahead`) does not let in yet; infinite without one."""
+        return math.inf if self.ahead is None else self._buffer.head + self.ahead()
+
+    def _admit_limit(self) -> int | float:
+        """The first input position that may not enter yet: the reorder window's, or a keep goal's."""
+        return min(self._buffer.head + self.window, self._goal_limit())
 
     def _input_ran_out(self) -> None:
         if self.tail.at is None:

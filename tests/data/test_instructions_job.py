@@ -4,6 +4,7 @@ filters, shards and merge, top-up by --resume, and the response job reading its 
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -197,3 +198,40 @@ def test_the_response_job_reads_the_instruction_run(instr, gen, make_llm, tmp_pa
     manifest = json.loads((responses / "manifest.json").read_text())
     assert manifest["instructions_from"]["manifest"] == str(instructions / "manifest.json")
     assert manifest["instructions_from"]["identity"]["job"] == "instructions"
+
+
+def _always_kept(prompt: str, seed: int, index: int) -> str:
+    rng = random.Random(f"kept:{seed}:{index}")
+    return f"{rng.choice(VERBS)} item {seed % 100000} " + " ".join(rng.sample(NOUNS, 6)) + "."
+
+
+@pytest.mark.parametrize("respond", [_always_kept, instruction_respond])
+def test_only_about_what_is_still_needed_enters_the_engine_and_the_rows_do_not_change(
+        instr, make_llm, tmp_path, read_rows, monkeypatch, respond):
+    from stage1.data import pipeline, stream
+    capped, uncapped = tmp_path / "capped", tmp_path / "uncapped"
+    llm = make_llm(respond=respond)  # 256 slots: the cap on attempts (150) would all enter at once
+    assert instr("--count", 10, llm=llm, out=capped) == 0
+    if respond is _always_kept:
+        assert not read_rows(capped / "rejects.jsonl") and len(read_rows(capped / "data.jsonl")) == 10
+        # the prior's estimate for 10 missing rows, plus the margin
+        assert len(llm.seen_prompts) <= math.ceil(10 / stream.PRIOR_KEPT_RATE) + stream.GOAL_MARGIN
+    monkeypatch.setattr(pipeline, "attempts_ahead", lambda missing, judged, kept: 10**6)
+    llm_all = make_llm(respond=respond)
+    assert instr("--count", 10, llm=llm_all, out=uncapped) == 0
+    assert len(llm_all.seen_prompts) == 150  # as before: every allowed attempt entered
+    for name in ("data.jsonl", "rejects.jsonl"):
+        assert (capped / name).read_bytes() == (uncapped / name).read_bytes()
+
+
+def test_attempts_ahead_follows_the_kept_rate_with_a_floor():
+    from stage1.data.stream import GOAL_MARGIN, attempts_ahead
+    assert attempts_ahead(0, 50, 50) == 0
+    assert attempts_ahead(10, 0, 0) == math.ceil(10 / 0.8) + GOAL_MARGIN  # the prior
+    assert attempts_ahead(10, 96, 96) == 11 + GOAL_MARGIN  # everything kept: about the missing ones (the prior's 0.8 fades)
+    assert attempts_ahead(10, 96, 0) == 40 + GOAL_MARGIN  # nothing kept: floored at a quarter
+
+
+def test_the_summary_says_the_goal_held_attempts_back(instr, make_llm, capsys):
+    assert instr("--count", 10, llm=make_llm(respond=_always_kept)) == 0
+    assert "while the keep goal held back the attempts not yet needed" in capsys.readouterr().out

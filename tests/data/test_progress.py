@@ -102,3 +102,20 @@ def test_progress_and_eta_follow_the_instructions_the_engine_finishes(make_llm, 
     lines = log.getvalue().splitlines()
     while_held = [line for line in lines if "rows kept 0, rejected 0" in line and "generated 39/40" in line]
     assert while_held and all("ETA ?" not in line for line in while_held)  # an ETA from the 39, not from no rows
+
+
+def test_a_job_with_a_keep_goal_counts_kept_rows_toward_it():
+    """The instruction job: the bar's total is --count and its position the rows kept (with those on disk); the ETA
+    follows this session's kept rows, the attempts are shown beside them."""
+    clock, engine, log = Clock(), Totals(), io.StringIO()
+    progress = RunProgress(150, engine, tty=False, stream=log, clock=clock, log_every_s=1, goal=30, kept_before=10)
+    stats = SessionStats()
+    clock.t += 60
+    stats.instructions_finished, stats.instructions_done, stats.kept, stats.rejected = 14, 12, 5, 7
+    progress.update(stats)
+    assert re.search(r"instructions kept 15/30 \(50\.0%\): attempts finished 14, judged 12, rejected 7 \| .* "
+                     r"1:00 elapsed, ETA 3:00$", log.getvalue().splitlines()[0])  # 15 more at 5 a minute
+    term = io.StringIO()
+    bar = RunProgress(150, engine, tty=True, stream=term, clock=clock, goal=30, kept_before=10)
+    bar.close(stats)
+    assert "instructions kept:  50%" in term.getvalue() and "15/30" in term.getvalue()

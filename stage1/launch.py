@@ -13,6 +13,7 @@ named with its log; `--resubmit` submits only the shards of --out that are not c
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import shlex
 import shutil
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stage1.data.jobs import INSTRUCTIONS, RESPONSES
 from stage1.data.manifest import read_manifest
 from stage1.data.shards import SHARDS_DIR, incomplete_shards, shard_counts_in, shard_name, shard_states
 
@@ -41,7 +43,9 @@ RESERVED = {
 }
 POLL_S = {"local": 0.5, "slurm": 30.0}
 
-USAGE = "python -m stage1.launch slurm [launcher options] -- <python -m stage1.generate arguments>"
+USAGE = ("python -m stage1.launch slurm [launcher options] -- <the job's arguments: python -m stage1.generate's, or "
+         "with --job instructions python -m stage1.instructions'>")
+JOB_CLIS = {job.name: job.cli for job in (RESPONSES, INSTRUCTIONS)}  # --job -> the module each task runs
 EPILOG = """\
 examples:
   # 16 shards of Qwen2.5-7B on 2 nodes of 8 GPUs (1 GPU a shard), then the merge
@@ -68,28 +72,28 @@ class ShardFailed(RuntimeError):
 # What the jobs run (pickled by submitit, unpickled in the job's process)
 
 
-def run_generate(argv: list[str], what: str) -> dict[str, Any]:
+def run_generate(argv: list[str], what: str, cli: str = "stage1.generate") -> dict[str, Any]:
     # Imported in the job's process; a SystemExit must pass through: submitit's requeue handler exits that way.
-    from stage1.generate import main
-
+    main = importlib.import_module(cli).main
     code = main(argv)
     if code != 0:
-        raise ShardFailed(f"{what}: python -m stage1.generate exited {code} (its error is in this job's log)")
+        raise ShardFailed(f"{what}: python -m {cli} exited {code} (its error is in this job's log)")
     return {"what": what, "exit": 0}
 
 
 @dataclass
 class ShardTask(Checkpointable):
-    """Array task: shard `index` of `count` of the run that `generate_args` describe."""
+    """Array task: shard `index` of `count` of the run that `generate_args` describe, of the job `cli` runs."""
     generate_args: list[str]
     index: int
     count: int
+    cli: str = "stage1.generate"
 
     def argv(self) -> list[str]:
         return [*self.generate_args, "--num-shards", str(self.count), "--shard-index", str(self.index), "--resume"]
 
     def __call__(self) -> dict[str, Any]:
-        return run_generate(self.argv(), f"shard {self.index} of {self.count}")
+        return run_generate(self.argv(), f"shard {self.index} of {self.count}", self.cli)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         # Called by submitit on preemption or timeout: requeue this same shard. Nothing to save first: the rows on
@@ -101,12 +105,13 @@ class ShardTask(Checkpointable):
 class MergeTask:
     generate_args: list[str]
     count: int
+    cli: str = "stage1.generate"
 
     def argv(self) -> list[str]:
         return [*self.generate_args, "--merge", "--num-shards", str(self.count)]
 
     def __call__(self) -> dict[str, Any]:
-        return run_generate(self.argv(), f"merge of {self.count} shards")
+        return run_generate(self.argv(), f"merge of {self.count} shards", self.cli)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--max-requeues", type=int, default=3, metavar="R",
                       help="requeues of a shard that hit its time limit (preemptions do not count; default: "
                            "%(default)s)")
-    jobs.add_argument("--job-name", default="stage1-generate", help="SLURM job name (default: %(default)s)")
+    jobs.add_argument("--job", choices=tuple(JOB_CLIS), default="responses",
+                      help="which job the arguments after -- are for: responses (python -m stage1.generate, the "
+                           "default) or instructions (python -m stage1.instructions)")
+    jobs.add_argument("--job-name", help="SLURM job name (default: the job's module, stage1-generate or "
+                                          "stage1-instructions)")
     where = s.add_argument_group("where")
     where.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
                        help="slurm, or local: submitit's LocalExecutor on this machine (implies --wait)")
@@ -209,16 +218,20 @@ def check_launcher_args(opts: argparse.Namespace) -> None:
     opts.sbatch_extra = parse_sbatch(opts.sbatch)
 
 
-def check_generate_args(generate_args: list[str], gpus_per_task: int = 0) -> argparse.Namespace:
-    """Parses them with generate's own parser (so a typo fails here, not in N jobs) and refuses the flags the
-    launcher sets itself (compared on the parsed values: argparse also takes a prefix such as --num-sh)."""
-    from stage1.generate import build_parser as generate_parser
+def job_name(opts) -> str:
+    return opts.job_name or JOB_CLIS[getattr(opts, "job", "responses")].replace(".", "-")
 
-    parser = generate_parser()
+
+def check_generate_args(generate_args: list[str], gpus_per_task: int = 0,
+                        cli: str = "stage1.generate") -> argparse.Namespace:
+    """Parses them with the job's own parser (so a typo fails here, not in N jobs) and refuses the flags the
+    launcher sets itself (compared on the parsed values: argparse also takes a prefix such as --num-sh)."""
+    parser = importlib.import_module(cli).build_parser()
     try:
         args = parser.parse_args(generate_args)
-    except SystemExit as e:  # argparse printed the problem with generate's usage
-        raise LaunchError("the generate arguments (after --) are not valid; see the message above") from e
+    except SystemExit as e:  # argparse printed the problem with the job's usage
+        raise LaunchError(f"the {cli.removeprefix('stage1.')} arguments (after --) are not valid; see the message "
+                          "above") from e
     refused = [why for dest, why in RESERVED.items() if getattr(args, dest, None) != parser.get_default(dest)]
     if refused:
         raise LaunchError("drop from the generate arguments: " + "; ".join(dict.fromkeys(refused)))
@@ -255,7 +268,7 @@ def mem_string(gb: float) -> str:
 
 def slurm_parameters(opts: argparse.Namespace) -> dict[str, Any]:
     """The array's sbatch parameters from the launcher options (the array size itself comes from the submission)."""
-    params: dict[str, Any] = {"job_name": opts.job_name, "time": opts.time_min, "nodes": 1, "ntasks_per_node": 1,
+    params: dict[str, Any] = {"job_name": job_name(opts), "time": opts.time_min, "nodes": 1, "ntasks_per_node": 1,
                               "stderr_to_stdout": False}
     if opts.gpus_per_task:
         params["gpus_per_task"] = opts.gpus_per_task  # one task a job: its GPUs, for its TP workers too
@@ -271,7 +284,7 @@ def slurm_parameters(opts: argparse.Namespace) -> dict[str, Any]:
 def merge_parameters(opts: argparse.Namespace, after: str | None) -> dict[str, Any]:
     """The merge job: no GPU, after every array task succeeded. kill-on-invalid-dep: if a shard fails, SLURM drops
     the merge instead of leaving it pending for ever."""
-    params: dict[str, Any] = {"job_name": f"{opts.job_name}-merge", "time": opts.merge_time_min, "nodes": 1,
+    params: dict[str, Any] = {"job_name": f"{job_name(opts)}-merge", "time": opts.merge_time_min, "nodes": 1,
                               "ntasks_per_node": 1, "cpus_per_task": 1}
     optional = {"partition": opts.merge_partition or opts.partition, "account": opts.account, "qos": opts.qos}
     params.update({k: v for k, v in optional.items() if v is not None})
@@ -664,7 +677,7 @@ def finish_slurm_merge(merge, state: JobState, out: Path, resubmit: str) -> int:
 
 
 def launch_slurm(opts, generate_args: list[str], todo: list[int], out: Path, log_dir: Path, resubmit: str) -> int:
-    tasks = [ShardTask(generate_args, index, opts.array) for index in todo]
+    tasks = [ShardTask(generate_args, index, opts.array, JOB_CLIS[opts.job]) for index in todo]
     after = None
     shard_jobs: dict[int, Any] = {}
     if tasks:
@@ -682,8 +695,8 @@ def launch_slurm(opts, generate_args: list[str], todo: list[int], out: Path, log
             print(f"submitted shards {compact(todo)} of {opts.array} as array job {after}{mapping}")
     merge_executor = slurm_executor(log_dir, 0, merge_parameters(opts, after))
     try:
-        merge = submit("the merge job", opts, True, lambda: merge_executor.submit(MergeTask(generate_args,
-                                                                                            opts.array)))
+        merge = submit("the merge job", opts, True, lambda: merge_executor.submit(MergeTask(
+            generate_args, opts.array, JOB_CLIS[opts.job])))
     except LaunchError as e:
         if after is None:
             raise
@@ -743,12 +756,12 @@ def launch_local(opts, generate_args: list[str], todo: list[int], out: Path, log
 
     executor = submitit.LocalExecutor(folder=log_dir, max_num_timeout=opts.max_requeues)
     executor.update_parameters(timeout_min=opts.time_min)
-    tasks = [ShardTask(generate_args, index, opts.array) for index in todo]
+    tasks = [ShardTask(generate_args, index, opts.array, JOB_CLIS[opts.job]) for index in todo]
     shard_jobs = run_local_shards(executor, tasks, local_slots(opts, len(tasks)), opts.gpus_per_task)
     if report(shard_jobs, out, opts.array, resubmit):
         return 1
     executor.update_parameters(timeout_min=opts.merge_time_min, gpus_per_node=0, visible_gpus=())
-    merge = executor.submit(MergeTask(generate_args, opts.array))
+    merge = executor.submit(MergeTask(generate_args, opts.array, JOB_CLIS[opts.job]))
     print(f"merge: local job {merge.job_id}, log {merge.paths.stderr}", flush=True)
     wait_all([merge], POLL_S["local"])
     return finish_merge(merge, out)
@@ -786,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print(f"error: {INSTALL_HINT}", file=sys.stderr)
             return 2
-        gen = check_generate_args(generate_args, opts.gpus_per_task)
+        gen = check_generate_args(generate_args, opts.gpus_per_task, JOB_CLIS[opts.job])
         if opts.gpus_per_task is None:  # what the run needs: its --tp GPUs, none on a CPU
             opts.gpus_per_task = 0 if gen.device == "cpu" else gen.tensor_parallel_size
         if opts.cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):

@@ -486,3 +486,23 @@ def test_a_preempted_shard_is_requeued_and_resumes(tiny_model_dir, tmp_path):
     assert sessions[-1]["resumed"] is True
     for name in FILES:
         assert (shard_dir(out, 0, 2) / name).read_bytes() == (shard_dir(plain, 0, 2) / name).read_bytes(), name
+
+
+def test_job_instructions_runs_the_instruction_cli_in_every_task(monkeypatch):
+    """--job instructions: the arguments after -- are checked by python -m stage1.instructions' own parser, and the
+    shard and merge tasks run its main (the default job stays stage1.generate)."""
+    import stage1.instructions
+
+    opts = launch.build_parser().parse_args(["slurm", "--array", "2", "--job", "instructions"])
+    assert launch.JOB_CLIS[opts.job] == "stage1.instructions"
+    args = launch.check_generate_args(["--count", "40", "--out", "x", "--device", "cpu"], 0, "stage1.instructions")
+    assert args.count == 40
+    with pytest.raises(launch.LaunchError, match="the instructions arguments"):
+        launch.check_generate_args(["--limit", "3", "--out", "x"], 0, "stage1.instructions")  # a generate flag
+    ran = []
+    monkeypatch.setattr(stage1.instructions, "main", lambda argv: ran.append(argv) or 0)
+    launch.ShardTask(["--count", "40", "--out", "x"], 1, 2, "stage1.instructions")()
+    launch.MergeTask(["--count", "40", "--out", "x"], 2, "stage1.instructions")()
+    assert ran == [["--count", "40", "--out", "x", "--num-shards", "2", "--shard-index", "1", "--resume"],
+                   ["--count", "40", "--out", "x", "--merge", "--num-shards", "2"]]
+    assert launch.ShardTask(["--out", "x"], 0, 1).cli == "stage1.generate"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from stage1.data.errors import DataError
@@ -204,24 +204,19 @@ class Scaffolding(RowFilter):
         return None
 
 
+@dataclass
 class Repetition(RowFilter):
-    name = "repetition"
-    description = (f"repeated lines and n-grams, Gopher's rules (from {REPETITION_MIN_WORDS} words; below, a loop of "
-                   f"{SHORT_LOOP_NGRAM}-grams)")
-
-    def __init__(self, max_dup_line_frac: float = MAX_DUP_LINE_FRAC,
-                 max_dup_line_char_frac: float = MAX_DUP_LINE_CHAR_FRAC,
-                 max_top_ngram_char_frac: dict[int, float] = MAX_TOP_NGRAM_CHAR_FRAC,
-                 max_dup_ngram_char_frac: dict[int, float] = MAX_DUP_NGRAM_CHAR_FRAC,
-                 min_words: int = REPETITION_MIN_WORDS, short_loop_ngram: int = SHORT_LOOP_NGRAM,
-                 short_loop_max_char_frac: float = SHORT_LOOP_MAX_CHAR_FRAC):
-        self.max_dup_line_frac = max_dup_line_frac
-        self.max_dup_line_char_frac = max_dup_line_char_frac
-        self.max_top_ngram_char_frac = max_top_ngram_char_frac
-        self.max_dup_ngram_char_frac = max_dup_ngram_char_frac
-        self.min_words = min_words
-        self.short_loop_ngram = short_loop_ngram
-        self.short_loop_max_char_frac = short_loop_max_char_frac
+    """Gopher's repetition rules; the thresholds are its fields (constructor arguments)."""
+    name: ClassVar[str] = "repetition"
+    description: ClassVar[str] = (f"repeated lines and n-grams, Gopher's rules (from {REPETITION_MIN_WORDS} words; "
+                                  f"below, a loop of {SHORT_LOOP_NGRAM}-grams)")
+    max_dup_line_frac: float = MAX_DUP_LINE_FRAC
+    max_dup_line_char_frac: float = MAX_DUP_LINE_CHAR_FRAC
+    max_top_ngram_char_frac: dict[int, float] = field(default_factory=lambda: dict(MAX_TOP_NGRAM_CHAR_FRAC))
+    max_dup_ngram_char_frac: dict[int, float] = field(default_factory=lambda: dict(MAX_DUP_NGRAM_CHAR_FRAC))
+    min_words: int = REPETITION_MIN_WORDS
+    short_loop_ngram: int = SHORT_LOOP_NGRAM
+    short_loop_max_char_frac: float = SHORT_LOOP_MAX_CHAR_FRAC
 
     def check(self, row: Candidate) -> Rejection | None:
         rule = self.broken_rule(row.response)

@@ -224,15 +224,27 @@ def out(tmp_path):
     return tmp_path / "out"
 
 
+def _cli(main, fake_model_dir, default_out):
+    def run(*argv, llm, out=default_out):
+        return main(["--model", str(fake_model_dir), "--out", str(out), "--no-progress", *map(str, argv)],
+                    llm_factory=lambda model_dir, args: llm)
+    return run
+
+
 @pytest.fixture
 def gen(fake_model_dir, out):
     """gen(*args, llm=FakeLLM, out=dir) -> exit code of `python -m stage1.generate args` with that engine."""
     from stage1.generate import main
 
-    def run(*argv, llm, out=out):
-        return main(["--model", str(fake_model_dir), "--out", str(out), "--no-progress", *map(str, argv)],
-                    llm_factory=lambda model_dir, args: llm)
-    return run
+    return _cli(main, fake_model_dir, out)
+
+
+@pytest.fixture
+def instr(fake_model_dir, out):
+    """instr(*args, llm=..., out=dir) -> exit code of `python -m stage1.instructions args` with that engine."""
+    from stage1.instructions import main
+
+    return _cli(main, fake_model_dir, out)
 
 
 def _read_rows(path: Path) -> list[dict]:

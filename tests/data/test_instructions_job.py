@@ -28,17 +28,6 @@ def instruction_respond(prompt: str, seed: int, index: int) -> str:
     return f"{rng.choice(VERBS)} " + " ".join(rng.choice(NOUNS) for _ in range(rng.randint(5, 10))) + "."
 
 
-@pytest.fixture
-def instr(fake_model_dir, out):
-    """instr(*args, llm=..., out=dir) -> exit code of `python -m stage1.instructions args` with that engine."""
-    from stage1.instructions import main
-
-    def run(*argv, llm, out=out):
-        return main(["--model", str(fake_model_dir), "--out", str(out), "--no-progress", *map(str, argv)],
-                    llm_factory=lambda model_dir, args: llm)
-    return run
-
-
 def test_stored_prompt_is_what_the_engine_tokenized_and_count_is_kept(instr, make_llm, out, read_rows):
     llm = make_llm(respond=instruction_respond, max_num_seqs=4)
     assert instr("--count", 12, llm=llm) == 0

@@ -107,3 +107,15 @@ def same_files(out: Path, plain: Path) -> None:
     for name in FILES:
         assert (out / name).read_bytes() == (plain / name).read_bytes(), name
     assert (plain / "data.jsonl").read_bytes() or (plain / "rejects.jsonl").read_bytes()
+
+
+def assert_refused_in_one_line(done, cluster, name: str, option: str, fix: str) -> list[str]:
+    """sbatch refused the submission: one line naming the option and the fix, exit code 2, and nothing of this
+    launch left queued (a refused merge cancels the array submitted before it). Returns the stderr lines."""
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sbatch refused"), done
+    assert option in lines[0] and fix in lines[0], done
+    left = {i: s for i, (s, _) in jobs(cluster, name).items() if s != "CANCELLED"}
+    assert not left, left
+    return lines

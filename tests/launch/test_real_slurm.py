@@ -17,8 +17,8 @@ import pytest
 
 pytest.importorskip("submitit")
 
-from real_slurm import (EXAMPLES, RUN_ARGS, Launcher, jobs, launch, printed_log_paths, restarts,  # noqa: E402
-                        same_files, wait_for)
+from real_slurm import (EXAMPLES, RUN_ARGS, Launcher, assert_refused_in_one_line, jobs, launch,  # noqa: E402
+                        printed_log_paths, restarts, same_files, wait_for)
 from stage1.data.shards import shard_dir, shard_states  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -70,13 +70,7 @@ def test_sbatch_refusals_are_one_line(queue, tiny_model_dir, instructions, tmp_p
     name = f"t-refused-{option.split()[0].strip('-')}"
     done = launch([*launcher_args(name, *more), "--", *generate_args(tiny_model_dir, instructions, out)],
                   queue.env, tmp_path / "launcher", timeout=60)
-    assert done.returncode == 2, done
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: sbatch refused"), done
-    assert option in lines[0] and fix in lines[0], done
-    # nothing left queued: a refused merge cancels the array submitted before it
-    left = {i: s for i, (s, _) in jobs(queue, name).items() if s != "CANCELLED"}
-    assert not left, left
+    lines = assert_refused_in_one_line(done, queue, name, option, fix)
     if option.startswith("--merge"):
         assert "cancelled" in lines[0]
 

@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("submitit")
 
-from real_slurm import RUN_ARGS, Launcher, jobs, launch, printed_log_paths, same_files, wait_for  # noqa: E402
+from real_slurm import (RUN_ARGS, Launcher, assert_refused_in_one_line, jobs, launch, printed_log_paths,  # noqa: E402
+                        same_files, wait_for)
 from stage1.data.shards import shard_dir, shard_states  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -44,12 +45,7 @@ def test_sbatch_refusals_are_one_line(queue, tiny_model_dir, instructions, tmp_p
     name = f"t-refused-{option.split()[0].strip('-')}"
     done = launch([*launcher_args(name, *more), "--", *generate_args(tiny_model_dir, instructions, tmp_path / "o")],
                   queue.env, tmp_path / "launcher", timeout=60)
-    assert done.returncode == 2, done
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: sbatch refused"), done
-    assert option in lines[0] and fix in lines[0], done
-    left = {i: s for i, (s, _) in jobs(queue, name).items() if s != "CANCELLED"}
-    assert not left, left
+    assert_refused_in_one_line(done, queue, name, option, fix)
 
 
 def test_late_cancel_names_the_shard_and_resubmit_runs_the_merge(queue, tiny_model_dir, instructions, plain_run,

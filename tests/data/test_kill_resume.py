@@ -5,7 +5,10 @@ never hold a corrupt line (only the last line may be cut short by the kill, and 
 The moments are set by the run's progress, not by the clock: each trial kills once a chosen number of rows is on
 disk (none: right after the manifest; all: during the final manifest write and the exit; some in between), a
 jitter of a few milliseconds later, so a slow or loaded machine moves every kill along with the run instead of past
-its end or before its start."""
+its end or before its start.
+
+The same for `python -m stage1.instructions` on the fake engine (tests/data/fake_instructions_cli.py, a step slowed
+to a few ms), whose resume must also rebuild its dedup state and its count of kept instructions."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from stage1.generate import main
+from stage1.instructions import main as instructions_main
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Small enough for 6 runs in well under a minute; one write per instruction and 3 requests in flight, so a kill
 # can land before, between or inside writes, with requests finishing out of order.
 ARGS = ("--limit", 6, "--n", 2, "--max-tokens", 10, "--max-num-seqs", 3, "--batch-size", 1, "--allow-run-on",
-        "--no-progress")
-ROWS = 12  # 6 instructions x 2 completions
+        "--no-progress")  # 12 rows: 6 instructions x 2 completions
 TRIALS = 5
 FILES = ("data.jsonl", "rejects.jsonl")
 # Less than a step (a decode step of the tiny checkpoint takes several ms), so a kill lands just before, between or
@@ -59,12 +62,12 @@ def rows_on_disk(out: Path) -> int:
     return sum((out / name).read_bytes().count(b"\n") for name in FILES if (out / name).exists())
 
 
-def run_and_kill(model_dir: Path, out: Path, rows: int, jitter: float) -> tuple[bool, int]:
-    """Starts the run and SIGKILLs it `jitter` s after `rows` rows are on disk (counted from its manifest on);
+def run_and_kill(command: list[str], out: Path, rows: int, jitter: float) -> tuple[bool, int]:
+    """Starts `python <command>` (its run writing to `out`) and SIGKILLs it `jitter` s after `rows` rows are on disk (counted from its manifest on);
     returns whether the kill landed (False: the run had finished) and the rows seen when it was decided."""
     log = out.with_name(f"{out.name}.stderr")  # a file, not a pipe: a full pipe would stall the run
     with open(log, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "stage1.generate", *argv(model_dir, out)], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, *command], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -91,30 +94,57 @@ def run_and_kill(model_dir: Path, out: Path, rows: int, jitter: float) -> tuple[
             proc.wait()
 
 
-def test_kill_9_at_random_moments_then_resume_gives_the_same_files(tiny_model_dir, tmp_path):
+def check_kill_then_resume(tmp_path, run, resume, command) -> None:
+    """run(out) and resume(out) -> exit code, in this process; command(out): the same run as a subprocess."""
     whole = tmp_path / "whole"
-    assert main(argv(tiny_model_dir, whole)) == 0
+    assert run(whole) == 0
     expected = {name: (whole / name).read_bytes() for name in FILES}
-    assert sum(complete_lines(whole / name) for name in FILES) == ROWS
+    total = sum(complete_lines(whole / name) for name in FILES)
+    assert total >= 4
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     # before any row, in the first half (several writes still to come), in the second, anywhere, after the last row
-    targets = [0, rng.randint(1, ROWS // 2), rng.randint(ROWS // 2, ROWS - 1), rng.randint(1, ROWS - 1), ROWS]
+    targets = [0, rng.randint(1, total // 2), rng.randint(total // 2, total - 1), rng.randint(1, total - 1), total]
     assert len(targets) == TRIALS
     trials = []
     for trial, rows in enumerate(targets):
         out = tmp_path / f"trial{trial}"
         jitter = rng.uniform(0, JITTER_S)
-        killed, seen = run_and_kill(tiny_model_dir, out, rows, jitter)
+        killed, seen = run_and_kill(command(out), out, rows, jitter)
         lines_before = sum(complete_lines(out / name) for name in FILES)  # raises on a corrupt line
         where = f"seed {seed}, trial {trial}: killed at {rows} rows + {jitter * 1e3:.1f} ms"
-        assert main(argv(tiny_model_dir, out, "--resume")) == 0, where
+        assert resume(out) == 0, where
         assert {name: (out / name).read_bytes() for name in FILES} == expected, where
-        assert sum(complete_lines(out / name) for name in FILES) == ROWS
+        assert sum(complete_lines(out / name) for name in FILES) == total
         trials.append((rows, seen, killed, lines_before))
     print(f"seed {seed}; (target rows, rows seen, killed, rows on disk after the kill): {trials}")
     # The kills landed during the runs: each one decided with rows still to come found the run going (it cannot
     # write them, its manifest and exit within the jitter), and at least one left a part of the rows on disk (the
     # first-half target: several writes were still to come, far longer than the jitter).
-    assert all(killed for _, seen, killed, _ in trials if seen < ROWS), f"seed {seed}: {trials}"
-    assert any(0 < lines_before < ROWS for *_, lines_before in trials), f"seed {seed}: {trials}"
+    assert all(killed for _, seen, killed, _ in trials if seen < total), f"seed {seed}: {trials}"
+    assert any(0 < lines_before < total for *_, lines_before in trials), f"seed {seed}: {trials}"
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_same_files(tiny_model_dir, tmp_path):
+    check_kill_then_resume(
+        tmp_path,
+        run=lambda out: main(argv(tiny_model_dir, out)),
+        resume=lambda out: main(argv(tiny_model_dir, out, "--resume")),
+        command=lambda out: ["-m", "stage1.generate", *argv(tiny_model_dir, out)])
+
+
+# 12 kept instructions, a few duplicates and run-ons rejected among them; 3 in flight, a write per attempt judged
+INSTRUCTION_ARGS = ("--count", 12, "--max-num-seqs", 3, "--batch-size", 1, "--no-progress")
+
+
+def test_instruction_job_kill_9_then_resume_gives_the_same_files(fake_model_dir, tmp_path):
+    from fake_instructions_cli import factory
+
+    def args(out, *extra):
+        return ["--model", str(fake_model_dir), "--out", str(out), *map(str, INSTRUCTION_ARGS), *extra]
+
+    check_kill_then_resume(
+        tmp_path,
+        run=lambda out: instructions_main(args(out), llm_factory=lambda m, e: factory(m, e, slow=False)),
+        resume=lambda out: instructions_main(args(out, "--resume"), llm_factory=lambda m, e: factory(m, e, slow=False)),
+        command=lambda out: [str(Path(__file__).with_name("fake_instructions_cli.py")), *args(out)])

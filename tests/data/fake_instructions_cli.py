@@ -24,8 +24,8 @@ class SlowFakeLLM(FakeLLM):
         return super().step()
 
 
-def factory(model_dir, engine, slow=True):
-    return (SlowFakeLLM if slow else FakeLLM)(respond=instruction_respond, max_num_seqs=engine.max_num_seqs)
+def factory(model_dir, engine):
+    return SlowFakeLLM(respond=instruction_respond, max_num_seqs=engine.max_num_seqs)
 
 
 if __name__ == "__main__":

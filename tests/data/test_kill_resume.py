@@ -137,14 +137,19 @@ def test_kill_9_at_random_moments_then_resume_gives_the_same_files(tiny_model_di
 INSTRUCTION_ARGS = ("--count", 12, "--max-num-seqs", 3, "--batch-size", 1, "--no-progress")
 
 
-def test_instruction_job_kill_9_then_resume_gives_the_same_files(fake_model_dir, tmp_path):
-    from fake_instructions_cli import factory
+def test_instruction_job_kill_9_then_resume_gives_the_same_files(fake_model_dir, make_llm, tmp_path):
+    # in this process the fake comes from the fixture (the module name `conftest` may be another folder's here);
+    # the killed subprocess builds the same one, slowed, in fake_instructions_cli.py
+    from test_instructions_job import instruction_respond
 
     def args(out, *extra):
         return ["--model", str(fake_model_dir), "--out", str(out), *map(str, INSTRUCTION_ARGS), *extra]
 
+    def fake(model_dir, engine):
+        return make_llm(respond=instruction_respond, max_num_seqs=engine.max_num_seqs)
+
     check_kill_then_resume(
         tmp_path,
-        run=lambda out: instructions_main(args(out), llm_factory=lambda m, e: factory(m, e, slow=False)),
-        resume=lambda out: instructions_main(args(out, "--resume"), llm_factory=lambda m, e: factory(m, e, slow=False)),
+        run=lambda out: instructions_main(args(out), llm_factory=fake),
+        resume=lambda out: instructions_main(args(out, "--resume"), llm_factory=fake),
         command=lambda out: [str(Path(__file__).with_name("fake_instructions_cli.py")), *args(out)])

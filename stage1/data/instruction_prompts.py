@@ -20,6 +20,7 @@ from stage1.data.errors import DataError
 from stage1.data.hashing import derive_seed, sha256_text
 from stage1.data.prompts import Example, Prompt, _read_package_text, choose_examples, load_examples
 from stage1.data.readers import Instruction
+from stage1.data.rows import generation_fields
 
 DEFAULT_INSTRUCTION_STYLE = "labeled"
 # The default cap on attempts: this many per instruction to keep, plus 100 (a first real run kept about 1 in 2).
@@ -198,13 +199,5 @@ def instruction_row(attempt: Instruction, *, prompt: str, prompt_tokens: int, ex
         "topic": attempt.extra.get("topic"),
         "source": attempt.source,
         "prompt": prompt,
-        "raw_instruction": None if completion is None else completion.text,
-        "finish_reason": None if completion is None else completion.finish_reason,
-        "stop_reason": None if completion is None else completion.stop_reason,
-        "prompt_tokens": prompt_tokens,
-        "instruction_tokens": None if completion is None else len(completion.token_ids),
-        "example_ids": list(example_ids),
-        "style": style,
-        "seed": seed,
-        "sampling": sampling,
+        **generation_fields("instruction", completion, prompt_tokens, example_ids, style, seed, sampling),
     }

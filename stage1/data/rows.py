@@ -26,11 +26,21 @@ def make_row(instruction, *, prompt: str, prompt_tokens: int, example_ids, style
         **instruction.extra,
         "prompt": prompt,
         "response": response,
-        "raw_response": None if completion is None else completion.text,
+        **generation_fields("response", completion, prompt_tokens, example_ids, style, seed, sampling),
+    }
+
+
+def generation_fields(generated: str, completion, prompt_tokens: int, example_ids, style: str, seed: int,
+                      sampling: dict[str, Any]) -> dict[str, Any]:
+    """What every job's row records of how its text was made, in this order: the engine's raw `generated` text
+    (`raw_<generated>`), why it ended, the token counts, the few-shot examples, the style, seed and sampling.
+    `completion` is the engine's CompletionOutput, or None for a prompt that was never generated from."""
+    return {
+        f"raw_{generated}": None if completion is None else completion.text,
         "finish_reason": None if completion is None else completion.finish_reason,
         "stop_reason": None if completion is None else completion.stop_reason,
         "prompt_tokens": prompt_tokens,
-        "response_tokens": None if completion is None else len(completion.token_ids),
+        f"{generated}_tokens": None if completion is None else len(completion.token_ids),
         "example_ids": list(example_ids),
         "style": style,
         "seed": seed,

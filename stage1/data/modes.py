@@ -104,7 +104,7 @@ def _say_goal(run: Run, summary: dict[str, Any]) -> None:
         return
     if goal["cap_reached"]:
         where = "a shard" if "merged" in goal else f"kept {goal['kept']} of {goal['this_process']} after " \
-            f"{goal['attempts']} attempts:"
+            f"{goal['attempts']} attempts"
         print(f"  stopped at the cap on attempts ({where}); to go on, rerun with --resume and a larger --max-attempts")
     if "merged" in goal and goal["kept"] < goal["count"]:
         missing = goal["count"] - goal["kept"]
@@ -122,8 +122,12 @@ def _stream(run: Run, pipeline: Pipeline, instructions: list[Instruction]) -> Se
     if run.resume:
         pipeline.load_existing()
     todo, total = pipeline.todo(instructions)
-    _say(run, f"{len(instructions)} instructions, {len(instructions) - len(todo)} already done, {total} completions "
-              f"to generate -> {writer.out_dir}")
+    if pipeline.keep_goal is None:
+        _say(run, f"{len(instructions)} instructions, {len(instructions) - len(todo)} already done, {total} "
+                  f"completions to generate -> {writer.out_dir}")
+    else:  # its input is the cap on attempts, not what it will make
+        _say(run, f"keeping {pipeline.keep_goal} ({pipeline.kept_on_disk} kept already), at most {len(todo)} more "
+                  f"attempts -> {writer.out_dir}")
     progress = None
     if run.progress and total:
         # a job with a keep goal counts kept rows toward it (--count), not attempts

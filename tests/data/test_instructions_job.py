@@ -175,6 +175,37 @@ def test_shards_each_keep_their_share_and_the_merge_dedups_across_them(instr, ma
     assert set(before.splitlines()) <= set((a / "data.jsonl").read_bytes().splitlines())
 
 
+def test_when_the_attempts_bound_the_run_shards_merged_are_one_process_byte_for_byte(instr, make_llm, tmp_path):
+    """Attempt i is the same request in any process (its id, type, topic and seed derive from (seed, i)), so where
+    every attempt is judged both ways, the merge (which dedups across shards in attempt order) writes one process's
+    files. Here --max-attempts = --count = 8 and some attempts fail, so one process goes through all 8; the shards'
+    attempts (by hash of id: 4 and 4) are each at most their share (4), so each shard goes through all of its own too.
+    Where --count binds first, each shard stops at its share, which one process cannot know: the previous test."""
+    from stage1.data.hashing import derive_seed
+    from stage1.data.shards import shard_of
+    assert [shard_of(attempt_id(0, i), 2) for i in range(8)] == [1, 0, 1, 1, 0, 0, 1, 0]
+    seed_of = {derive_seed(0, attempt_id(0, i)): i for i in range(8)}
+
+    def respond(prompt, seed, index):
+        i = seed_of[seed]
+        if i == 5:
+            return "Sure, here it is."  # answer_not_request, in shard 0
+        # attempt 2 (shard 1) repeats attempt 1 (shard 0): only the merge sees both
+        return instruction_respond(prompt, derive_seed(0, attempt_id(0, 1 if i == 2 else i)), index)
+
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    assert instr("--count", 8, "--max-attempts", 8, "--max-tokens", 256, llm=make_llm(respond=respond), out=one) == 0
+    for index in range(2):
+        assert instr("--count", 8, "--max-attempts", 8, "--max-tokens", 256, "--num-shards", 2, "--shard-index", index,
+                     llm=make_llm(respond=respond, max_num_seqs=3), out=sharded) == 0
+    assert instr("--count", 8, "--max-attempts", 8, "--max-tokens", 256, "--merge", llm=None, out=sharded) == 0
+    rejects = [json.loads(line) for line in (one / "rejects.jsonl").read_bytes().splitlines()]
+    assert sorted((r["id"], r["reason"]) for r in rejects) == [(attempt_id(0, 2), "exact_duplicate"),
+                                                             (attempt_id(0, 5), "answer_not_request")]
+    for name in ("data.jsonl", "rejects.jsonl"):
+        assert (one / name).read_bytes() == (sharded / name).read_bytes()
+
+
 def test_the_response_job_reads_the_instruction_run(instr, gen, make_llm, tmp_path, read_rows):
     instructions = tmp_path / "instr"
     assert instr("--count", 6, llm=make_llm(respond=instruction_respond), out=instructions) == 0

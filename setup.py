@@ -121,8 +121,12 @@ setup(
     install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.19", "tqdm", "numpy", "gguf>=0.19",
                       "datasketch>=1.6"],
     # triton 3.7.1 is the release torch 2.13 pairs with; the tests run its kernels in the CPU interpreter
-    extras_require={"test": ["pytest", "transformers>=4.45", "accelerate", "triton==3.7.1", "submitit>=1.5"],
-                    "triton": ["triton"], "slurm": ["submitit>=1.5"]},
+    extras_require={"test": ["pytest", "transformers>=4.45", "accelerate", "triton==3.7.1", "submitit>=1.5",
+                             "matplotlib>=3.5", "selenium>=4.10", "pyarrow>=21", "datasets>=5.0", "pyyaml"],
+                    "triton": ["triton"], "slurm": ["submitit>=1.5"],
+                    "report": ["matplotlib>=3.5"],  # the charts of OUT/report.html (the page has its tables without)
+                    # parquet and `datasets` input, the parquet export (datasets 5 reads mixed-type columns as Json)
+                    "hf": ["pyarrow>=21", "datasets>=5.0"]},
     ext_modules=native_extensions(),
     cmdclass={"build_ext": CMakeBuild},
 )

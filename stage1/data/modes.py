@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stage1.data.card import write_card
 from stage1.data.data_parallel import run_shard_processes
 from stage1.data.engine import EngineFactory, load_llm, resolve_model_dir, started_engine
 from stage1.data.errors import DataError
@@ -23,6 +24,7 @@ from stage1.data.merge import check_merge_target, load_shards, shard_report, wri
 from stage1.data.pipeline import Pipeline, SessionStats
 from stage1.data.progress import RunProgress, print_summary
 from stage1.data.readers import Instruction
+from stage1.data.report import write_report
 from stage1.data.run import Mode, Run, implicit_identity
 from stage1.data.shards import SHARDS_DIR, select, shard_counts_in
 from stage1.data.writer import DatasetWriter, iter_jsonl
@@ -77,10 +79,15 @@ def generate(run: Run, inputs: Inputs, engine_factory: EngineFactory, started: S
         with writer:
             stats = _stream(run, pipeline, instructions)
         engine_info = llm.engine_info
-    summary = dataset_summary(iter_jsonl(writer.data_path), iter_jsonl(writer.rejects_path))
+    summary = dataset_summary(iter_jsonl(writer.data_path), iter_jsonl(writer.rejects_path),
+                              eval_files=run.settings.decontaminate)
     summary.update(_goal_report(run, summary, len(instructions)))
     session = session_record(run, bool(run.resume and previous), engine_info, stats, started)
-    write_manifest(out, completed_manifest(manifest, summary, session))
+    completed = completed_manifest(manifest, summary, session)
+    write_manifest(out, completed)
+    if run.shard is None:  # a shard is no dataset of its own: its merge writes the card
+        write_card(out, completed)
+    write_report(out)  # from the files just completed: `python -m stage1.report OUT` rebuilds the same page
     print_summary(out, summary, session=session)
     _say_goal(run, summary)
     return 0
@@ -167,8 +174,11 @@ def merge(run: Run, inputs: Inputs, count: int, started: Started) -> int:
         reached = all(not s.manifest.get("goal", {}).get("cap_reached") for s in shards)
         merged.summary["goal"] = {"count": run.flags.get("count"), "kept": merged.summary["counts"]["kept"],
                                   "merged": count, "cap_reached": not reached}
-    write_manifest(run.out, merged_manifest(run, identity, shards[0].manifest, merged.summary,
-                                            [shard_report(s) for s in shards], merged.dedup_rejected, started))
+    manifest = merged_manifest(run, identity, shards[0].manifest, merged.summary, [shard_report(s) for s in shards],
+                               merged.dedup_rejected, started)
+    write_manifest(run.out, manifest)
+    write_card(run.out, manifest)
+    write_report(run.out)
     print_summary(run.out, merged.summary, merged=(count, merged.dedup_rejected))
     _say_goal(run, merged.summary)
     return 0

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from stage1.data.engine import EngineStats
 from stage1.data.manifest import MANIFEST_FILE
 from stage1.data.pipeline import SessionStats
+from stage1.data.report import REPORT_FILE
 from stage1.data.writer import DATA_FILE, REJECTS_FILE
 
 
@@ -115,7 +116,8 @@ def print_summary(out: Path, summary: dict[str, Any], *, session: dict[str, Any]
         reasons += f"; {merged[1]} of them by the dataset-wide filters at the merge"
     print(f"{f'merged {merged[0]} shards: ' if merged else ''}{c['instructions']} instructions, {c['completions']} "
           f"completions: {c['kept']} kept, {c['rejected']} rejected ({reasons})")
-    print(f"  data:     {out / DATA_FILE}\n  rejects:  {out / REJECTS_FILE}\n  manifest: {out / MANIFEST_FILE}")
+    print(f"  data:     {out / DATA_FILE}\n  rejects:  {out / REJECTS_FILE}\n  manifest: {out / MANIFEST_FILE}\n"
+          f"  report:   {out / REPORT_FILE}")
     if session is None:
         return
     print(f"  this session: {session['generated_tokens']} tokens generated in {session['generate_seconds']:.1f} s "

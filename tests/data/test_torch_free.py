@@ -49,6 +49,15 @@ def test_the_merge_imports_no_torch(gen, make_llm, respond_mixed, fake_model_dir
     assert (out / "data.jsonl").read_bytes()
 
 
+def test_the_report_imports_no_torch(gen, make_llm, respond_mixed, out):
+    """python -m stage1.report OUT rebuilds a run's page wherever its files are (a login node, a laptop)."""
+    assert gen("--limit", 20, llm=make_llm(respond=respond_mixed)) == 0
+    (out / "report.html").unlink()
+    report, stderr = probe("stage1.report", [out])
+    assert report == {"rc": 0, "imported": []}, stderr
+    assert (out / "report.html").read_bytes()
+
+
 def test_help_imports_no_torch_and_offers_the_engines_kernel_choices():
     from stage1.engine.backends import CHOICES
 

@@ -31,3 +31,12 @@ def page_counts(page: str) -> dict:
     marked = {kind: {name: int(value) for name, value in re.findall(rf'data-{kind}="([^"]+)">(\d+)<', page)}
               for kind in ("count", "reason-count")}
     return {"kept": marked["count"]["kept"], "rejected": marked["count"]["rejected"], "reasons": marked["reason-count"]}
+
+
+def charts_expected(out: Path) -> int:
+    """The histograms a page of `out` draws: prompt and generated tokens, and each quality signal its rows carry."""
+    from stage1.data.report.collect import SIGNALS
+
+    rows = [json.loads(line) for name in ("data.jsonl", "rejects.jsonl")
+            for line in (out / name).read_text().splitlines()]
+    return 2 + sum(any(isinstance(r.get(name), (int, float)) for r in rows) for name in SIGNALS)

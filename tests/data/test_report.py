@@ -16,7 +16,7 @@ from stage1.data.report import REPORT_FILE, write_report
 from stage1.data.report.charts import EXTRA
 from stage1.report import main as report_main
 
-from report_runs import HOSTILE, RUN, manifest_counts, page_counts, with_html
+from report_runs import HOSTILE, RUN, charts_expected, manifest_counts, page_counts, with_html
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ def test_a_run_writes_the_report_with_the_manifests_counts(run_out):
     for section in ("Finish reasons", "Lengths (tokens)", "Quality signals", "Duplicate clusters",
                     "Contaminated rows", "Samples", "Throughput", "Configuration"):
         assert f"<h2>{section}</h2>" in text
-    assert text.count('<img class="chart"') == 2  # prompt and response tokens: these rows carry no signals
+    assert text.count('<img class="chart"') == charts_expected(run_out)
     session = json.loads((run_out / "manifest.json").read_text())["sessions"][0]
     assert f'<td class="n">{session["tokens_per_s"]}</td>' in text
 

@@ -61,7 +61,8 @@ def _instruction_written(row: dict[str, Any]) -> Candidate:
 
 RESPONSES = JobKind(
     name="responses", cli="stage1.generate",
-    read_input=lambda run: read_instructions(run.instructions, run.input_format),
+    read_input=lambda run: read_instructions(run.instructions, run.input_format, run.instruction_field,
+                                             run.instruction_split),
     input_fingerprint=lambda run, instructions: instructions_fingerprint(instructions),
     styles=load_styles, prompts=lambda style, options: CompletionStylePrompts(style),
     prompt_data_fingerprint=pool_fingerprint, filters=lambda: filter_lists.FILTERS, make_row=make_row,

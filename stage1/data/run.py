@@ -16,6 +16,7 @@ from typing import Any
 
 from stage1.data.errors import DataError
 from stage1.data.jobs import RESPONSES, JobKind
+from stage1.data.readers import DEFAULT_FIELD, FORMATS
 from stage1.data.settings import GenerationConfig, from_args
 from stage1.data.shards import resolve_shard, shard_dir
 from stage1.engine.kernel_choices import CHOICES as KERNEL_CHOICES
@@ -60,6 +61,8 @@ class Run:
     model: str | None  # --model as given (None: the default model); modes.py resolves it
     instructions: str | None  # None: the job's built-in input
     input_format: str
+    instruction_field: str  # the input's column (JSON field) holding the instructions
+    instruction_split: str | None  # which split of a saved DatasetDict (None: its only one)
     limit: int | None
     resume: bool
     overwrite: bool
@@ -103,8 +106,14 @@ def add_input_output_flags(p: argparse.ArgumentParser, *, input_help: str | None
                          "model (see python -m stage1.models)")
     if input_help is not None:
         io.add_argument("--instructions", metavar="FILE", help=input_help)
-        io.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
-                        help="how to read --instructions (default: auto, by file suffix)")
+        io.add_argument("--format", choices=FORMATS, default="auto",
+                        help="how to read --instructions (default: auto: a directory is a `datasets` one saved with "
+                             "save_to_disk, else by file suffix: .jsonl/.ndjson, .parquet/.pq, anything else text)")
+        io.add_argument("--instruction-field", default=DEFAULT_FIELD, metavar="NAME",
+                        help="the column (JSONL field) of --instructions that holds the instructions (default: "
+                             "%(default)s)")
+        io.add_argument("--instruction-split", metavar="NAME",
+                        help="the split to read when --instructions is a saved DatasetDict of several")
     io.add_argument("--out", metavar="DIR", default=default_out, help="output directory (default: %(default)s)")
     if input_help is not None:
         io.add_argument("--limit", type=int, metavar="N", help="use only the first N instructions")
@@ -173,6 +182,8 @@ def build_run(job: JobKind, args: argparse.Namespace, argv: list[str]) -> Run:
     given = vars(args)  # a job without an input file has no --instructions, --format, --limit
     return Run(job=job, mode=mode, settings=settings, engine=engine, out=Path(args.out), model=args.model,
                instructions=given.get("instructions"), input_format=given.get("format", "auto"),
+               instruction_field=given.get("instruction_field", DEFAULT_FIELD),
+               instruction_split=given.get("instruction_split"),
                limit=given.get("limit"), resume=args.resume,
                overwrite=args.overwrite, progress=not args.no_progress, shard=shard, shard_count=count,
                argv=tuple(argv), flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

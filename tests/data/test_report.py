@@ -5,6 +5,7 @@ rows and quality signals from rows written by hand. (test_report_browser.py open
 
 import html
 import json
+import random
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from stage1.report import main as report_main
 from report_runs import HOSTILE, RUN, charts_expected, manifest_counts, page_counts, with_html
 
 REPO = Path(__file__).resolve().parents[2]
+WORDS = "river stone lantern maple orbit velvet harbor signal meadow copper ember glacier willow cobalt".split()
 
 
 @pytest.fixture
@@ -154,3 +156,21 @@ def test_quality_signals_get_their_histograms_where_the_rows_carry_them(tmp_path
     assert "<td>judge_score</td><td>rejected</td><td class=\"n\">0</td>" in section
     samples = text.split("<h2>Samples</h2>")[1]
     assert "<th>mean_logprob</th><th>min_logprob</th><th>judge_score</th>" in samples
+
+
+def test_the_instruction_jobs_report_shows_its_generated_instructions(instr, make_llm, out):
+    """Its rows' generated text is `instruction` (no response): counts, clusters and samples show that field."""
+    def respond(prompt: str, seed: int, index: int) -> str:
+        if seed % 4 == 0:  # a quarter of the attempts write the same request: exact duplicates of the first
+            return "Write a short poem about the sea at night."
+        rng = random.Random(seed)
+        return f"Explain {' '.join(rng.choice(WORDS) for _ in range(8))}."
+    assert instr("--count", 12, llm=make_llm(respond=respond)) == 0
+    text = page(out)
+    assert page_counts(text) == manifest_counts(out)
+    assert manifest_counts(out)["reasons"].get("exact_duplicate", 0) >= 1
+    clusters = text.split("<h2>Duplicate clusters</h2>")[1].split("<h2>")[0]
+    assert "<b>kept row</b>" in clusters and "<b>exact duplicate</b>" in clusters
+    assert "Write a short poem about the sea at night." in clusters
+    assert '<div class="head">instruction</div>' in clusters and '<div class="head">response</div>' not in text
+    assert "<td>instruction_tokens</td><td>kept</td>" in text

@@ -29,9 +29,10 @@ MAX_CLUSTER_MEMBERS = 6  # duplicates shown beside the row they repeat
 MAX_CONTAMINATED = 30  # contaminated rows shown, in file order
 MAX_TEXT_CHARS = 2000  # of a text shown in the page; the rest is counted, not shown
 SIGNALS = ("mean_logprob", "min_logprob", "judge_score")  # the rows' quality signals, when they carry them
-DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate")  # their detail ends "with <id>#<index>" (filters.dedup_key)
+# their detail ends "with <id>#<index>" (near) or "as <id>#<index>" (exact): filters.dedup_key
+DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate")
 CONTAMINATED = "contaminated"
-_REPEATS_RE = re.compile(r" with (\S+#\S+)$")
+_REPEATS_RE = re.compile(r" (?:with|as) (.+#(?:-?\d+|None))$")
 _JACCARD_RE = re.compile(r"Jaccard ([0-9.]+)")
 
 

@@ -163,7 +163,8 @@ def _summary(values: Sequence[float]) -> tuple:
 def _clusters(data: ReportData) -> str:
     head = (f"<h2>Duplicate clusters</h2><p>{data.duplicated_rows} rows were rejected as exact or near duplicates of a "
             f"kept row. The {MAX_CLUSTERS} largest clusters (up to {MAX_CLUSTER_MEMBERS} duplicates each), the kept "
-            "row first, with the estimated Jaccard of each duplicate's response word shingles against it:</p>")
+            f"row first, each near duplicate with the estimated Jaccard of its {esc(data.generated)}'s word shingles "
+            "against it:</p>")
     if not data.clusters:
         return head + "<p>No duplicates.</p>"
     return head + "".join(_cluster(c) for c in data.clusters)

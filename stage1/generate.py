@@ -60,7 +60,14 @@ many processes (README: "Many GPUs and nodes"):
 instruction files:
   .jsonl / .ndjson: one JSON object per line with "instruction" (required), "id", "type", "source" (optional);
                     other fields are copied into every output row.
+  .parquet / .pq, a directory saved by datasets' save_to_disk: the columns as JSONL's fields (a null id, type or
+                    source counts as absent); --instruction-split picks a split of a DatasetDict (needs the hf extra:
+                    pip install 'stage1[hf]').
   anything else:    plain text, one instruction per line (blank lines ignored); ids are hashes of the text.
+  --instruction-field NAME reads the instructions from another field or column than "instruction".
+
+output for trainers and the Hub: OUT/README.md is the dataset card (the Hub's YAML, how it was made);
+  python -m stage1.export OUT --to parquet|trl|messages writes the kept rows in those forms.
 
 exit codes: 0 done, 1 the run stopped (engine/prompt mismatch, disk error), 2 bad input or usage, 130 interrupted."""
 
@@ -73,7 +80,8 @@ def _builtin_summary() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {RESPONSES.cli}", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_input_output_flags(p, default_out=DEFAULT_OUT, input_help="instructions, JSONL or plain text (default: the "
+    add_input_output_flags(p, default_out=DEFAULT_OUT, input_help="instructions: JSONL, plain text, parquet, or a "
+                                                                   "`datasets` directory (save_to_disk) (default: the "
                                                                    f"built-in set, {_builtin_summary()})")
     d = GenerationConfig()
     gen = p.add_argument_group("generation")

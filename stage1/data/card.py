@@ -79,13 +79,15 @@ def _name(m: dict[str, Any]) -> str:
 
 
 def _code(value: Any) -> str:
-    """A value in inline code; non-strings as JSON."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    """A value in inline code, on one line: non-strings and strings with a line break as JSON."""
+    text = value if isinstance(value, str) and "\n" not in value else json.dumps(value, ensure_ascii=False)
     return f"`{text}`" if "`" not in text else f"``{text}``"
 
 
 def _table(head: tuple[str, str], rows: list[tuple[Any, Any]]) -> list[str]:
-    return [f"| {head[0]} | {head[1]} |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), ""]
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|")  # a bar would end the cell, even inside code
+    return [f"| {head[0]} | {head[1]} |", "|---|---|", *(f"| {cell(a)} | {cell(b)} |" for a, b in rows), ""]
 
 
 def _body(m: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stage1.data.card import size_category
+from stage1.data.card import dataset_card, size_category, write_card
 from stage1.data.export import PROMPT_END
 from stage1.export import main as export_main
 
@@ -214,6 +214,17 @@ def test_the_instruction_jobs_card(instr, make_llm, out, tmp_path):
     meta, body = check_card(out, tmp_path / "cache")
     assert meta["tags"] == ["synthetic", "instructions", "stage1"]
     assert "until `10` were kept" in body and "- **goal**:" in body  # the manifest's other records, as they are
+
+
+def test_the_card_is_the_manifests_alone_and_keeps_odd_values_in_their_cells(gen, make_llm, out, tmp_path):
+    assert gen("--limit", 5, llm=make_llm()) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert write_card(tmp_path, manifest).read_text() == (out / "README.md").read_text()  # no file but the manifest
+    odd = {**manifest, "identity": {**manifest["identity"], "odd": "a|b\nc`d"}, "args": {**manifest["args"],
+                                                                                      "out": 'runs/"x": y'}}
+    assert yaml.safe_load(dataset_card(odd)[4:].split("\n---\n")[0])["pretty_name"] == '"x": y'
+    [row] = [line for line in dataset_card(odd).splitlines() if line.startswith("| odd |")]
+    assert row == '| odd | ``"a\\|b\\nc`d"`` |'  # one line, the bar escaped: still a two-cell row
 
 
 @pytest.mark.parametrize("rows_, label", [(0, "n<1K"), (999, "n<1K"), (1000, "1K<n<10K"), (99_999, "10K<n<100K"),

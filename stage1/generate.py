@@ -17,7 +17,9 @@ from stage1.data.cli import run_cli
 from stage1.data.jobs import RESPONSES
 from stage1.data.run import add_engine_and_parallel_flags, add_input_output_flags
 from stage1.data.readers import read_instructions
-from stage1.data.settings import GenerationConfig, add_sampling_flags
+from stage1.data.filters import SELECT_CHOICES
+from stage1.data.judge import load_judge_styles
+from stage1.data.settings import GenerationConfig, add_decontamination_flags, add_sampling_flags
 from stage1.data.writer import DATA_FILE, REJECTS_FILE
 
 DEFAULT_OUT = "out/stage1-sft"
@@ -105,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--copy-threshold", type=float, default=d.copy_threshold, metavar="F",
                      help="ROUGE-L F above which a response copies one of its few-shot examples (default: "
                           "%(default)s)")
+    add_decontamination_flags(flt)
+    flt.add_argument("--select", choices=SELECT_CHOICES, default=d.select,
+                     help="which of an instruction's --n completions to keep: all that pass the filters, or "
+                          "best-logprob: the one with the highest mean token logprob among those that pass the row "
+                          "filters, the others rejected as not_selected (before the dedup) (default: %(default)s)")
+    flt.add_argument("--judge", action="store_true",
+                     help="rate each completion the selection kept with the same model: a few-shot rating prompt "
+                          "(--judge-style), read as the expected 1-5 score over the next token's digits, no sampling; "
+                          "rows get judge_score and judge_prompt_sha256")
+    flt.add_argument("--judge-style", choices=sorted(load_judge_styles()), default=d.judge_style,
+                     help="the rating prompt (stage1/data/judge_styles.json) (default: %(default)s)")
+    flt.add_argument("--min-judge-score", type=float, metavar="X",
+                     help="reject rows whose judge score is below X, or that have none (low_judge_score, before the "
+                          "dedup); implies --judge")
     add_engine_and_parallel_flags(p)
     return p
 

@@ -18,7 +18,7 @@ from stage1.data.instruction_prompts import DEFAULT_ATTEMPTS_PER_KEPT, DEFAULT_I
 from stage1.data.jobs import INSTRUCTIONS
 from stage1.data.prompts import load_examples
 from stage1.data.run import add_engine_and_parallel_flags, add_input_output_flags
-from stage1.data.settings import GenerationConfig, add_sampling_flags
+from stage1.data.settings import GenerationConfig, add_decontamination_flags, add_sampling_flags
 from stage1.data.writer import DATA_FILE, REJECTS_FILE
 
 DEFAULT_OUT = "out/stage1-instructions"
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--copy-threshold", type=float, default=POOL_COPY_THRESHOLD, metavar="J",
                      help="estimated Jaccard (word 2-grams) from which an instruction copies a pool example (default: "
                           "%(default)s)")
+    add_decontamination_flags(flt)
     add_engine_and_parallel_flags(p)
     return p
 

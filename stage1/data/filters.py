@@ -6,9 +6,12 @@ them from the run's settings), and `check(row)` returns None (pass) or `self.rej
 classes in the order they run: the first that rejects a row gives its reason. The reasons the CLI lists
 (`reject_reasons()`) are that list's names. Adding a filter is one class and one entry in `FILTERS`.
 
-There are three kinds, by what a check compares a row with:
+There are five kinds, by what a check compares a row with:
 - `PromptFilter`: the planned prompt, before it is sent (a rejected one is never generated from);
 - `RowFilter`: one completion alone (each shard runs them);
+- `Selection`: the completions of one instruction that passed the row filters, together (best-of-n): `select(rows)`
+  keeps some and rejects the others. Each shard runs them: all of an instruction's completions are in its shard;
+- `JudgeFilter`: one completion the selection kept, with the judge's score of it (judge.py, --judge; each shard);
 - `DatasetFilter`: one completion against the rows kept before it in input order (exact and near duplicates). It
   keeps state: `add(row)` feeds it each kept row, in input order, and `reset()` forgets them. A shard runs none; the
   merge (merge.py) feeds fresh ones every shard's rows in input order, so it decides as one unsharded run does.
@@ -17,9 +20,10 @@ There are three kinds, by what a check compares a row with:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -61,6 +65,10 @@ NEAR_DUP_NUM_PERM = 128
 NEAR_DUP_SHINGLE = 3
 NEAR_DUP_MIN_WORDS = 8  # short answers to different questions may well coincide
 
+# Eval overlap (--decontaminate): a shared word 13-gram, as GPT-3 (Brown et al. 2020, appendix C) and the Tulu
+# decontamination measure it; texts too short to hold one must equal the eval text (stage1/data/decontaminate.py).
+DECONTAMINATION_NGRAM = 13
+
 Rejection = tuple[str, str | None]  # (reason, detail)
 
 
@@ -90,6 +98,9 @@ class Candidate:
     example_completions: dict[str, str]
     key: str = ""  # dedup_key: how a later duplicate names this row
     prompt_tokens: int = 0
+    index: int | None = None  # the completion's index among the instruction's --n
+    mean_logprob: float | None = None  # the row's `mean_logprob` (rows.logprob_signals)
+    judge_score: float | None = None  # the row's `judge_score` (judge.py); None: not rated, or no rating digit
 
 
 # -- the kinds --------------------------------------------------------------------------------------------------------
@@ -117,6 +128,22 @@ class PromptFilter(Filter):
 
 class RowFilter(Filter):
     """Looks at one completion alone."""
+
+
+class Selection(Filter):
+    """Looks at the completions of one instruction that passed the row filters, together; never at one alone."""
+
+    def check(self, row: Candidate) -> Rejection | None:
+        return None  # a selection judges an instruction's completions together: `select`
+
+    def select(self, rows: list[Candidate]) -> list[Rejection | None]:
+        """A verdict for each of `rows` (one instruction's completions that passed the row filters, by index)."""
+        raise NotImplementedError
+
+
+class JudgeFilter(Filter):
+    """Looks at one completion the selection kept, with the judge's score of it (`row.judge_score`): only those are
+    rated, so it runs after the selections."""
 
 
 class DatasetFilter(Filter):
@@ -282,6 +309,96 @@ class InstructionEcho(RowFilter):
         return self.reject(f"the response ({len(said)} words) is a passage of the instruction")
 
 
+class Decontaminated(RowFilter):
+    """A row that overlaps an eval text of --decontaminate (decontaminate.py). Last of the row filters: its count is
+    of the rows the eval overlap alone removes."""
+    name = "contaminated"
+    description = (f"the instruction or the response shares a word {DECONTAMINATION_NGRAM}-gram with an eval text of "
+                   f"--decontaminate, or equals one (under {DECONTAMINATION_NGRAM} words), once NFKC-normalized and "
+                   "lower-cased")
+    sides = (("instruction", "instruction"), ("response", "response"))  # (Candidate field, what the detail calls it)
+
+    def __init__(self, index=None):
+        self.index = index  # decontaminate.EvalIndex; None: passes every row
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> Decontaminated:
+        if not config.decontaminate:
+            return cls()
+        from stage1.data.decontaminate import eval_index  # numpy, and the eval files: only when asked for
+        return cls(eval_index(config.decontaminate, config.decontaminate_fields))
+
+    def check(self, row: Candidate) -> Rejection | None:
+        if self.index is None:
+            return None
+        for attr, side in self.sides:
+            match = self.index.match(getattr(row, attr) or "")
+            if match:
+                return self.reject(match.describe(side))
+        return None
+
+
+# --select: which of an instruction's completions best-of-n keeps ("all": every one, no selection)
+SELECT_ALL = "all"
+SELECT_BEST_LOGPROB = "best-logprob"
+SELECT_CHOICES = (SELECT_ALL, SELECT_BEST_LOGPROB)
+
+
+def best_logprob_choice(scored: Sequence[tuple[int, float | None]]) -> int:
+    """The completion index best-of-n keeps among `scored` ((index, mean logprob) of the completions that passed the
+    row filters, not empty): the highest mean logprob, the lowest index on ties; one without a logprob ranks last."""
+    return max(scored, key=lambda s: (-math.inf if s[1] is None else s[1], -s[0]))[0]
+
+
+class BestLogprob(Selection):
+    name = "not_selected"
+    description = ("--select best-logprob: not its instruction's completion with the highest mean token logprob among "
+                   "those that passed the row filters (ties: the lowest index)")
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> BestLogprob:
+        return cls(config.select == SELECT_BEST_LOGPROB)
+
+    def select(self, rows: list[Candidate]) -> list[Rejection | None]:
+        if not self.enabled or not rows:
+            return [None] * len(rows)
+        winner = best_logprob_choice([(row.index, row.mean_logprob) for row in rows])
+        best = next(row for row in rows if row.index == winner)
+        return [None if row.index == winner else self.reject(
+            f"index {winner} selected (mean logprob {_logprob(best.mean_logprob)} "
+            f"{'=' if best.mean_logprob == row.mean_logprob else '>'} {_logprob(row.mean_logprob)})")
+            for row in rows]
+
+
+def _logprob(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
+
+
+class LowJudgeScore(JudgeFilter):
+    name = "low_judge_score"
+    description = ("--min-judge-score X: the judge's expected score (--judge) is below X, or there is none (no rating "
+                   "digit among the top 20 next tokens)")
+
+    def __init__(self, min_score: float | None = None):
+        self.min_score = min_score  # None: keeps every row
+
+    @classmethod
+    def build(cls, config: GenerationConfig, max_model_len: int | None) -> LowJudgeScore:
+        return cls(config.min_judge_score)
+
+    def check(self, row: Candidate) -> Rejection | None:
+        if self.min_score is None:
+            return None
+        if row.judge_score is None:
+            return self.reject(f"no judge score (no rating digit among the top 20 next tokens) < {self.min_score}")
+        if row.judge_score < self.min_score:
+            return self.reject(f"judge score {row.judge_score} < {self.min_score}")
+        return None
+
+
 class ExactDuplicate(DatasetFilter):
     name = "exact_duplicate"
     description = "the same instruction and response as a row kept before it (case and spacing aside)"
@@ -359,10 +476,11 @@ class NearDuplicate(DatasetFilter):
             self._lsh.insert(row.key, mh)
 
 
-# The filters, in the order they run: prompt filters, then row filters, then dataset filters (see the module doc).
+# The filters, in the order they run: prompt filters, row filters, selections, judge filters, dataset filters (the
+# module doc).
 FILTERS: tuple[type[Filter], ...] = (
-    PromptTooLong, Empty, RunOn, ControlToken, Scaffolding, Repetition, ExampleCopy, InstructionEcho,
-    ExactDuplicate, NearDuplicate,
+    PromptTooLong, Empty, RunOn, ControlToken, Scaffolding, Repetition, ExampleCopy, InstructionEcho, Decontaminated,
+    BestLogprob, LowJudgeScore, ExactDuplicate, NearDuplicate,
 )
 
 
@@ -486,9 +604,17 @@ class InstructionNearDuplicate(NearDuplicate):
                          enabled=enabled)
 
 
+class InstructionDecontaminated(Decontaminated):
+    """The generated instruction (the Candidate's `response`) against the eval texts."""
+    description = (f"the instruction shares a word {DECONTAMINATION_NGRAM}-gram with an eval text of --decontaminate, "
+                   f"or equals one (under {DECONTAMINATION_NGRAM} words), once NFKC-normalized and lower-cased")
+    sides = (("response", "instruction"),)
+
+
 INSTRUCTION_FILTERS: tuple[type[Filter], ...] = (
     PromptTooLong, Empty, RunOn, ControlToken, InstructionScaffolding, InstructionLength, MultipleInstructions,
-    AnswerNotRequest, Repetition, PoolCopy, InstructionExactDuplicate, InstructionNearDuplicate,
+    AnswerNotRequest, Repetition, PoolCopy, InstructionDecontaminated, InstructionExactDuplicate,
+    InstructionNearDuplicate,
 )
 
 
@@ -512,6 +638,18 @@ def first_rejection(filters: Iterable[Filter], row: Candidate) -> Rejection | No
         if verdict:
             return verdict
     return None
+
+
+def selected(selections: Iterable[Filter], rows: list[Candidate]) -> list[Rejection | None]:
+    """A verdict for each of `rows` (one instruction's completions that passed the row filters): each selection
+    among `selections` in turn, over the rows the ones before it kept."""
+    verdicts: list[Rejection | None] = [None] * len(rows)
+    for f in selections:
+        if isinstance(f, Selection):
+            still_kept = [i for i, v in enumerate(verdicts) if v is None]
+            for i, verdict in zip(still_kept, f.select([rows[i] for i in still_kept])):
+                verdicts[i] = verdict
+    return verdicts
 
 
 def add_kept(filters: Iterable[Filter], row: Candidate) -> None:

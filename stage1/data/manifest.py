@@ -22,8 +22,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stage1.data.decontaminate import eval_source
 from stage1.data.errors import DataError
+from stage1.data.filters import Decontaminated
 from stage1.data.hashing import sha256_file
+from stage1.data.judge import judge_cost
 from stage1.data.writer import DATA_FILE, REJECTS_FILE, replaced_whole
 
 if TYPE_CHECKING:
@@ -116,6 +119,7 @@ def running_manifest(run: Run, identity: dict[str, Any], model: dict[str, Any], 
         "generation": {"style": run.settings.style, "stop": list(pipeline.prompts.style.stop),
                        "stop_token_ids": pipeline.stop_token_ids, **run.settings.sampling_fields(),
                        "seed": run.settings.seed, "row_seed": ROW_SEED},
+        **({"judge": pipeline.rating.manifest_entry(run.settings.min_judge_score)} if pipeline.rating else {}),
         "files": {"data": DATA_FILE, "rejects": REJECTS_FILE},
         **_instructions_from(run),
         "sessions": list(previous.get("sessions", [])) if previous else [],
@@ -143,9 +147,11 @@ def session_record(run: Run, resumed: bool, engine_info: dict[str, Any], stats: 
 
 
 def completed_manifest(manifest: dict[str, Any], summary: dict[str, Any], session: dict[str, Any]) -> dict[str, Any]:
-    """The running manifest, complete: the whole dataset's counts and this session added."""
-    return {**manifest, "status": "complete", "updated_at": now(), **summary,
-            "sessions": manifest["sessions"] + [session]}
+    """The running manifest, complete: the whole dataset's counts and this session added (and, with --judge, the
+    judge's cost over all sessions)."""
+    sessions = manifest["sessions"] + [session]
+    judge = {"judge": {**manifest["judge"], "cost": judge_cost(sessions)}} if "judge" in manifest else {}
+    return {**manifest, "status": "complete", "updated_at": now(), **summary, **judge, "sessions": sessions}
 
 
 def merged_manifest(run: Run, identity: dict[str, Any], first_shard: dict[str, Any], summary: dict[str, Any],
@@ -155,7 +161,11 @@ def merged_manifest(run: Run, identity: dict[str, Any], first_shard: dict[str, A
     return {
         "format": FORMAT, "status": "complete", "created_at": started.at, "updated_at": now(),
         **_described(run, identity), "model": first_shard.get("model"), "code": code_version(),
-        "generation": first_shard.get("generation"), "files": {"data": DATA_FILE, "rejects": REJECTS_FILE},
+        "generation": first_shard.get("generation"),
+        **({"judge": {**first_shard["judge"], "cost": {k: sum(r["judge"][k] for r in shard_reports)
+                                                       for k in shard_reports[0]["judge"]}}}
+           if "judge" in first_shard else {}),
+        "files": {"data": DATA_FILE, "rejects": REJECTS_FILE},
         **summary,
         "merge": {**this_process(), "wall_s": started.wall_s(), "dataset_filter_rejected": dataset_filter_rejected},
         "merged_shards": shard_reports,
@@ -221,14 +231,17 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any], implicit: dict[str, 
 
 class DatasetSummary:
     """The counts of a dataset, taken one row at a time, so a dataset of any size is summarised without holding it.
-    Keeps the instruction ids (to count them) and the histograms, never a row."""
+    Keeps the instruction ids (to count them) and the histograms, never a row. `eval_files`: --decontaminate's, whose
+    contaminated rows it counts by the file their detail names (each file listed, 0 included)."""
 
-    def __init__(self) -> None:
+    def __init__(self, eval_files: Iterable[str] = ()) -> None:
         self._ids: set[str] = set()
         self._completions = self._kept = self._rejected = 0
         self._finish_reasons: Counter[str] = Counter()
         self._stop_reasons: Counter[str] = Counter()
         self._rejected_by_reason: Counter[str] = Counter()
+        self._contaminated_by_file: Counter[str] = Counter(dict.fromkeys(eval_files, 0))
+        self._judge: Counter[str] | None = None  # --judge: rows rated, and of those without a score; None: no judge
 
     def add(self, row: dict[str, Any], *, kept: bool) -> None:
         self._ids.add(row["id"])
@@ -237,6 +250,14 @@ class DatasetSummary:
         else:
             self._rejected += 1
             self._rejected_by_reason[row["reason"]] += 1
+            if row["reason"] == Decontaminated.name:
+                source = eval_source(row.get("detail"))
+                self._contaminated_by_file[source[0] if source else str(row.get("detail"))] += 1
+        if "judge_score" in row:
+            self._judge = self._judge if self._judge is not None else Counter(rated=0, no_score=0)
+            rated = row.get("judge_prompt_sha256") is not None
+            self._judge["rated"] += rated
+            self._judge["no_score"] += rated and row["judge_score"] is None
         if row.get("index") is not None:  # a completion (index None: an instruction rejected before generation)
             self._completions += 1
             self._finish_reasons[str(row.get("finish_reason"))] += 1
@@ -249,6 +270,8 @@ class DatasetSummary:
             "finish_reasons": _histogram(self._finish_reasons),
             "stop_reasons": _histogram(self._stop_reasons),
             "rejected_by_reason": _histogram(self._rejected_by_reason),
+            **({"contaminated_by_eval_file": dict(self._contaminated_by_file)} if self._contaminated_by_file else {}),
+            **({"judged": dict(self._judge)} if self._judge is not None else {}),
         }
 
 
@@ -262,9 +285,10 @@ def _histogram(counts: Counter[str]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def dataset_summary(kept: Iterable[dict[str, Any]], rejected: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def dataset_summary(kept: Iterable[dict[str, Any]], rejected: Iterable[dict[str, Any]],
+                    eval_files: Iterable[str] = ()) -> dict[str, Any]:
     """Counts over the whole dataset on disk (all sessions of a resumed run); the rows may come one at a time."""
-    summary = DatasetSummary()
+    summary = DatasetSummary(eval_files)
     for row in kept:
         summary.add(row, kept=True)
     for row in rejected:

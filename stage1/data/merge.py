@@ -23,6 +23,7 @@ from stage1.data.errors import DataError
 from stage1.data.filters import DatasetFilter, add_kept, build_filters, first_rejection
 from stage1.data.hashing import sha256_file
 from stage1.data.jobs import RESPONSES, JobKind
+from stage1.data.judge import judge_cost
 from stage1.data.manifest import MANIFEST_FILE, DatasetSummary, identity_diff, read_manifest
 from stage1.data.readers import Instruction
 from stage1.data.rows import row_key, with_reason
@@ -166,7 +167,7 @@ def merge(shards: list[Shard], instructions: list[Instruction], config: Generati
     files = [tagged(s.path / DATA_FILE, True) for s in shards] + [tagged(s.path / REJECTS_FILE, False) for s in shards]
     # fresh: fed every shard's kept rows below, in input order
     checks = build_filters(config, DatasetFilter, filters=job.filters())
-    summary = DatasetSummary()
+    summary = DatasetSummary(config.decontaminate)
     dedup_rejected = 0
     # One row per file in memory. Places are unique across files (load_shards): this is the order a sort of all the
     # rows gives.
@@ -228,4 +229,5 @@ def shard_report(shard: Shard) -> dict[str, Any]:
         "hosts": sorted({s["host"] for s in sessions if s.get("host")}), "sessions": len(sessions),
         "wall_s": round(sum(s.get("wall_s", 0.0) for s in sessions), 2), "generated_tokens": generated,
         "tokens_per_s": round(generated / seconds, 2) if seconds else 0.0,
+        **({"judge": judge_cost(sessions)} if "judge" in shard.manifest else {}),
     }

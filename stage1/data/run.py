@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stage1.data.decontaminate import eval_identity
+from stage1.data.judge import judge_styles_fingerprint
 from stage1.data.errors import DataError
 from stage1.data.jobs import RESPONSES, JobKind
 from stage1.data.readers import DEFAULT_FIELD, FORMATS
@@ -86,6 +88,8 @@ class Run:
             "job": self.job.name, "model_path": model["path"], "model_config_sha256": model["config_sha256"],
             "model_tokenizer_sha256": model["tokenizer_sha256"], "instructions_sha256": input_sha256,
             "prompt_data_sha256": self.job.prompt_data_fingerprint(), **self.settings.identity(),
+            "decontaminate": eval_identity(self.settings.decontaminate, self.settings.decontaminate_fields),
+            "judge_styles_sha256": judge_styles_fingerprint() if self.settings.judge else None,
             **self.engine.identity(),
             "num_shards": num_shards,  # a shard's rows skip the dataset-wide filters (its merge runs them)
         }
@@ -95,7 +99,7 @@ def implicit_identity() -> dict[str, Any]:
     """What an identity entry stands for in a manifest written before that entry existed: the behaviour runs had
     then (the main job, each setting's default, one shard)."""
     return {"job": RESPONSES.name, **GenerationConfig.identity_defaults(), **EngineOptions().identity(),
-            "num_shards": 1}
+            "num_shards": 1, "decontaminate": None, "judge_styles_sha256": None}
 
 
 def add_input_output_flags(p: argparse.ArgumentParser, *, input_help: str | None, default_out: str) -> None:
@@ -198,6 +202,8 @@ def _check(args: argparse.Namespace) -> None:
         (vars(args).get("limit") is None or args.limit >= 1, "--limit must be at least 1"),
         (0 < args.near_dup_threshold <= 1, "--near-dup-threshold must be in (0, 1]"),
         (0 < args.copy_threshold <= 1, "--copy-threshold must be in (0, 1]"),
+        (not args.decontaminate_field or args.decontaminate,
+         "--decontaminate-field names fields of the --decontaminate files; pass those files too"),
         (args.max_model_len is None or args.max_model_len >= 1, "--max-model-len must be at least 1"),
         (args.tensor_parallel_size >= 1, "--tensor-parallel-size must be at least 1"),
         (args.data_parallel_size >= 1, "--data-parallel-size must be at least 1"),

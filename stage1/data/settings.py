@@ -20,7 +20,8 @@ from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
 
 from stage1.data.errors import DataError
-from stage1.data.filters import COPY_THRESHOLD, NEAR_DUP_THRESHOLD
+from stage1.data.filters import COPY_THRESHOLD, NEAR_DUP_THRESHOLD, SELECT_ALL, SELECT_CHOICES
+from stage1.data.judge import DEFAULT_JUDGE_STYLE, load_judge_styles
 from stage1.data.prompts import DEFAULT_STYLE
 from stage1.engine.params import SamplingParams
 
@@ -54,6 +55,15 @@ class GenerationConfig:
     near_dedup: bool = True
     near_dup_threshold: float = NEAR_DUP_THRESHOLD
     copy_threshold: float = COPY_THRESHOLD
+    # --decontaminate's eval files (as given) and --decontaminate-field's names; the identity records the files by
+    # path, hash and text count instead (Run.identity's `decontaminate`)
+    decontaminate: tuple[str, ...] = not_identity(())
+    decontaminate_fields: tuple[str, ...] = not_identity(())
+    select: str = SELECT_ALL  # which of an instruction's --n completions are kept (filters.BestLogprob)
+    # --judge: the model rates each completion the selection kept (judge.py); --min-judge-score: LowJudgeScore
+    judge: bool = False
+    judge_style: str = DEFAULT_JUDGE_STYLE
+    min_judge_score: float | None = None
     stop_token_ids: list[int] | None = not_identity(None)  # None: the model's EOS ids plus the Qwen control ids it has
 
     @classmethod
@@ -65,8 +75,10 @@ class GenerationConfig:
         return {f.name: getattr(self, f.name) for f in self.sampling_settings()}
 
     def sampling_params(self, seed: int, stop: Iterable[str], stop_token_ids: Iterable[int]) -> SamplingParams:
-        """The engine's parameters for one row (raises SamplingParams' ValueError on a bad value)."""
-        return SamplingParams(**self.sampling_fields(), seed=seed, stop=list(stop), stop_token_ids=list(stop_token_ids))
+        """The engine's parameters for one row (raises SamplingParams' ValueError on a bad value). logprobs=0: each
+        generated token's logprob under the raw distribution, for the rows' quality signals (rows.logprob_signals)."""
+        return SamplingParams(**self.sampling_fields(), seed=seed, stop=list(stop), stop_token_ids=list(stop_token_ids),
+                              logprobs=0)
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the rows: two runs whose settings have equal identities write the same rows."""
@@ -84,6 +96,14 @@ class GenerationConfig:
             params = self.sampling_params(seed=0, stop=[], stop_token_ids=[])
         except ValueError as e:
             raise DataError(_flag_error(str(e))) from None
+        if self.select not in SELECT_CHOICES:
+            raise DataError(f"--select must be one of {', '.join(SELECT_CHOICES)}, got {self.select!r}")
+        if self.judge_style not in load_judge_styles():
+            raise DataError(f"--judge-style must be one of {', '.join(sorted(load_judge_styles()))}, got "
+                            f"{self.judge_style!r}")
+        lo, hi = load_judge_styles()[self.judge_style].scores
+        if self.min_judge_score is not None and not lo <= self.min_judge_score <= hi:
+            raise DataError(f"--min-judge-score must be in [{lo}, {hi}] (the rating scale), got {self.min_judge_score}")
         return replace(self, **{f.name: getattr(params, f.name) for f in self.sampling_settings()})
 
 
@@ -97,12 +117,30 @@ def add_sampling_flags(group: argparse._ArgumentGroup) -> None:
                            help=f"{f.metadata['help']} (default: %(default)s)")
 
 
+def add_decontamination_flags(group: argparse._ArgumentGroup) -> None:
+    """Both jobs' --decontaminate (filters.Decontaminated, stage1/data/decontaminate.py)."""
+    group.add_argument("--decontaminate", nargs="+", metavar="FILE",
+                       help="eval sets not to train on: reject rows whose instruction or response shares a word "
+                            "13-gram with one of their texts, or equals one (under 13 words), after NFKC and "
+                            "lower-casing (reason contaminated); JSONL (string fields), text (a text per line) or "
+                            "parquet (string columns)")
+    group.add_argument("--decontaminate-field", action="append", metavar="NAME",
+                       help="the JSONL field / parquet column holding eval text (repeatable; default: every string "
+                            "one)")
+
+
 def from_args(args: argparse.Namespace) -> GenerationConfig:
     """The settings of a parsed command line, validated (DataError naming the flag)."""
     return GenerationConfig(
         style=args.style, **{f.name: getattr(args, f.name) for f in GenerationConfig.sampling_settings()},
         seed=args.seed, batch_size=args.batch_size, allow_run_on=args.allow_run_on, near_dedup=not args.no_near_dedup,
         near_dup_threshold=args.near_dup_threshold, copy_threshold=args.copy_threshold,
+        decontaminate=tuple(args.decontaminate or ()), decontaminate_fields=tuple(args.decontaminate_field or ()),
+        select=vars(args).get("select", SELECT_ALL),  # the instruction job offers no --select
+        # nor a judge; --min-judge-score turns it on
+        judge=vars(args).get("judge", False) or vars(args).get("min_judge_score") is not None,
+        judge_style=vars(args).get("judge_style", DEFAULT_JUDGE_STYLE),
+        min_judge_score=vars(args).get("min_judge_score"),
     ).validated()
 
 

@@ -110,6 +110,7 @@ def test_the_report_opens_in_chromium_with_the_manifests_counts(gen, make_llm, r
     assert browser.title.startswith("stage1 report") and "pwned" not in browser.title
     assert HOSTILE in browser.find_element(By.TAG_NAME, "body").text
     charts = browser.find_elements(By.CSS_SELECTOR, "img.chart")
-    assert len(charts) == charts_expected(out) and all(browser.execute_script("return arguments[0].naturalWidth", c) > 0 for c in charts)
+    assert len(charts) == charts_expected(out)
+    assert all(browser.execute_script("return arguments[0].naturalWidth", chart) > 0 for chart in charts)  # loaded
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert errors == []

@@ -7,7 +7,9 @@
   The newline that ends the instruction in the generation prompt belongs to the prompt: TRL tokenizes the prompt
   alone and the pair together and trains on the tokens past the prompt's, and for Qwen's tokenizer a prompt ending
   in a newline is a token boundary, while a newline starting the completion merges with a final "?" or "." into one
-  token ("?\\n"), so the prompt's tokens would not start the pair's. TRL appends the EOS token itself.
+  token ("?\\n"), so the prompt's tokens would not start the pair's (56 of the example pool's 60 pairs:
+  tests/real_model/test_real_model_trl_boundary.py). TRL's own example puts its separating space in the completion
+  (" blue."), where a space before a word is a boundary; a newline after punctuation is not. TRL appends the EOS.
 - `messages`: the conversational form, `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`, for a
   chat template.
 

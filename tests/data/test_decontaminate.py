@@ -95,11 +95,19 @@ def test_the_filter_names_the_side_file_line_and_text_and_the_summary_reads_it_b
     assert Decontaminated().check(Candidate(SHORT, SHORT, "stop", {})) is None  # no --decontaminate: all pass
 
 
-def test_named_fields_only_are_read(tmp_path):
+def test_named_fields_only_are_read_and_a_list_gives_a_text_per_string(tmp_path):
     path = tmp_path / "qa.jsonl"
-    path.write_text(json.dumps({"question": "Name a prime number.", "answer": SHORT}) + "\n")
+    path.write_text(json.dumps({"question": "Name a prime number.", "answer": SHORT}) + "\n"
+                    + json.dumps({"question": "Pick one.", "choices": ["Paris", "The capital of Peru is Lima."]}) + "\n")
     assert eval_index([str(path)]).match(SHORT) is not None
     assert eval_index([str(path)], ["question"]).match(SHORT) is None
+    assert eval_index([str(path)], ["question", "choices"]).match("the capital of peru is lima").line == 2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = tmp_path / "mc.parquet"
+    pq.write_table(pa.table({"choices": [["Paris", "Rome"], None, ["The capital of Peru is Lima."]]}), table)
+    index = eval_index([str(table)])
+    assert index.match("the capital of peru is lima").line == 3 and index.identity()["files"][0]["texts"] == 3
 
 
 # -- the jobs ---------------------------------------------------------------------------------------------------------
@@ -195,24 +203,27 @@ def test_the_instruction_job_output_is_decontaminated(instr, make_llm, out, read
     assert json.loads((out / "manifest.json").read_text())["contaminated_by_eval_file"] == {evals: len(contaminated)}
 
 
-def _bad_parquet(tmp_path):
-    path = tmp_path / "broken.parquet"
-    path.write_bytes(b"not parquet at all")
-    return [str(path)]
+def written(name: str, content: str | bytes):
+    """A maker of a file `name` holding `content`, in the test's directory."""
+    def make(d):
+        path = d / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return [str(path)]
+    return make
 
 
 @pytest.mark.parametrize("make, extra, message", [
     (lambda d: [str(d / "nope.txt")], [], "nope.txt: no such file"),
-    (lambda d: [str(write_eval(d, "txt", []).with_suffix(".csv"))], [], "unknown kind of eval file (.csv)"),
-    (lambda d: [str((d / "empty.txt", (d / "empty.txt").write_text("\n\n"))[0])], [], "empty.txt: holds no eval text"),
-    (lambda d: [str((d / "bad.jsonl", (d / "bad.jsonl").write_text('{"q": "a"}\n{"q": \n'))[0])], [],
-     "bad.jsonl:2: not valid JSON"),
+    (written("eval.csv", "question\nWhat?\n"), [], "unknown kind of eval file (.csv)"),
+    (written("empty.txt", "\n\n"), [], "empty.txt: holds no eval text"),
+    (written("bad.jsonl", '{"q": "a"}\n{"q": \n'), [], "bad.jsonl:2: not valid JSON"),
+    (written("numbers.jsonl", '{"q": "a"}\n{"n": 3}\n'), [], "numbers.jsonl:2: the object has no string field"),
     (lambda d: [str(write_eval(d, "jsonl", [SHORT]))], ["--decontaminate-field", "prompt"],
      "eval.jsonl:1: none of the fields prompt is a string"),
     (lambda d: [str(write_eval(d, "parquet", [SHORT]))], ["--decontaminate-field", "prompt"],
      "has no column prompt (its columns: id, question)"),
     (lambda d: [str(write_eval(d, "parquet", [SHORT]))], ["--decontaminate-field", "id"], "column id is int64"),
-    (_bad_parquet, [], "broken.parquet: not a readable parquet file"),
+    (written("broken.parquet", b"not parquet at all"), [], "broken.parquet: not a readable parquet file"),
     (lambda d: [], ["--decontaminate-field", "question"], "--decontaminate-field names fields"),
 ])
 def test_a_bad_eval_file_is_one_line_and_exit_2(gen, make_llm, tmp_path, capsys, make, extra, message):

@@ -51,6 +51,7 @@ examples:
   python -m stage1.generate --model ~/models/Qwen2.5-0.5B --limit 20 --out /tmp/try
   python -m stage1.generate --instructions mine.jsonl --n 4 --style qa --out out/mine
   python -m stage1.generate --instructions mine.jsonl --n 4 --style qa --out out/mine --resume
+  python -m stage1.generate --instructions mine.jsonl --decontaminate evals/gsm8k.jsonl evals/mmlu.parquet
 
 many processes (README: "Many GPUs and nodes"):
   python -m stage1.generate --instructions mine.jsonl --out out/mine --dp 8     # 8 engines on this node, merged

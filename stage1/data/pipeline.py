@@ -12,21 +12,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stage1.data.engine import Engine
 from stage1.data.errors import PromptMismatchError
-from stage1.data.filters import (CONTROL_TOKEN_TEXTS, Candidate, DatasetFilter, PromptFilter,
-                                 Rejection, RowFilter, add_kept, build_filters, dedup_key, first_rejection,
-                                 post_process)
-from stage1.data.hashing import derive_seed
+from stage1.data.filters import (CONTROL_TOKEN_TEXTS, Candidate, DatasetFilter, JudgeFilter, PromptFilter,
+                                 Rejection, RowFilter, Selection, add_kept, build_filters, dedup_key, first_rejection,
+                                 post_process, selected)
+from stage1.data.hashing import derive_seed, sha256_text
 from stage1.data.jobs import RESPONSES, JobKind
+from stage1.data.judge import Judge
 from stage1.data.prompts import Prompt
 from stage1.data.readers import Instruction
 from stage1.data.rows import row_key, with_reason
 from stage1.data.settings import GenerationConfig
-from stage1.data.stream import Job, RequestStream, attempts_ahead
+from stage1.data.stream import FollowUp, Job, Released, RequestStream, attempts_ahead
 from stage1.data.writer import DatasetWriter, iter_jsonl
 
 if TYPE_CHECKING:
@@ -50,6 +51,11 @@ class SessionStats:
     rejected: int = 0
     prompt_tokens: int = 0
     prompt_tokens_cached: int = 0  # of those, taken from the engine's prefix cache (the shared few-shot prefix)
+    # --judge: its rating requests (one per completion the selection kept), their prompt tokens and, of those, the
+    # ones taken from the prefix cache (the rating prompt's examples): the judge's extra prefill (judge.judge_cost)
+    judge_requests: int = 0
+    judge_prompt_tokens: int = 0
+    judge_prompt_tokens_cached: int = 0
     generated_tokens: int = 0
     generate_seconds: float = 0.0  # the streaming loop's wall time (generation, judging and writing overlap)
     # decode steps that ran below half of max_num_seqs and their time (engine deltas over the session); of those, the
@@ -97,8 +103,8 @@ class _Plan(NamedTuple):
 
 class Pipeline:
     """Each instruction goes through four steps: `plan` (seed, prompt, length check, as it enters) -> the engine
-    (stream.py; each stored prompt must be what the model saw: `_verify`) -> `judge` (each completion through
-    `self.checks`, in input order) -> `write` (one append per file, every `config.batch_size` instructions)."""
+    (stream.py; each stored prompt must be what the model saw: `_verify`) -> `judge` (an instruction's completions
+    through `self.checks`, in input order) -> `write` (one append per file, every `config.batch_size` instructions)."""
 
     def __init__(self, llm: Engine, config: GenerationConfig, writer: DatasetWriter, *, job: JobKind = RESPONSES,
                  job_options: Any = None, on_step: Callable[[SessionStats], None] | None = None,
@@ -116,12 +122,19 @@ class Pipeline:
         self.keep_goal = keep_goal
         self.kept_on_disk = 0  # rows kept by earlier sessions (load_existing)
         self.prompts = job.prompts(config.style, job_options)
-        # The job's filters, in order: the prompt's as it is planned, then each completion's; a shard leaves the
-        # dataset-level ones to the merge.
+        # The job's filters, in order: the prompt's as it is planned, then the completions' (each alone, then the
+        # selection among an instruction's, then against the dataset); a shard leaves the dataset-level ones to the
+        # merge.
         self.prompt_checks = build_filters(config, PromptFilter, max_model_len=llm.max_model_len,
                                            filters=job.filters())
-        self.checks = build_filters(config, *((RowFilter,) if dedup_at_merge else (RowFilter, DatasetFilter)),
+        self.checks = build_filters(config, *((RowFilter, Selection, JudgeFilter) if dedup_at_merge
+                                              else (RowFilter, Selection, JudgeFilter, DatasetFilter)),
                                     filters=job.filters())
+        self._row_checks = [f for f in self.checks if isinstance(f, RowFilter)]
+        # after the selection: the judge's score (only the kept completions are rated), then the dataset
+        self._later_checks = [f for f in self.checks if isinstance(f, (JudgeFilter, DatasetFilter))]
+        # --judge: the same model rates each completion the selection kept, a follow-up of its job (stream.py)
+        self.rating = Judge(config.judge_style, llm.tokenizer) if config.judge else None
         self.stop_token_ids = (default_stop_token_ids(llm) if config.stop_token_ids is None
                                else list(config.stop_token_ids))
         self.stats = SessionStats()
@@ -174,18 +187,17 @@ class Pipeline:
         s = self.stats
         return attempts_ahead(self.keep_goal - self.kept_on_disk - s.kept, s.instructions_done, s.kept)
 
-    def _consume(self, steps: Iterator[list[tuple[Job[_Plan], RequestOutput | None]]],
-                 account: Callable[[], None]) -> None:
+    def _consume(self, steps: Iterator[list[Released]], account: Callable[[], None]) -> None:
         """Judges what each step released, in input order; writes every `batch_size` instructions and at the end.
         Rows judged but not yet written when something fails are not written: resume regenerates them."""
         kept: list[Row] = []
         rejected: list[Row] = []
         unwritten = 0  # instructions judged since the last write
         for released in steps:
-            for job, out in released:
+            for job, out, ratings in released:
                 if self.goal_reached:
                     break  # what comes after is not written; the stream aborts what is in flight when closed
-                self.judge(job.item, out, kept, rejected)
+                self.judge(job.item, out, kept, rejected, ratings)
                 unwritten += 1
             if self.goal_reached:
                 break
@@ -205,7 +217,8 @@ class Pipeline:
             if plan.rejection:
                 yield Job(plan, None)
             else:
-                yield Job(plan, plan.prompt.text, self.config.sampling_params(plan.seed, stop, self.stop_token_ids))
+                yield Job(plan, plan.prompt.text, self.config.sampling_params(plan.seed, stop, self.stop_token_ids),
+                          then=None if self.rating is None else lambda out, plan=plan: self._rating_requests(plan, out))
 
     def _account(self, before: dict[str, float], t0: float, stream: RequestStream) -> None:
         """The engine's work over this session, from its running totals."""
@@ -213,7 +226,7 @@ class Pipeline:
         delta = {k: now[k] - before[k] for k in now}
         s = self.stats
         s.generate_seconds = time.perf_counter() - t0
-        s.prompt_tokens_cached = int(delta["prefix_cached_tokens"])
+        s.prompt_tokens_cached = int(delta["prefix_cached_tokens"]) - s.judge_prompt_tokens_cached  # generation's
         s.decode_steps = int(delta["decode_steps"])
         s.low_occupancy_decode_steps = int(delta["low_occupancy_decode_steps"])
         s.low_occupancy_decode_seconds = delta["low_occupancy_decode_seconds"]
@@ -233,14 +246,16 @@ class Pipeline:
         planned = Candidate(inst.instruction, None, None, {}, prompt_tokens=n_tokens)
         return _Plan(inst, seed, prompt, n_tokens, first_rejection(self.prompt_checks, planned))
 
-    def judge(self, plan: _Plan, out: RequestOutput | None, kept: list[Row], rejected: list[Row]) -> None:
+    def judge(self, plan: _Plan, out: RequestOutput | None, kept: list[Row], rejected: list[Row],
+              ratings: dict[int, RequestOutput] | None = None) -> None:
         """Appends the instruction's rows to `kept` / `rejected`. A kept row joins the dedup state at once: later
-        rows are checked against it. `out` is None for a prompt that was never sent (a prompt filter rejected it)."""
+        rows are checked against it. `out` is None for a prompt that was never sent (a prompt filter rejected it).
+        `ratings`: with --judge, the rating requests' outputs by completion index (`_rating_requests`)."""
         if out is None:
             rejected.append(self._rejected_prompt(plan))
         else:
             self._verify(plan.prompt.text, out)
-            self._judge_completions(plan, out, kept, rejected)
+            self._judge_completions(plan, out, kept, rejected, ratings or {})
         self.stats.instructions_done += 1
 
     def write(self, kept: list[Row], rejected: list[Row]) -> None:
@@ -258,22 +273,22 @@ class Pipeline:
     def _rejected_prompt(self, plan: _Plan) -> Row:
         self.stats.rejected += 1
         row = self.job.make_row(plan.inst, prompt=plan.prompt.text, prompt_tokens=plan.n_tokens, **self._row_fields(plan))
-        return with_reason(row, *plan.rejection)
+        return with_reason({**row, **self._judge_fields(None, None)}, *plan.rejection)
 
-    def _judge_completions(self, plan: _Plan, out: RequestOutput, kept: list[Row], rejected: list[Row]) -> None:
-        inst = plan.inst
+    def _judge_completions(self, plan: _Plan, out: RequestOutput, kept: list[Row], rejected: list[Row],
+                           ratings: dict[int, RequestOutput]) -> None:
+        """The row filters judge each completion alone, the selection (best-of-n) those that pass together, then the
+        judge's score (--judge: `ratings`, by completion index) and the dataset filters each selected one in index
+        order. Rows go to `kept` / `rejected` in index order."""
         self.stats.prompt_tokens += len(out.prompt_token_ids)
-        examples = self.prompts.copy_sources(plan.prompt)
-        for comp in sorted(out.outputs, key=lambda c: c.index):
-            self.stats.generated_tokens += len(comp.token_ids)
-            if (inst.id, comp.index) in self._done:
-                continue  # written before a crash; regenerated only to complete its siblings
-            response = post_process(comp.text, self.prompts.style.stop)
-            row = self.job.make_row(inst, prompt=out.prompt, prompt_tokens=len(out.prompt_token_ids), completion=comp,
-                           response=response, **self._row_fields(plan))
-            candidate = Candidate(inst.instruction, response, comp.finish_reason, examples,
-                                  dedup_key(inst.id, comp.index), len(out.prompt_token_ids))
-            verdict = first_rejection(self.checks, candidate)
+        self.stats.generated_tokens += sum(len(comp.token_ids) for comp in out.outputs)
+        rows, candidates, verdicts = self._screen(plan, out)
+        for row, candidate, verdict in zip(rows, candidates, verdicts):
+            if (plan.inst.id, candidate.index) in self._done:
+                continue  # written before a crash (a kept one is in the dedup state); regenerated for its siblings
+            if self.rating is not None:
+                row, candidate = self._rated(row, candidate, ratings.get(candidate.index) if verdict is None else None)
+            verdict = verdict or first_rejection(self._later_checks, candidate)
             if verdict:
                 rejected.append(with_reason(row, *verdict))
                 self.stats.rejected += 1
@@ -281,6 +296,65 @@ class Pipeline:
                 add_kept(self.checks, candidate)
                 kept.append(row)
                 self.stats.kept += 1
+
+    def _screen(self, plan: _Plan, out: RequestOutput) -> tuple[list[Row], list[Candidate], list[Rejection | None]]:
+        """Each completion's row, its candidate and its verdict so far, in index order: the row filters' on each
+        alone, then the selection's (best-of-n) among those that pass. A function of the output alone, so the judge's
+        rating requests (`_rating_requests`, as the output comes back) and the judgement in input order agree."""
+        inst = plan.inst
+        examples = self.prompts.copy_sources(plan.prompt)
+        rows, candidates = [], []
+        for comp in sorted(out.outputs, key=lambda c: c.index):
+            response = post_process(comp.text, self.prompts.style.stop)
+            rows.append(self.job.make_row(inst, prompt=out.prompt, prompt_tokens=len(out.prompt_token_ids),
+                                          completion=comp, response=response, **self._row_fields(plan)))
+            candidates.append(Candidate(inst.instruction, response, comp.finish_reason, examples,
+                                        dedup_key(inst.id, comp.index), len(out.prompt_token_ids), comp.index,
+                                        rows[-1]["mean_logprob"]))
+        verdicts = [first_rejection(self._row_checks, c) for c in candidates]
+        # The selection sees every completion, those written before a crash too: a resumed run chooses as one
+        # uninterrupted run does.
+        passed = [i for i, v in enumerate(verdicts) if v is None]
+        for i, verdict in zip(passed, selected(self.checks, [candidates[i] for i in passed])):
+            verdicts[i] = verdict
+        return rows, candidates, verdicts
+
+    # -- the judge (--judge) -------------------------------------------------------------------------------------
+    def _rating_requests(self, plan: _Plan, out: RequestOutput) -> list[FollowUp]:
+        """What the job of `plan` asks for once its output is back: a rating of each completion the filters so far
+        (`_screen`) keep and that is not on disk yet, keyed by its index. A rating prompt the context can't hold is not
+        sent: its row has no score."""
+        requests = []
+        _, candidates, verdicts = self._screen(plan, out)
+        for candidate, verdict in zip(candidates, verdicts):
+            if verdict is None and (plan.inst.id, candidate.index) not in self._done:
+                text = self.rating.prompt(candidate.instruction, candidate.response)
+                # a token is at least one byte: only a long text needs counting
+                if len(text.encode("utf-8")) < self.llm.max_model_len or \
+                        len(self.llm.tokenizer.encode(text)) < self.llm.max_model_len:
+                    requests.append(FollowUp(candidate.index, text, self.rating.params))
+        return requests
+
+    def _rated(self, row: Row, candidate: Candidate, rating: RequestOutput | None) -> tuple[Row, Candidate]:
+        """The row and candidate with the judge's score of the completion (`rating`: its rating request's output;
+        None: it was not rated), the rating prompt checked as the generation prompt is (`_verify`)."""
+        sent = None
+        if rating is not None:
+            sent = self.rating.prompt(candidate.instruction, candidate.response)
+            self._verify(sent, rating)
+            self.stats.judge_requests += 1
+            self.stats.judge_prompt_tokens += len(rating.prompt_token_ids)
+            self.stats.judge_prompt_tokens_cached += rating.num_cached_tokens
+        fields = self._judge_fields(sent, rating)
+        return {**row, **fields}, replace(candidate, judge_score=fields["judge_score"])
+
+    def _judge_fields(self, sent: str | None, rating: RequestOutput | None) -> Row:
+        """A row's judge fields with --judge (none without): the expected score and the hash of the rating prompt the
+        engine tokenized; None for a row that was not rated."""
+        if self.rating is None:
+            return {}
+        return {"judge_score": None if rating is None else self.rating.score(rating),
+                "judge_prompt_sha256": None if sent is None else sha256_text(sent)}
 
     def _verify(self, sent: str, out: RequestOutput) -> None:
         """The stored prompt must be what the engine tokenized, and re-tokenize to the ids the model received."""

@@ -16,14 +16,19 @@ reorder window: a job enters only within `window` input positions of the oldest 
 at most `window` outputs however long the oldest one runs. While the window is not full, decode steps run full, but
 for the slots freed by a finish, which the scheduler fills at the next step with a prefill. A job with a keep goal
 adds a third bound, `ahead` (`attempts_ahead`): only about as many jobs as the goal still needs enter.
+
+Follow-ups. A job may go on once its output is back (`Job.then`): the requests it then asks for (the rating of each
+completion, say) enter the engine at once and belong to the job's input position, which is released only when they
+are all back, with their outputs beside the job's own (by the keys the job gave them). They count as requests in
+flight like any other, and closing the stream aborts them too.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from stage1.data.engine import Engine
@@ -63,10 +68,33 @@ def attempts_ahead(missing: int, judged: int, kept: int) -> int:
 
 
 @dataclass(frozen=True)
+class FollowUp:
+    """A request a job asks for once its own output is back; `key` names its output in the released job's."""
+    key: Hashable
+    prompt: str
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
 class Job(Generic[T]):
     item: T  # the caller's, handed back with the output
     prompt: str | None  # None: nothing to generate, released in order with output None
     params: SamplingParams | None = None
+    # called with the job's output when the engine has finished it: the follow-up requests the job waits for too
+    then: Callable[[RequestOutput], list[FollowUp]] | None = None
+
+
+# What the stream releases for each job: the job, its output (None: never sent), its follow-ups' outputs by key.
+Released = tuple[Job[T], "RequestOutput | None", "dict[Hashable, RequestOutput]"]
+
+
+@dataclass
+class _Open(Generic[T]):
+    """A job that entered and is not complete: its output, once back, and its follow-ups' as they come."""
+    job: Job[T]
+    out: RequestOutput | None = None
+    follow_ups: dict[Hashable, RequestOutput] = field(default_factory=dict)
+    waiting: int = 0  # follow-ups sent and not back
 
 
 @dataclass
@@ -118,13 +146,17 @@ class RequestStream(Generic[T]):
         if self.window < 1:
             raise ValueError(f"the reorder window must be at least 1, got {self.window}")
         self.tail = StreamTail()
-        self.done = 0  # jobs finished by the engine (in any order) or never sent: what progress counts
-        self._buffer: ReorderBuffer[tuple[Job[T], Any]] = ReorderBuffer()
-        self._sent: dict[str, tuple[int, Job[T]]] = {}  # request id -> (position, job): the unfinished requests
+        # jobs complete (finished by the engine, their follow-ups too, in any order) or never sent: what progress counts
+        self.done = 0
+        self._buffer: ReorderBuffer[Released] = ReorderBuffer()
+        # request id -> (position, the follow-up's key; _OWN for the job's own request): the unfinished requests
+        self._sent: dict[str, tuple[int, Any]] = {}
+        self._open: dict[int, _Open[T]] = {}  # position -> the job there, until it is complete
         self._next_position = 0
 
-    def run(self, jobs: Iterable[Job[T]], total: int) -> Iterator[list[tuple[Job[T], RequestOutput | None]]]:
-        """After each engine step (and once before the first): the jobs released, in input order, often none.
+    def run(self, jobs: Iterable[Job[T]], total: int) -> Iterator[list[Released]]:
+        """After each engine step (and once before the first): the jobs released, in input order, often none; each as
+        (job, its output, its follow-ups' outputs by key).
         `total`: how many jobs `jobs` holds (it is read lazily). Closing the iterator early (an error or Ctrl-C in the
         caller) aborts the requests still in flight."""
         source = iter(jobs)
@@ -154,11 +186,12 @@ class RequestStream(Generic[T]):
                 return True
             position, self._next_position = self._next_position, self._next_position + 1
             if job.prompt is None:
-                self._buffer.put(position, (job, None))
+                self._buffer.put(position, (job, None, {}))
                 self.done += 1
                 continue
             request_id = self.llm.add_request(job.prompt, job.params)
-            self._sent[request_id] = (position, job)
+            self._sent[request_id] = (position, _OWN)
+            self._open[position] = _Open(job)
         return self.tail.at is not None
 
     def _goal_limit(self) -> int | float:
@@ -182,14 +215,36 @@ class RequestStream(Generic[T]):
         if underfilled:
             self.tail.underfilled_decode_steps += stats.low_occupancy_decode_steps - low_steps
             self.tail.underfilled_decode_seconds += stats.low_occupancy_decode_seconds - low_seconds
-        self.done += len(finished)
         for out in finished:
             sent = self._sent.pop(out.request_id, None)
             if sent is None:
                 raise PromptMismatchError(f"the engine finished request {out.request_id!r}, which was never sent "
                                           "or already finished; refusing to guess which prompt it answers")
-            position, job = sent
-            self._buffer.put(position, (job, out))
+            self._finished(*sent, out)
         if not finished and self._sent and not self.llm.has_unfinished_requests():
             raise PromptMismatchError(f"the engine has no unfinished requests, but {len(self._sent)} sent requests "
                                       "never finished")
+
+    def _finished(self, position: int, key: Any, out: RequestOutput) -> None:
+        """A request of the job at `position` is back: its own (then its follow-ups are sent) or a follow-up's. The job
+        is released once nothing of it is in flight."""
+        open_ = self._open[position]
+        if key is _OWN:
+            open_.out = out
+            follow_ups = open_.job.then(out) if open_.job.then else []
+            keys = [f.key for f in follow_ups]
+            if len(set(keys)) != len(keys):
+                raise ValueError(f"the job at input position {position} asked for follow-ups with the same key: {keys}")
+            for follow_up in follow_ups:
+                self._sent[self.llm.add_request(follow_up.prompt, follow_up.params)] = (position, follow_up.key)
+            open_.waiting = len(follow_ups)
+        else:
+            open_.follow_ups[key] = out
+            open_.waiting -= 1
+        if open_.waiting == 0:
+            del self._open[position]
+            self._buffer.put(position, (open_.job, open_.out, open_.follow_ups))
+            self.done += 1
+
+
+_OWN = object()  # the key of a job's own request in RequestStream._sent

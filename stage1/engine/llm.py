@@ -212,4 +212,5 @@ class _Request:
                                     cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None)
                    for s in self.seqs]
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
-                             prompt_token_ids=self.prompt_token_ids, outputs=outputs)
+                             prompt_token_ids=self.prompt_token_ids, outputs=outputs,
+                             num_cached_tokens=sum(s.num_cached_tokens for s in self.seqs))

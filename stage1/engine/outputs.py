@@ -31,3 +31,6 @@ class RequestOutput:
     prompt_token_ids: list[int]  # the ids actually fed to the model
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    # prompt tokens taken from the prefix cache instead of computed, over its n sequences (as vLLM's; a preempted
+    # sequence's recompute counts again): what StepStats.prefix_cached_tokens sums over all requests
+    num_cached_tokens: int = 0

@@ -85,6 +85,7 @@ class Scheduler:
                 self._release(seq)
                 break
             batch.num_cached_tokens += seq.num_computed_tokens
+            seq.num_cached_tokens += seq.num_computed_tokens
             self._allocate_prefill(seq, n)
             self.waiting.popleft()
             seq.status = Status.RUNNING

@@ -34,6 +34,7 @@ class Sequence:
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache; 0 again after a preemption
+    num_cached_tokens: int = 0  # of its prompt (or recomputed) tokens, those taken from the prefix cache on admission
     prefix_ids: list[int] = field(default_factory=list)  # one per full block registered for prefix caching
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -2,7 +2,8 @@
 RequestOutput/SamplingParams), so the pipeline's tests run in milliseconds and without a model.
 
 Its completions depend only on (prompt, seed, completion index), like a batch-invariant engine's, and it can be told
-what to answer (`respond`), to raise at some step (a crash), or to feed the model other ids than the prompt's. It
+what to answer (`respond`) and, for a request that asks for logprobs, each token's logprob (`logprob`), to raise at
+some step (a crash), or to feed the model other ids than the prompt's. It
 schedules like the engine: at most `max_num_seqs` sequences run, waiting ones are admitted (a prefill step) as soon
 as a slot is free, and each sequence then takes one decode step per token it generates, so requests finish out of
 input order, after as many steps as their completions are long.
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from stage1.engine.engine_core import StepStats
-from stage1.engine.outputs import CompletionOutput, RequestOutput
+from stage1.engine.outputs import CompletionOutput, Logprob, RequestOutput
 
 WORDS = ("river stone lantern quiet maple orbit velvet harbor signal meadow copper ember glacier willow cobalt "
          "thistle prairie beacon saffron canyon").split()
@@ -83,13 +84,45 @@ def mixed_respond(prompt: str, seed: int, index: int) -> str:
     return default_respond(prompt, seed, index) + "\n\nNext prompt:\nmore"
 
 
+def default_logprob(seed: int, index: int, position: int) -> float:
+    """A generated token's logprob: in [-3, 0), from (seed, completion index, token position) alone."""
+    return -3 * random.Random(f"logprob:{seed}:{index}:{position}").random()
+
+
+def rated_response(prompt: str) -> str | None:
+    """The response a rating prompt (stage1.data.judge) rates, or None: the prompt is not a rating request."""
+    from stage1.data.judge import DEFAULT_JUDGE_STYLE, load_judge_styles
+
+    label = load_judge_styles()[DEFAULT_JUDGE_STYLE].label  # "...Response: {response}\nRating: "
+    before, after = label.rsplit("{response}", 1)
+    head = before.rsplit("}", 1)[-1]
+    if not prompt.endswith(after) or head not in prompt:
+        return None
+    return prompt[:-len(after)].rsplit(head, 1)[1]
+
+
+def default_rate(prompt: str) -> dict[str, float] | None:
+    """A rating request's next-token logprobs (token text -> logprob), None for any other prompt: the digits 1-5 and
+    two other tokens, from the rated response alone."""
+    response = rated_response(prompt)
+    if response is None:
+        return None
+    rng = random.Random(f"rate:{response}")
+    return {token: -6 * rng.random() for token in ("1", "2", "3", "4", "5", " ", "\n")}
+
+
 class FakeLLM:
     STEP_SECONDS = 0.01  # what each step adds to the stats' seconds (no time passes)
 
     def __init__(self, respond=default_respond, max_model_len: int = 8192, max_num_seqs: int = 256,
-                 fail_at_step: int | None = None, corrupt_ids_from_request: int | None = None):
-        """respond(prompt, seed, index) -> the completion text; fail_at_step: step() raises on that step (0-based);
-        corrupt_ids_from_request: from that request on (0-based), report prompt ids that differ from the prompt's."""
+                 fail_at_step: int | None = None, corrupt_ids_from_request: int | None = None,
+                 logprob=default_logprob, rate=default_rate):
+        """respond(prompt, seed, index) -> the completion text; logprob(seed, index, position) -> the logprob of the
+        completion's token at that position (reported when a request asks, SamplingParams.logprobs); fail_at_step:
+        step() raises on that step (0-based); corrupt_ids_from_request: from that request on (0-based), report prompt
+        ids that differ from the prompt's. rate(prompt) -> for a rating request (stage1.data.judge), the next
+        token's logprobs by token text: its one token is the most likely, reported with the top `logprobs`; None for
+        any other request."""
         self.tokenizer = FakeTokenizer()
         self.vocab_size = FakeTokenizer.vocab_size
         self.max_model_len = max_model_len
@@ -98,6 +131,8 @@ class FakeLLM:
         self.stats = StepStats()  # the engine's own running totals; the fake has no prefix cache
         self.engine_info = {"device": "fake", "kernels": "fake"}
         self.respond = respond
+        self.logprob = logprob
+        self.rate = rate
         self.fail_at_step = fail_at_step
         self.corrupt_ids_from_request = corrupt_ids_from_request
         self.seen_prompts: list[str] = []  # of every request added, in order
@@ -125,7 +160,9 @@ class FakeLLM:
         self.seen_prompts.append(prompt)
         self.seen_params.append(sampling_params)
         sp = sampling_params
-        seqs = [self._seq(request_id, self._complete(self.respond(prompt, sp.seed, k), sp, k)) for k in range(sp.n)]
+        top = self.rate(prompt)
+        seqs = [self._seq(request_id, self._complete(self.respond(prompt, sp.seed, k), sp, k) if top is None
+                          else self._rating(top, sp, k)) for k in range(sp.n)]
         self._requests[request_id] = RequestOutput(request_id, prompt, ids, [s.output for s in seqs])
         self._seqs[request_id] = seqs
         self._waiting += seqs
@@ -186,6 +223,15 @@ class FakeLLM:
     def _seq(request_id: str, output: CompletionOutput) -> FakeSeq:
         return FakeSeq(request_id, output, max(1, len(output.token_ids) + (output.finish_reason == "stop")))
 
+    def _rating(self, top: dict[str, float], sp, index: int) -> CompletionOutput:
+        """One greedy token, the most likely of `top` (lowest id on ties), with the top `sp.logprobs` of `top`."""
+        ranked = sorted(((self.tokenizer.encode(text), lp) for text, lp in top.items()), key=lambda t: (-t[1], t[0]))
+        assert all(len(ids) == 1 for ids, _ in ranked), "a rating's tokens are single bytes"
+        (chosen,), chosen_lp = ranked[0]
+        entry = {ids[0]: Logprob(lp, rank) for rank, (ids, lp) in enumerate(ranked[:sp.logprobs or 0], 1)}
+        entry.setdefault(chosen, Logprob(chosen_lp, 1))
+        return CompletionOutput(index, self.tokenizer.decode([chosen]), [chosen], "length", None, [entry], chosen_lp)
+
     def _complete(self, text: str, sp, index: int) -> CompletionOutput:
         """Stop strings cut (and are left out, as the engine does); max_tokens truncates with finish 'length'."""
         hits = [(text.find(s), s) for s in sp.stop_strings if s in text]
@@ -194,8 +240,14 @@ class FakeLLM:
         ids = self.tokenizer.encode(body)
         if len(ids) > sp.max_tokens:
             ids = ids[:sp.max_tokens]
-            return CompletionOutput(index, self.tokenizer.decode(ids), ids, "length", None)
-        return CompletionOutput(index, body, ids, "stop", stop[1] if stop else None)
+            out = CompletionOutput(index, self.tokenizer.decode(ids), ids, "length", None)
+        else:
+            out = CompletionOutput(index, body, ids, "stop", stop[1] if stop else None)
+        if sp.logprobs is not None:  # the chosen token's only: the pipeline asks for logprobs=0
+            out.logprobs = [{token: Logprob(self.logprob(sp.seed, index, position), 1)}
+                            for position, token in enumerate(ids)]
+            out.cumulative_logprob = sum(entry[token].logprob for entry, token in zip(out.logprobs, ids))
+        return out
 
 
 @pytest.fixture

@@ -12,14 +12,14 @@ from dataset_files import FILES, RUN, files, rows
 def test_the_reason_list_is_the_filters_names_in_order():
     assert list(F.reject_reasons()) == [f.name for f in F.FILTERS] == [
         "prompt_too_long", "empty", "run_on", "control_token", "scaffolding", "repetition", "example_copy",
-        "instruction_echo", "exact_duplicate", "near_duplicate"]
+        "instruction_echo", "contaminated", "not_selected", "low_judge_score", "exact_duplicate", "near_duplicate"]
     assert all(F.reject_reasons().values())  # each says what it rejects
 
 
 def test_the_kinds_run_in_order():
-    """Prompt filters, then row filters, then dataset filters: a shard runs the first two and the merge the last, so
-    a row gets the reason it gets in one process."""
-    kinds = (F.PromptFilter, F.RowFilter, F.DatasetFilter)
+    """Prompt filters, row filters, selections, judge filters, then dataset filters: a shard runs the first four and
+    the merge the last, so a row gets the reason it gets in one process."""
+    kinds = (F.PromptFilter, F.RowFilter, F.Selection, F.JudgeFilter, F.DatasetFilter)
     ranks = [next(i for i, kind in enumerate(kinds) if issubclass(f, kind)) for f in F.FILTERS]
     assert ranks == sorted(ranks)
 
@@ -122,12 +122,14 @@ def test_the_readme_table_is_the_filter_list():
     """README.md's table of reject reasons lists FILTERS in order, each with its kind and its description."""
     from pathlib import Path
 
-    from stage1.data.filters import FILTERS, PromptFilter, RowFilter
+    from stage1.data.filters import FILTERS, JudgeFilter, PromptFilter, RowFilter, Selection
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     # the main job's section (the instruction job's has its own table, INSTRUCTION_FILTERS)
     readme = readme.split("\n## Instructions from the base model", 1)[0]
     rows = [line for line in readme.splitlines() if line.startswith("| `")
             and line.split("`")[1] in {f.name for f in FILTERS}]
-    kind = lambda f: "prompt" if issubclass(f, PromptFilter) else "row" if issubclass(f, RowFilter) else "dataset"  # noqa: E731
+    kind = lambda f: ("prompt" if issubclass(f, PromptFilter) else "row" if issubclass(f, RowFilter)  # noqa: E731
+                      else "selection" if issubclass(f, Selection) else "judge" if issubclass(f, JudgeFilter)
+                      else "dataset")
     assert rows == [f"| `{f.name}` | {kind(f)} | {f.description.replace('|', chr(92) + '|')} |" for f in FILTERS]

@@ -49,11 +49,11 @@ def test_sampling_settings_are_sampling_params_arguments_with_the_cli_defaults()
 
 
 def test_identity_is_what_it_was():
-    """The identity entries the settings give: those the CLI wrote before they derived from the settings, min_p and
-    select."""
+    """The identity entries the settings give: those the CLI wrote before they derived from the settings, min_p,
+    select and the judge's."""
     assert set(GenerationConfig().identity()) == {
         "style", "n", "max_tokens", "temperature", "top_p", "top_k", "seed", "allow_run_on", "near_dedup",
-        "near_dup_threshold", "copy_threshold", "min_p", "select"}
+        "near_dup_threshold", "copy_threshold", "min_p", "select", "judge", "judge_style", "min_judge_score"}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -109,7 +109,7 @@ def test_pipeline_checks_each_completion_in_the_listed_order(make_llm, tmp_path)
     pipeline = Pipeline(make_llm(), GenerationConfig(), DatasetWriter(tmp_path))
     assert [check.name for check in pipeline.checks] == [
         "empty", "run_on", "control_token", "scaffolding", "repetition", "example_copy", "instruction_echo",
-        "contaminated", "not_selected", "exact_duplicate", "near_duplicate"]
+        "contaminated", "not_selected", "low_judge_score", "exact_duplicate", "near_duplicate"]
     # An echo of its instruction that repeats a kept row too: both checks fire, the earlier one is the reason.
     instruction = "Rewrite this sentence in the passive voice: The chef cooked a delicious meal."
     add_kept(pipeline.checks, Candidate(instruction, "The chef cooked a delicious meal.", "stop", {}, "a#0"))

@@ -67,7 +67,7 @@ def jobs(count, llm, none_at=()):
 def test_outputs_come_back_in_input_order_though_requests_finish_out_of_order(make_llm, respond_mixed):
     llm = make_llm(respond=respond_mixed, max_num_seqs=8)
     released = [(job.item, out) for step in RequestStream(llm).run(jobs(100, llm, none_at={0, 41, 99}), 100)
-                for job, out in step]
+                for job, out, _ in step]
     assert [item for item, _ in released] == list(range(100))
     assert [item for item, out in released if out is None] == [0, 41, 99]  # never sent, released in their place
     assert all(out.prompt == f"Write a sentence about topic {item}.\n" for item, out in released if out)

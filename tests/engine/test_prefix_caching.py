@@ -82,3 +82,16 @@ def test_a_failed_step_leaves_no_cached_prefix_behind(checkpoint, monkeypatch):
     while stepper.has_unfinished_requests():
         done.update({out.request_id: out for out in stepper.step()})
     assert list(done) == [second] and done[second].outputs[0].token_ids == expected
+
+
+def test_each_request_reports_the_prompt_tokens_it_took_from_the_cache(checkpoint):
+    """RequestOutput.num_cached_tokens (vLLM's name): what each request's sequences took from the prefix cache; over
+    all requests, the engine's prefix_cached_tokens (the judge's cost in the data pipeline reads it per request)."""
+    llm = LLM(checkpoint("gqa2-d128-untied"), dtype="float32", kernels="torch", seed=3)
+    shared = list(range(3, 43))  # 40 tokens: 2 full blocks of 16
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    first = llm.generate([{"prompt_token_ids": shared + [50, 51]}], params, use_tqdm=False)
+    later = llm.generate([{"prompt_token_ids": shared + [60 + i]} for i in range(3)], params, use_tqdm=False)
+    assert first[0].num_cached_tokens == 0
+    assert [o.num_cached_tokens for o in later] == [32, 32, 32]
+    assert sum(o.num_cached_tokens for o in first + later) == llm.stats.prefix_cached_tokens == 96

@@ -16,6 +16,7 @@ class Postprocessor:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None):
         self.config = config
         self.tokenizer = tokenizer
+        self._token_texts: dict[int, str] = {}  # each token's text, decoded once: logprobs name every generated token
 
     def append(self, seq: Sequence, token: int, logprobs: tuple[float, int, list[int], list[float]] | None) -> None:
         """Appends `token` (and, if the request asked, its logprobs: chosen, rank, top ids, top values) to `seq`;
@@ -50,7 +51,12 @@ class Postprocessor:
         seq.cumulative_logprob += chosen
 
     def _decode_one(self, token: int) -> str | None:
-        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
+        if self.tokenizer is None:
+            return None
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
 
 
 def _cut_at_stop_string(seq: Sequence, before: int) -> bool:

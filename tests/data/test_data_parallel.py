@@ -1,5 +1,6 @@
 """`--data-parallel-size D`: D shard processes on this node, then the merge. On the tiny random checkpoint (fp32, so
-rows do not depend on how requests were batched): D=2 writes the files of one process; a shard process killed
+tokens do not depend on how requests were batched): D=2 writes the files of one process (all but the logprob signals'
+last digits: dataset_files.SIGNALS); a shard process killed
 mid-run ends the run naming its shard, and --resume finishes it to the same files."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dataset_files import assert_same_engine_files
 from stage1.data.data_parallel import cpu_threads_each, gpu_slices
 from stage1.data.errors import DataError
 from stage1.data.shards import shard_dir
@@ -22,22 +24,17 @@ from stage1.generate import main
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ("--limit", 12, "--n", 2, "--max-tokens", 10, "--max-num-seqs", 3, "--batch-size", 1, "--allow-run-on",
         "--dtype", "float32", "--device", "cpu", "--no-progress")
-FILES = ("data.jsonl", "rejects.jsonl")
 
 
 def argv(model_dir: Path, out: Path, *extra) -> list[str]:
     return ["--model", str(model_dir), "--out", str(out), *map(str, ARGS), *map(str, extra)]
 
 
-def files(out: Path) -> dict[str, bytes]:
-    return {name: (out / name).read_bytes() for name in FILES}
-
-
 @pytest.fixture(scope="module")
-def one_process(tiny_model_dir, tmp_path_factory) -> dict[str, bytes]:
+def one_process(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dp") / "one"
     assert main(argv(tiny_model_dir, out)) == 0
-    return files(out)
+    return out
 
 
 def test_gpu_slices_give_each_process_its_own_devices():
@@ -58,7 +55,7 @@ def test_gpu_slices_give_each_process_its_own_devices():
 def test_two_processes_write_the_files_of_one(tiny_model_dir, one_process, tmp_path, capsys):
     out = tmp_path / "dp2"
     assert main(argv(tiny_model_dir, out, "--data-parallel-size", 2)) == 0
-    assert files(out) == one_process
+    assert_same_engine_files(out, one_process)
     for index in range(2):
         manifest = json.loads((shard_dir(out, index, 2) / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["shard"]["index"] == index
@@ -67,7 +64,7 @@ def test_two_processes_write_the_files_of_one(tiny_model_dir, one_process, tmp_p
 
     assert main(argv(tiny_model_dir, out, "--data-parallel-size", 2, "--resume")) == 0  # nothing left: no rerun
     assert "[00001-of-00002] complete, not rerun" in capsys.readouterr().err
-    assert files(out) == one_process
+    assert_same_engine_files(out, one_process)
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -113,7 +110,7 @@ def test_a_killed_shard_process_ends_the_run_naming_it_and_resume_finishes(tiny_
         os.kill(pid, 0)
 
     assert main(argv(tiny_model_dir, out, "--data-parallel-size", 2, "--resume")) == 0
-    assert files(out) == one_process
+    assert_same_engine_files(out, one_process)
 
 
 @pytest.mark.slow
@@ -121,4 +118,4 @@ def test_two_tensor_parallel_engines_side_by_side(tiny_model_dir, one_process, t
     """D=2 x T=2: four ranks, two process groups, each on the port its rank 0 holds; the rows of one process."""
     out = tmp_path / "dp2-tp2"
     assert main(argv(tiny_model_dir, out, "--data-parallel-size", 2, "--tensor-parallel-size", 2)) == 0
-    assert files(out) == one_process
+    assert_same_engine_files(out, one_process)

@@ -11,6 +11,7 @@ import pytest
 
 import stage1
 from stage1 import LLM, SamplingParams
+from dataset_files import assert_same_engine_files
 from stage1.generate import main
 
 ARGS = ("--limit", 6, "--n", 2, "--max-tokens", 12, "--no-progress")
@@ -83,8 +84,7 @@ def test_same_files_across_batching_and_after_crash_and_resume(llm, tiny_model_d
     assert 0 < len(rows(out)) < 12
     # Resume through the real loader (a fresh engine, 256 sequences in flight), with yet another batch size.
     assert run(tiny_model_dir, out, "--batch-size", 3, "--resume") == 0
-    for name in ("data.jsonl", "rejects.jsonl"):
-        assert (out / name).read_bytes() == (full / name).read_bytes()
+    assert_same_engine_files(out, full)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["completions"] == 12 and manifest["code"]["stage1_version"] == stage1.__version__
     assert manifest["model"]["eos_token_ids"] == list(llm.eos_token_ids)  # a list in JSON, whatever LLM holds

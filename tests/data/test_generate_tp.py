@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from dataset_files import assert_same_engine_files
 from stage1.generate import main
 
 pytestmark = pytest.mark.slow
@@ -24,14 +25,10 @@ def run(model_dir, out, *argv) -> int:
     return main(["--model", str(model_dir), "--out", str(out), *map(str, ARGS), *map(str, argv)])
 
 
-def files(out) -> tuple[bytes, bytes]:
-    return (out / "data.jsonl").read_bytes(), (out / "rejects.jsonl").read_bytes()
-
-
 def test_two_ranks_write_the_rows_of_one(tiny_model_dir, tmp_path):
     assert run(tiny_model_dir, tmp_path / "tp1") == 0
     assert run(tiny_model_dir, tmp_path / "tp2", "--tp", 2) == 0
-    assert files(tmp_path / "tp2") == files(tmp_path / "tp1")
+    assert_same_engine_files(tmp_path / "tp2", tmp_path / "tp1")
     assert json.loads((tmp_path / "tp2" / "manifest.json").read_text())["identity"]["tensor_parallel_size"] == 2
 
 
@@ -70,5 +67,5 @@ def test_a_killed_worker_ends_the_run_and_resume_finishes_it(tiny_model_dir, tmp
     written = [json.loads(line) for line in (out / "data.jsonl").read_bytes().splitlines()]
     assert 1 <= len(written) < 8  # some rows landed before the kill, not all
     assert run(tiny_model_dir, out, "--batch-size", 1, "--max-num-seqs", 1, "--tp", 2, "--resume") == 0
-    assert files(out) == files(tmp_path / "whole")
+    assert_same_engine_files(out, tmp_path / "whole")
     assert not [c for c in multiprocessing.active_children() if c.name.startswith("stage1-tp-rank")]

@@ -1,5 +1,5 @@
-"""Shards and the merge with the real engine (fp32 on the CPU, whose rows do not depend on batching): three shards
-merged equal the unsharded run byte for byte, on the tiny random checkpoint (also after a shard is killed with
+"""Shards and the merge with the real engine (fp32 on the CPU, whose tokens do not depend on batching): three shards
+merged equal the unsharded run (byte for byte but the logprob signals' last digits: dataset_files.SIGNALS), on the tiny random checkpoint (also after a shard is killed with
 SIGKILL mid-run and resumed) and on a checkpoint that answers every prompt alike, whose duplicates fall in
 different shards."""
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dataset_files import assert_same_engine_files
 from stage1.data.shards import shard_dir, shard_of
 from stage1.generate import main
 from tiny_models import CHAIN_TEXT, make_chain_checkpoint
@@ -31,24 +32,21 @@ def argv(model_dir: Path, out: Path, *extra) -> list[str]:
     return ["--model", str(model_dir), "--out", str(out), *map(str, ARGS), *map(str, extra)]
 
 
-def files(out: Path) -> dict[str, bytes]:
-    return {name: (out / name).read_bytes() for name in FILES}
-
-
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_bytes().splitlines()]
 
 
-def sharded_then_merged(model_dir: Path, out: Path, *extra) -> dict[str, bytes]:
+def sharded_then_merged(model_dir: Path, out: Path, *extra) -> Path:
     for index in range(3):
         assert main(argv(model_dir, out, *extra, "--num-shards", 3, "--shard-index", index, "--resume")) == 0
     assert main(argv(model_dir, out, *extra, "--merge")) == 0
-    return files(out)
+    return out
 
 
 def test_three_shards_of_the_random_model_merge_to_the_unsharded_run(tiny_model_dir, tmp_path):
     assert main(argv(tiny_model_dir, tmp_path / "whole", "--allow-run-on")) == 0
-    assert sharded_then_merged(tiny_model_dir, tmp_path / "sharded", "--allow-run-on") == files(tmp_path / "whole")
+    assert_same_engine_files(sharded_then_merged(tiny_model_dir, tmp_path / "sharded", "--allow-run-on"),
+                             tmp_path / "whole")
 
 
 def test_a_shard_killed_mid_run_resumes_to_the_same_merge(tiny_model_dir, tmp_path):
@@ -71,15 +69,14 @@ def test_a_shard_killed_mid_run_resumes_to_the_same_merge(tiny_model_dir, tmp_pa
             proc.kill()
             proc.wait()
     assert json.loads((shard / "manifest.json").read_text())["status"] == "running"  # killed before its end
-    assert sharded_then_merged(tiny_model_dir, out, *more) == files(tmp_path / "whole")
+    assert_same_engine_files(sharded_then_merged(tiny_model_dir, out, *more), tmp_path / "whole")
 
 
 def test_duplicates_in_different_shards_are_found_at_the_merge(tmp_path):
     model = make_chain_checkpoint(tmp_path / "chain")
     same = ("--temperature", 0, "--allow-run-on")  # greedy: every completion of every prompt is CHAIN_TEXT
     assert main(argv(model, tmp_path / "whole", *same)) == 0
-    merged = sharded_then_merged(model, tmp_path / "sharded", *same)
-    assert merged == files(tmp_path / "whole")
+    assert_same_engine_files(sharded_then_merged(model, tmp_path / "sharded", *same), tmp_path / "whole")
 
     kept = rows(tmp_path / "sharded" / "data.jsonl")
     assert [r["response"] for r in kept] == [CHAIN_TEXT.strip()]  # one row kept of the dataset: the first

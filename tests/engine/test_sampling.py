@@ -7,7 +7,7 @@ import torch
 
 from stage1 import LLM, SamplingParams
 from stage1.contract import gumbel_noise, philox4x32
-from stage1.engine.sampler import SamplingBatch, filtered_probs, sample
+from stage1.engine.sampler import SamplingBatch, filtered_probs, sample, token_logprobs
 from transformers_warpers import combo_params, logits_for, mass_margin, transformers_survivors
 
 
@@ -209,3 +209,17 @@ def test_n_samples_differ_and_are_reproducible(tiny_model_dir):
     assert [o.index for o in a.outputs] == [0, 1, 2]
     assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
     assert len({tuple(o.token_ids) for o in a.outputs}) == 3
+
+
+def test_token_logprobs_are_the_raw_log_softmax_and_its_rank():
+    """What logprobs=0 costs and gives (the data pipeline asks it of every request): the chosen token's log_softmax
+    entry of the raw logits (no temperature, no filtering), its rank among them, and no top list."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * 4
+    tokens = torch.tensor([0, 17, 299, 5, 123])
+    logits[3, 5] = logits[3].max() + 1  # row 3 chose the most likely token
+    chosen, rank, top_ids, top_values = token_logprobs(logits, tokens, 0)
+    plain = logits.double().log_softmax(-1)
+    assert torch.allclose(chosen.double(), plain[torch.arange(5), tokens], atol=1e-5)
+    assert rank.tolist() == [int((plain[r] > plain[r, t]).sum()) + 1 for r, t in enumerate(tokens.tolist())]
+    assert rank[3] == 1 and top_ids.shape == top_values.shape == (5, 0)

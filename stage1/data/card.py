@@ -14,9 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stage1.data.writer import DATA_FILE, REJECTS_FILE, replaced_whole
+from stage1.data.writer import CARD_FILE, DATA_FILE, REJECTS_FILE, replaced_whole
 
-CARD_FILE = "README.md"
 # The Hub's size categories, by the kept rows: (upper bound, label), the last has none.
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),

@@ -27,7 +27,7 @@ from stage1.data.errors import DataError
 from stage1.data.filters import Decontaminated
 from stage1.data.hashing import sha256_file
 from stage1.data.judge import judge_cost
-from stage1.data.writer import DATA_FILE, REJECTS_FILE, replaced_whole
+from stage1.data.writer import CARD_FILE, DATA_FILE, REJECTS_FILE, REPORT_FILE, replaced_whole
 
 if TYPE_CHECKING:
     from stage1.data.engine import Engine
@@ -202,8 +202,8 @@ def prepare_out_dir(out_dir: str | Path, identity: dict[str, Any], *, resume: bo
         raise DataError(f"{out_dir}: exists and is not a directory; choose another --out")
     if not any(p.exists() for p in ours):
         return None
-    if overwrite:
-        for p in ours:
+    if overwrite:  # and the card and report of the run replaced, which would describe it until the new one ends
+        for p in ours + ([out_dir / CARD_FILE, out_dir / REPORT_FILE] if (out_dir / MANIFEST_FILE).exists() else []):
             p.unlink(missing_ok=True)
         return None
     manifest = read_manifest(out_dir)

@@ -19,6 +19,9 @@ from stage1.data.errors import DataError
 
 DATA_FILE = "data.jsonl"
 REJECTS_FILE = "rejects.jsonl"
+# written from the manifest and rows when a run (or merge) finishes: the dataset card (card.py), the report
+CARD_FILE = "README.md"
+REPORT_FILE = "report.html"
 
 
 def dumps_line(row: dict[str, Any]) -> bytes:

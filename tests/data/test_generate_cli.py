@@ -288,6 +288,15 @@ def test_an_output_dir_holding_another_run_is_refused(gen, make_llm, out, capsys
     assert json.loads((out / "manifest.json").read_text())["identity"]["seed"] == 1
 
 
+def test_overwrite_removes_the_replaced_runs_card_and_report(gen, make_llm, out):
+    """Until the new run ends, no card or report describes the run it replaced (here the new run crashes)."""
+    assert gen("--limit", 3, llm=make_llm()) == 0
+    assert (out / "README.md").exists() and (out / "report.html").exists()
+    with pytest.raises(RuntimeError):
+        gen("--limit", 3, "--seed", 1, "--overwrite", llm=make_llm(fail_at_step=0))
+    assert not (out / "README.md").exists() and not (out / "report.html").exists()
+
+
 def test_a_run_from_before_job_kinds_resumes(gen, make_llm, out, capsys):
     """Its manifest's identity has no "job": it was the main job's, so it is this run."""
     assert gen("--limit", 4, llm=make_llm()) == 0

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from stage1.data.errors import DataError
 from stage1.data.manifest import MANIFEST_FILE, read_manifest
-from stage1.data.writer import replaced_whole
+from stage1.data.writer import REPORT_FILE, replaced_whole
 
-REPORT_FILE = "report.html"
 
 
 def write_report(out_dir: str | Path) -> Path:

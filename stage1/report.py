@@ -24,11 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        path = write_report(args.out)
+        print(write_report(args.out))  # the page's path
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(path)
     return 0
 
 

@@ -13,14 +13,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataset_files import assert_same_engine_files
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "slurm"
 # 4 instructions of each shard of 2 (by shard_of of their ids), 2 samples each, fp32 on the CPU: small jobs whose
-# merged files must be the unsharded run's byte for byte; no --allow-run-on, so rejects.jsonl gets rows too
+# merged files must be the unsharded run's (the logprob signals' last digits aside); no --allow-run-on, so
+# rejects.jsonl gets rows too
 INSTRUCTION_LINES = (0, 1, 3, 4, 2, 9, 12, 13)
 RUN_ARGS = ["--n", "2", "--max-tokens", "10", "--max-num-seqs", "3", "--no-progress", "--dtype", "float32",
             "--device", "cpu"]
-FILES = ("data.jsonl", "rejects.jsonl")
 # a printed log path (not a pattern such as 12_<k>_0_log.err): submitit's job logs, the sbatch examples' logs
 LOG_PATH = re.compile(r"(/[^\s:'\"<>|]+_log\.(?:err|out)|/[^\s:'\"<>|]+/slurm-logs/[^\s:'\"<>|]+\.(?:err|out))")
 
@@ -103,9 +105,9 @@ def printed_log_paths(*texts: str) -> list[Path]:
 
 
 def same_files(out: Path, plain: Path) -> None:
+    """The unsharded run's rows, the logprob signals' last digits aside (dataset_files.assert_same_engine_files)."""
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
-    for name in FILES:
-        assert (out / name).read_bytes() == (plain / name).read_bytes(), name
+    assert_same_engine_files(out, plain)
     assert (plain / "data.jsonl").read_bytes() or (plain / "rejects.jsonl").read_bytes()
 
 

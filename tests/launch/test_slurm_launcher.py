@@ -20,6 +20,7 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
+from dataset_files import FILES, assert_same_engine_files  # noqa: E402
 from stage1 import launch  # noqa: E402
 from stage1.data.manifest import write_manifest  # noqa: E402
 from stage1.data.shards import shard_dir, shard_name  # noqa: E402
@@ -30,7 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "slurm"
 RUN_ARGS = ["--limit", "6", "--n", "2", "--max-tokens", "10", "--max-num-seqs", "3", "--no-progress",
             "--dtype", "float32", "--device", "cpu"]  # no --allow-run-on: rejects.jsonl gets rows too
-FILES = ("data.jsonl", "rejects.jsonl")
 
 
 def launcher_opts(*args: str):
@@ -442,8 +442,7 @@ def test_local_array_fail_resubmit_merge(tiny_model_dir, tmp_path, capsys):
     for index, manifest in done.items():  # not rerun: not even a resumed session
         assert (shard_dir(out, index, 3) / "manifest.json").read_bytes() == manifest
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
-    for name in FILES:
-        assert (out / name).read_bytes() == (plain / name).read_bytes(), name
+    assert_same_engine_files(out, plain)
     assert (plain / "rejects.jsonl").read_bytes() and (plain / "data.jsonl").read_bytes()
 
     # nothing left to do: no job at all
@@ -484,8 +483,7 @@ def test_a_preempted_shard_is_requeued_and_resumes(tiny_model_dir, tmp_path):
     assert "Requeued job" in job.stdout()
     sessions = json.loads(manifest.read_text())["sessions"]
     assert sessions[-1]["resumed"] is True
-    for name in FILES:
-        assert (shard_dir(out, 0, 2) / name).read_bytes() == (shard_dir(plain, 0, 2) / name).read_bytes(), name
+    assert_same_engine_files(shard_dir(out, 0, 2), shard_dir(plain, 0, 2))
 
 
 def test_job_instructions_runs_the_instruction_cli_in_every_task(monkeypatch):

@@ -49,6 +49,8 @@ class SessionStats:
     rows_written: int = 0
     kept: int = 0  # rows judged so far
     rejected: int = 0
+    # each completion's prompt: a request's n samples are n sequences, the engine prefilling (or taking from its
+    # prefix cache) the prompt for each
     prompt_tokens: int = 0
     prompt_tokens_cached: int = 0  # of those, taken from the engine's prefix cache (the shared few-shot prefix)
     # --judge: its rating requests (one per completion the selection kept), their prompt tokens and, of those, the
@@ -280,7 +282,7 @@ class Pipeline:
         """The row filters judge each completion alone, the selection (best-of-n) those that pass together, then the
         judge's score (--judge: `ratings`, by completion index) and the dataset filters each selected one in index
         order. Rows go to `kept` / `rejected` in index order."""
-        self.stats.prompt_tokens += len(out.prompt_token_ids)
+        self.stats.prompt_tokens += len(out.prompt_token_ids) * len(out.outputs)
         self.stats.generated_tokens += sum(len(comp.token_ids) for comp in out.outputs)
         rows, candidates, verdicts = self._screen(plan, out)
         for row, candidate, verdict in zip(rows, candidates, verdicts):

@@ -152,16 +152,22 @@ def attempt_id(seed: int, index: int) -> str:
     return f"gen-s{seed}-{index:08d}"
 
 
-def _even_draw(choices: tuple[str, ...], seed: int, what: str, index: int) -> str:
-    """choices[...] for attempt `index`: each cycle of len(choices) attempts holds every choice once."""
-    cycle, place = divmod(index, len(choices))
-    return sorted(choices, key=lambda c: derive_seed(seed, what, cycle, c))[place]
+def _even_draws(choices: tuple[str, ...], seed: int, what: str, count: int) -> list[str]:
+    """The choice of attempts 0 .. count - 1: each cycle of len(choices) attempts holds every choice once, in the
+    order of derive_seed(seed, what, cycle, choice). One hash per choice and cycle (a cycle's order is sorted once,
+    not once per attempt: with 1,000 topics that was 1,000 hashes an attempt)."""
+    draws: list[str] = []
+    for cycle in range(-(-count // len(choices))):
+        draws += sorted(choices, key=lambda c: derive_seed(seed, what, cycle, c))
+    return draws[:count]
 
 
 def attempts(spec: InstructionSpec, seed: int) -> list[Instruction]:
     """Attempts 0 .. max_attempts - 1, in order: the job's input. `instruction` is empty: the model writes it."""
-    return [Instruction(attempt_id(seed, i), "", _even_draw(spec.types, seed, "type", i), SOURCE,
-                        {"topic": None if spec.topics is None else _even_draw(spec.topics, seed, "topic", i)})
+    types = _even_draws(spec.types, seed, "type", spec.max_attempts)
+    topics = [None] * spec.max_attempts if spec.topics is None else _even_draws(spec.topics, seed, "topic",
+                                                                                 spec.max_attempts)
+    return [Instruction(attempt_id(seed, i), "", types[i], SOURCE, {"topic": topics[i]})
             for i in range(spec.max_attempts)]
 
 

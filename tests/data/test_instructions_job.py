@@ -57,6 +57,26 @@ def test_types_are_drawn_evenly_and_topics_condition_the_prompt(instr, make_llm,
     assert all(r["prompt"].endswith(f"Topic: {r['topic']}\nRequest:") for r in rows)
 
 
+def test_attempt_i_draws_its_type_and_topic_from_its_cycles_seeded_order(tmp_path):
+    """The definition a run's attempts must keep (a resumed run built by another version must see the same ones):
+    attempt i's type is sorted(types, key=derive_seed(seed, "type", cycle, type))[i mod len(types)], its topic
+    likewise; each cycle's order is computed once (with 1,000 topics, once per attempt took 12 s for 10,100)."""
+    import argparse
+
+    from stage1.data.hashing import derive_seed
+    from stage1.data.instruction_prompts import InstructionSpec, attempts
+    topics = tmp_path / "topics.txt"
+    topics.write_text("\n".join(f"topic {k}" for k in range(7)))
+    spec = InstructionSpec.from_args(argparse.Namespace(count=20, n=1, max_attempts=50, examples=None,
+                                                        types="math,code,fact", topics=str(topics)))
+    made = attempts(spec, 3)
+    assert len(made) == 50
+    for i, attempt in enumerate(made):
+        for what, choices, got in (("type", spec.types, attempt.type), ("topic", spec.topics, attempt.extra["topic"])):
+            cycle, place = divmod(i, len(choices))
+            assert got == sorted(choices, key=lambda c: derive_seed(3, what, cycle, c))[place]
+
+
 def test_cap_on_attempts_is_reported(instr, make_llm, out, capsys):
     assert instr("--count", 5, "--max-attempts", 6, llm=make_llm(respond=lambda p, s, i: "Sure, here it is.")) == 0
     assert "stopped at the cap on attempts" in capsys.readouterr().out

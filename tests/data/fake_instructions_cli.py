@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import FakeLLM  # noqa: E402
+from fake_engine import FakeLLM  # noqa: E402
 from test_instructions_job import instruction_respond  # noqa: E402
 
 from stage1.instructions import main  # noqa: E402

@@ -20,7 +20,7 @@ from stage1.data.stream import FollowUp, Job, RequestStream
 from stage1.engine.outputs import Logprob
 from stage1.engine.params import SamplingParams
 
-from conftest import FakeTokenizer, default_rate, rated_response
+from fake_engine import FakeTokenizer, default_rate, rated_response
 from dataset_files import FILES, RUN, files, rows
 
 STYLE = load_judge_styles()[DEFAULT_JUDGE_STYLE]

@@ -223,3 +223,21 @@ def test_token_logprobs_are_the_raw_log_softmax_and_its_rank():
     assert torch.allclose(chosen.double(), plain[torch.arange(5), tokens], atol=1e-5)
     assert rank.tolist() == [int((plain[r] > plain[r, t]).sum()) + 1 for r, t in enumerate(tokens.tolist())]
     assert rank[3] == 1 and top_ids.shape == top_values.shape == (5, 0)
+
+
+
+def test_token_logprobs_in_row_chunks_equal_the_whole_batch(monkeypatch):
+    """On a CPU the rows go a few at a time (LOGPROB_CHUNK_ELEMENTS): chunks of 2 rows give the one-chunk results,
+    and the top-k logprobs are the float64 log_softmax's."""
+    from stage1.engine import sampler
+    torch.manual_seed(1)
+    logits = torch.randn(5, 300) * 4
+    tokens = torch.tensor([3, 0, 299, 150, 7])
+    whole = token_logprobs(logits, tokens, 4)
+    monkeypatch.setattr(sampler, "LOGPROB_CHUNK_ELEMENTS", 600)
+    chunked = token_logprobs(logits, tokens, 4)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+    plain = logits.double().log_softmax(-1)
+    top_values, top_ids = plain.topk(4, dim=-1)
+    assert torch.equal(chunked[2], top_ids) and torch.allclose(chunked[3].double(), top_values, atol=1e-5)

@@ -1,7 +1,7 @@
 """`Engine`: what the data pipeline and the CLI use of an inference engine, and nothing more; and how a run gets one
 (its model directory, `stage1.LLM` started with the run's engine options, shut down after it).
 
-`stage1.LLM` implements it; so does the tests' fake engine (tests/data/conftest.py). The pipeline uses these members
+`stage1.LLM` implements it; so does the tests' fake engine (tests/data/fake_engine.py). The pipeline uses these members
 directly: an engine without one of them is not an engine for it. Generation goes through the step API
 (`add_request`, `step`, `has_unfinished_requests`, `abort`): requests enter while others run (stream.py).
 """

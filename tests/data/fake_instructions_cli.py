@@ -1,4 +1,4 @@
-"""`python -m stage1.instructions` on the fake engine of conftest.py (answering as test_instructions_job.py's
+"""`python -m stage1.instructions` on the fake engine of fake_engine.py (answering as test_instructions_job.py's
 instruction_respond), each step slowed by a few ms so that a kill can land between writes: the subprocess that
 test_kill_resume.py kills. Usage: python tests/data/fake_instructions_cli.py <instruction arguments>."""
 

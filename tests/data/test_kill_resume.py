@@ -138,8 +138,8 @@ INSTRUCTION_ARGS = ("--count", 12, "--max-num-seqs", 3, "--batch-size", 1, "--no
 
 
 def test_instruction_job_kill_9_then_resume_gives_the_same_files(fake_model_dir, make_llm, tmp_path):
-    # in this process the fake comes from the fixture (the module name `conftest` may be another folder's here);
-    # the killed subprocess builds the same one, slowed, in fake_instructions_cli.py
+    # in this process the fake comes from the fixture; the killed subprocess builds the same one, slowed, in
+    # fake_instructions_cli.py
     from test_instructions_job import instruction_respond
 
     def args(out, *extra):

@@ -31,7 +31,6 @@ from stage1.data.errors import DataError
 from stage1.data.prompts import load_styles
 
 if TYPE_CHECKING:
-    from stage1.data.prompts import PromptStyle
     from stage1.data.settings import GenerationConfig
 
 # Qwen's control-token strings; the regex also catches the rest of its <|...|> family (fim, vision, tool tokens).

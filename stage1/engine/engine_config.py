@@ -7,7 +7,6 @@ graphs, the KV cache budget); the engine's parts receive this one object and rea
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 

@@ -6,7 +6,7 @@ from stage1.data import filters as F
 from stage1.data.prompts import load_styles
 from stage1.data.settings import GenerationConfig
 
-from dataset_files import FILES, RUN, files, rows
+from dataset_files import RUN, files, rows
 
 
 def test_the_reason_list_is_the_filters_names_in_order():
